@@ -1,0 +1,98 @@
+"""Names of the page-state bits and of the work counters.
+
+The numba kernels in ``_kernels.py`` use the same numbers as literal constants defined in
+that file (so that its compiled cache is invalidated whenever they change); a test checks
+the two agree.
+"""
+
+# Per-page state word (uint16).
+ALLOC = 1 << 0       # a folio backs this page
+PRIV = 1 << 1        # private as tracked by guest_memfd (shareability)
+HMAP = 1 << 2        # mapped into a host process (mmap fault-in)
+GMAP = 1 << 3        # mapped in the guest's stage-2 page tables
+PIN = 1 << 4         # holds at least one long-term pin
+DATA = 1 << 5        # holds bytes (sparse contents); clear means the page reads as zeroes
+DMAP_OFF = 1 << 6    # removed from the kernel direct map
+ORDER_SHIFT = 7      # 2 bits: 0 -> order 0, 1 -> order 9, 2 -> order 18
+ORDER_MASK = 3 << ORDER_SHIFT
+TE_SHIFT = 9         # 3 bits of trusted-entity state (SNP RMP or TDX secure EPT)
+TE_MASK = 7 << TE_SHIFT
+
+COUNTED_BITS = (ALLOC, PRIV, HMAP, GMAP, PIN, DATA, DMAP_OFF)
+
+# TDX secure-EPT states and SNP RMP states share the TE field; the VM type says which.
+TE_NONE = 0
+SEPT_PENDING = 1
+SEPT_MAPPED = 2
+SEPT_BLOCKED = 3
+RMP_GUEST_OWNED = 4  # assigned; hypervisor-owned is TE_NONE
+RMP_VALIDATED = 5    # assigned and validated by the guest (PVALIDATE)
+
+COUNTER_NAMES = (
+    # host and guest mappings
+    "host_faults",
+    "host_ptes_zapped",
+    "tlb_invlpg",
+    "tlb_flush_full",
+    "tlb_shootdowns",
+    "guest_invalidations",
+    "guest_ptes_zapped",
+    # folios
+    "folios_checked",
+    "lru_drains",
+    "folio_splits_2m",
+    "folio_splits_1g",
+    "folio_merges_2m",
+    "folio_merges_1g",
+    "vmemmap_pages_restored",
+    "vmemmap_pages_freed",
+    "pages_allocated",
+    "pages_freed",
+    "pins",
+    "unpins",
+    # contents
+    "pages_zeroed",
+    "bytes_zeroed_4k",
+    "bytes_zeroed_2m",
+    "bytes_zeroed_1g",
+    "bytes_copied",
+    # direct map
+    "dmap_entries_changed",
+    "dmap_splits_1g",
+    "dmap_splits_2m",
+    # attributes
+    "attr_writes_page",
+    "attr_writes_range",
+    "pages_to_private",
+    "pages_to_shared",
+    # calls and their outcomes
+    "convert_calls",
+    "convert_noop",
+    "convert_einval",
+    "convert_enomem",
+    "convert_eagain",
+    "fallocate_calls",
+    "punch_calls",
+    "punch_eagain",
+    "vm_attr_calls",
+    # trusted entity / firmware (platform adapters)
+    "rmp_updates",
+    "psmash",
+    "snp_fw_calls",
+    "snp_pvalidate_4k",
+    "snp_pvalidate_2m",
+    "tdx_seamcall_page_add",
+    "tdx_seamcall_mr_extend",
+    "tdx_seamcall_page_aug",
+    "tdx_seamcall_block",
+    "tdx_seamcall_track",
+    "tdx_seamcall_demote",
+    "tdx_seamcall_page_remove",
+    "tdx_accepts",
+    "guest_exits",
+    "hash_bytes",
+    "pages_populated_inplace",
+    "pages_populated_legacy",
+)
+COUNTER_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
+NCOUNTERS = len(COUNTER_NAMES)

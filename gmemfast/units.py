@@ -1,0 +1,77 @@
+"""Sizes, alignment and the one range rule used everywhere."""
+from __future__ import annotations
+
+import errno
+import numbers
+import re
+
+from .errors import GmemError
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PAGES_PER_2M = 512
+PAGES_PER_1G = 512 * 512
+ORDER_BYTES = {0: PAGE_SIZE, 9: 2 << 20, 18: 1 << 30}
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value) -> int:
+    """Turn ``"1T"``, ``"512G"``, ``"2M"``, ``"4KiB"`` or an int into bytes (binary units)."""
+    if isinstance(value, bool):
+        raise TypeError(f"size must be an int or a string like '1T', not {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m:
+            raise ValueError(
+                f"cannot read size {value!r}: use a number with an optional binary unit, "
+                "like '4096', '2M', '512G' or '1T'"
+            )
+        return int(m.group(1)) * _UNITS[m.group(2).upper()]
+    raise TypeError(f"size must be an int or a string like '1T', not {type(value).__name__}")
+
+
+def format_size(nbytes: int) -> str:
+    """The shortest exact binary form: 1099511627776 -> '1T', 12288 -> '12K'."""
+    for unit in "PTGMK":
+        mult = _UNITS[unit]
+        if nbytes and nbytes % mult == 0:
+            return f"{nbytes // mult}{unit}"
+    return f"{nbytes}B"
+
+
+def as_int(value, name: str) -> int:
+    """An API integer argument: ints (and numpy ints) only, else TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} ({value!r})")
+    return int(value)
+
+
+def check_range(offset, size, limit: int, what: str = "range", *, allow_past_end: bool = False):
+    """Validate a byte range ``[offset, offset+size)`` against a file of ``limit`` bytes.
+
+    Returns ``(first_page, end_page)``. Size 0, unaligned values, overflow, negative
+    values and (unless ``allow_past_end``) a range past the end raise ``EINVAL``.
+    """
+    offset = as_int(offset, "offset")
+    size = as_int(size, "size")
+    if size == 0:
+        raise GmemError(errno.EINVAL, f"{what}: size is 0")
+    if offset < 0 or size < 0:
+        raise GmemError(errno.EINVAL, f"{what}: negative offset {offset} or size {size}")
+    if offset % PAGE_SIZE:
+        raise GmemError(errno.EINVAL, f"{what}: offset {offset:#x} is not page aligned")
+    if size % PAGE_SIZE:
+        raise GmemError(errno.EINVAL, f"{what}: size {size:#x} is not page aligned")
+    end = offset + size
+    if end >= 1 << 64:
+        raise GmemError(errno.EINVAL, f"{what}: offset {offset:#x} + size {size:#x} overflows")
+    if not allow_past_end:
+        if offset >= limit:
+            raise GmemError(errno.EINVAL, f"{what}: offset {offset:#x} is at or past the end ({limit:#x})")
+        if end > limit:
+            raise GmemError(errno.EINVAL, f"{what}: end {end:#x} is past the end ({limit:#x})")
+    return offset >> PAGE_SHIFT, end >> PAGE_SHIFT
