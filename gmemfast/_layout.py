@@ -13,12 +13,14 @@ GMAP = 1 << 3        # mapped in the guest's stage-2 page tables
 PIN = 1 << 4         # holds at least one long-term pin
 DATA = 1 << 5        # holds bytes (sparse contents); clear means the page reads as zeroes
 DMAP_OFF = 1 << 6    # removed from the kernel direct map
-ORDER_SHIFT = 7      # 2 bits: 0 -> order 0, 1 -> order 9, 2 -> order 18
-ORDER_MASK = 3 << ORDER_SHIFT
+HUGE = 1 << 7        # part of a huge folio (order 9 or 18)
+GIG = 1 << 8         # ... and that folio is order 18 (1 GiB)
+ORDER_MASK = HUGE | GIG
 TE_SHIFT = 9         # 3 bits of trusted-entity state (SNP RMP or TDX secure EPT)
 TE_MASK = 7 << TE_SHIFT
 
-COUNTED_BITS = (ALLOC, PRIV, HMAP, GMAP, PIN, DATA, DMAP_OFF)
+# Bits whose page counts every summary entry keeps (bit k is count k).
+COUNTED_BITS = (ALLOC, PRIV, HMAP, GMAP, PIN, DATA, DMAP_OFF, HUGE)
 
 # TDX secure-EPT states and SNP RMP states share the TE field; the VM type says which.
 TE_NONE = 0

@@ -1,0 +1,1226 @@
+"""numba kernels of the page-state store.
+
+The store is a three-level tree shaped like a page table, so that work follows the
+number of distinct regions touched, not the number of pages:
+
+* level 2, one entry per 1 GiB block (``n2``, dense over the file);
+* level 1, tables of 512 entries, one per 2 MiB block (``n1``, a pool);
+* level 0, tables of 512 page words (``w0``, a pool, uint16).
+
+An entry with no child table is *uniform*: its ``F_WORD`` is the state word of every page
+below it. Every entry also keeps, per counted state bit, how many pages below it have the
+bit set, so range questions ("is any page pinned?", "is this block wholly private?")
+skip whole blocks. A child table whose pages become identical again is folded back into
+its parent entry and returned to its pool.
+
+Kernels take only arrays and scalars. The bit, field, meta and counter numbers below are
+literal constants of this module (they mirror ``_layout.py``; ``tests/test_layout.py``
+checks the two agree) so that numba's on-disk cache is invalidated whenever they change.
+Callers validate arguments and guarantee pool capacity (``RESERVE`` free tables of each
+level) before calling a kernel that may split entries: kernels never bounds-check.
+"""
+import numpy as np
+from numba import njit
+
+# ---- page state word bits (see _layout.py) ----
+ALLOC = 1
+PRIV = 2
+HMAP = 4
+GMAP = 8
+PIN = 16
+DATA = 32
+DMAP_OFF = 64
+HUGE = 128
+GIG = 256
+ORDER_MASK = 384
+TE_SHIFT = 9
+TE_MASK = 3584
+NCOUNTED = 8
+
+# ---- tree geometry and entry fields ----
+N1 = 512            # pages per 2 MiB block, entries per table
+N2 = 262144         # pages per 1 GiB block
+S1 = 9
+S2 = 18
+F_WORD = 0
+F_CHILD = 1
+F_DSPLIT = 2        # this block's direct-map entry is broken into smaller entries
+F_CNT = 3
+NF = 11
+
+# ---- meta array: counters first, then bookkeeping ----
+M_FREE1 = 64
+M_USED1 = 65
+M_CAP1 = 66
+M_NFREE1 = 67
+M_FREE0 = 68
+M_USED0 = 69
+M_CAP0 = 70
+M_NFREE0 = 71
+M_ENOMEM = 72       # injected metadata-allocation failures still to deliver
+M_LIMIT = 73        # maximum number of shareability ranges, -1 = unlimited
+M_NPAGES = 74
+M_ORDER = 75        # backing page order: 0, 9 or 18
+M_DMAP = 76         # 0 keep, 1 no-direct-map, 2 on-conversion
+M_MERGE = 77        # 1 eager re-merge on conversion to private, 0 never
+M_VMTYPE = 78       # 0 sw-protected, 1 snp, 2 tdx
+M_HUGETLB = 79
+M_FINALIZED = 80
+M_CONTENT_MODES = 81
+M_TAIL = 82         # pages of the last 1 GiB block beyond the end of the file
+M_INITW = 83        # their (never changing) state word
+M_GCNT = 88         # 8 slots: per counted bit, pages of the whole tree with it set
+META_SIZE = 128
+RESERVE = 64        # free tables of each level guaranteed before a mutating kernel
+
+DMAP_KEEP = 0
+DMAP_NONE = 1
+DMAP_ONCONV = 2
+VM_SW = 0
+VM_SNP = 1
+VM_TDX = 2
+
+EAGAIN = 11
+ENOMEM = 12
+EINVAL = 22
+TLB_CEILING = 33    # tlb_single_page_flush_ceiling
+
+# ---- counters (index into meta) ----
+C_HOST_FAULTS = 0
+C_HOST_PTES_ZAPPED = 1
+C_TLB_INVLPG = 2
+C_TLB_FLUSH_FULL = 3
+C_TLB_SHOOTDOWNS = 4
+C_GUEST_INVALIDATIONS = 5
+C_GUEST_PTES_ZAPPED = 6
+C_FOLIOS_CHECKED = 7
+C_LRU_DRAINS = 8
+C_FOLIO_SPLITS_2M = 9
+C_FOLIO_SPLITS_1G = 10
+C_FOLIO_MERGES_2M = 11
+C_FOLIO_MERGES_1G = 12
+C_VMEMMAP_PAGES_RESTORED = 13
+C_VMEMMAP_PAGES_FREED = 14
+C_PAGES_ALLOCATED = 15
+C_PAGES_FREED = 16
+C_PINS = 17
+C_UNPINS = 18
+C_PAGES_ZEROED = 19
+C_BYTES_ZEROED_4K = 20
+C_BYTES_ZEROED_2M = 21
+C_BYTES_ZEROED_1G = 22
+C_BYTES_COPIED = 23
+C_DMAP_ENTRIES_CHANGED = 24
+C_DMAP_SPLITS_1G = 25
+C_DMAP_SPLITS_2M = 26
+C_ATTR_WRITES_PAGE = 27
+C_ATTR_WRITES_RANGE = 28
+C_PAGES_TO_PRIVATE = 29
+C_PAGES_TO_SHARED = 30
+C_CONVERT_CALLS = 31
+C_CONVERT_NOOP = 32
+C_CONVERT_EINVAL = 33
+C_CONVERT_ENOMEM = 34
+C_CONVERT_EAGAIN = 35
+C_FALLOCATE_CALLS = 36
+C_PUNCH_CALLS = 37
+C_PUNCH_EAGAIN = 38
+C_VM_ATTR_CALLS = 39
+C_RMP_UPDATES = 40
+C_PSMASH = 41
+C_SNP_FW_CALLS = 42
+C_SNP_PVALIDATE_4K = 43
+C_SNP_PVALIDATE_2M = 44
+C_TDX_SEAMCALL_PAGE_ADD = 45
+C_TDX_SEAMCALL_MR_EXTEND = 46
+C_TDX_SEAMCALL_PAGE_AUG = 47
+C_TDX_SEAMCALL_BLOCK = 48
+C_TDX_SEAMCALL_TRACK = 49
+C_TDX_SEAMCALL_DEMOTE = 50
+C_TDX_SEAMCALL_PAGE_REMOVE = 51
+C_TDX_ACCEPTS = 52
+C_GUEST_EXITS = 53
+C_HASH_BYTES = 54
+C_PAGES_POPULATED_INPLACE = 55
+C_PAGES_POPULATED_LEGACY = 56
+
+
+# ======================================================================================
+# pools
+# ======================================================================================
+
+@njit(cache=True, nogil=True)
+def _new_l1(n1, meta, w):
+    t = meta[M_FREE1]
+    if t >= 0:
+        meta[M_FREE1] = n1[t * N1, F_CHILD]
+        meta[M_NFREE1] -= 1
+    else:
+        t = meta[M_USED1]
+        meta[M_USED1] = t + 1
+    base = t * N1
+    for j in range(N1):
+        r = base + j
+        n1[r, F_WORD] = w
+        n1[r, F_CHILD] = -1
+        n1[r, F_DSPLIT] = 0
+    return t
+
+
+@njit(cache=True, nogil=True)
+def _free_l1(n1, meta, t):
+    n1[t * N1, F_CHILD] = meta[M_FREE1]
+    meta[M_FREE1] = t
+    meta[M_NFREE1] += 1
+
+
+@njit(cache=True, nogil=True)
+def _new_l0(w0, meta, w):
+    u = meta[M_FREE0]
+    base = 0
+    if u >= 0:
+        base = u * N1
+        nxt = (np.int64(w0[base]) | (np.int64(w0[base + 1]) << 16)
+               | (np.int64(w0[base + 2]) << 32) | (np.int64(w0[base + 3]) << 48))
+        meta[M_FREE0] = nxt - 1
+        meta[M_NFREE0] -= 1
+    else:
+        u = meta[M_USED0]
+        meta[M_USED0] = u + 1
+        base = u * N1
+    w0[base:base + N1] = w
+    return u
+
+
+@njit(cache=True, nogil=True)
+def _free_l0(w0, meta, u):
+    base = u * N1
+    v = meta[M_FREE0] + 1   # stored +1 so that "none" (-1) packs as 0
+    w0[base] = v & 0xFFFF
+    w0[base + 1] = (v >> 16) & 0xFFFF
+    w0[base + 2] = (v >> 32) & 0xFFFF
+    w0[base + 3] = (v >> 48) & 0xFFFF
+    meta[M_FREE0] = u
+    meta[M_NFREE0] += 1
+
+
+@njit(cache=True, nogil=True)
+def _free_subtree(n1, w0, meta, t):
+    base = t * N1
+    for j in range(N1):
+        u = n1[base + j, F_CHILD]
+        if u >= 0:
+            _free_l0(w0, meta, u)
+    _free_l1(n1, meta, t)
+
+
+@njit(cache=True, nogil=True)
+def free_tables(meta):
+    """Free tables of (level 1, level 0) available without growing the pools."""
+    return (meta[M_CAP1] - meta[M_USED1] + meta[M_NFREE1],
+            meta[M_CAP0] - meta[M_USED0] + meta[M_NFREE0])
+
+
+# ======================================================================================
+# counts and folding
+#
+# Counts are stored only for entries with a child table; a uniform entry's counts follow
+# from its word (all or nothing), so changing a uniform entry is one write.
+# ======================================================================================
+
+@njit(cache=True, nogil=True)
+def cnt2(n2, i, k):
+    """Pages of 1 GiB entry ``i`` with counted bit ``k`` set."""
+    if n2[i, F_CHILD] < 0:
+        return N2 if (n2[i, F_WORD] >> k) & 1 else 0
+    return n2[i, F_CNT + k]
+
+
+@njit(cache=True, nogil=True)
+def cnt1(n1, e, k):
+    """Pages of 2 MiB entry ``e`` with counted bit ``k`` set."""
+    if n1[e, F_CHILD] < 0:
+        return N1 if (n1[e, F_WORD] >> k) & 1 else 0
+    return n1[e, F_CNT + k]
+
+
+@njit(cache=True, nogil=True)
+def _split_l2(n2, n1, meta, i):
+    """Give uniform 1 GiB entry ``i`` a table of 512 uniform entries."""
+    w = n2[i, F_WORD]
+    t = _new_l1(n1, meta, w)
+    n2[i, F_CHILD] = t
+    for k in range(NCOUNTED):
+        n2[i, F_CNT + k] = N2 if (w >> k) & 1 else 0
+    return t
+
+
+@njit(cache=True, nogil=True)
+def _split_l1(n1, w0, meta, e):
+    """Give uniform 2 MiB entry ``e`` a table of 512 page words."""
+    w = n1[e, F_WORD]
+    u = _new_l0(w0, meta, w)
+    n1[e, F_CHILD] = u
+    for k in range(NCOUNTED):
+        n1[e, F_CNT + k] = N1 if (w >> k) & 1 else 0
+    return u
+
+
+@njit(cache=True, nogil=True)
+def _set_uniform2(n2, n1, w0, meta, i, nw):
+    """Make 1 GiB entry ``i`` uniform with word ``nw`` (freeing any subtree)."""
+    t = n2[i, F_CHILD]
+    if t < 0:
+        diff = (n2[i, F_WORD] ^ nw) & 255
+        if diff:
+            for k in range(NCOUNTED):
+                if (diff >> k) & 1:
+                    meta[M_GCNT + k] += N2 if (nw >> k) & 1 else -N2
+    else:
+        for k in range(NCOUNTED):
+            d = (N2 if (nw >> k) & 1 else 0) - n2[i, F_CNT + k]
+            if d != 0:
+                meta[M_GCNT + k] += d
+        _free_subtree(n1, w0, meta, t)
+        n2[i, F_CHILD] = -1
+    n2[i, F_WORD] = nw
+
+
+@njit(cache=True, nogil=True)
+def _fold_l0(n1, w0, meta, e):
+    """Fold entry ``e``'s page table into the entry if all its pages are equal."""
+    u = n1[e, F_CHILD]
+    if u < 0:
+        return
+    for k in range(NCOUNTED):
+        c = n1[e, F_CNT + k]
+        if c != 0 and c != N1:
+            return
+    base = u * N1
+    w = w0[base]
+    for q in range(1, N1):
+        if w0[base + q] != w:
+            return
+    n1[e, F_WORD] = np.int64(w)
+    n1[e, F_CHILD] = -1
+    _free_l0(w0, meta, u)
+
+
+@njit(cache=True, nogil=True)
+def _fold_l1(n2, n1, meta, i):
+    """Fold 1 GiB entry ``i``'s table into the entry if all its entries are equal."""
+    t = n2[i, F_CHILD]
+    if t < 0:
+        return
+    for k in range(NCOUNTED):
+        c = n2[i, F_CNT + k]
+        if c != 0 and c != N2:
+            return
+    base = t * N1
+    w = n1[base, F_WORD]
+    for j in range(N1):
+        r = base + j
+        if n1[r, F_CHILD] >= 0 or n1[r, F_WORD] != w or n1[r, F_DSPLIT] != 0:
+            return
+    n2[i, F_WORD] = w
+    n2[i, F_CHILD] = -1
+    _free_l1(n1, meta, t)
+
+
+# ======================================================================================
+# walks: read and transform page ranges
+# ======================================================================================
+
+@njit(cache=True, nogil=True)
+def get_word(n2, n1, w0, p):
+    i = p >> S2
+    t = n2[i, F_CHILD]
+    if t < 0:
+        return n2[i, F_WORD]
+    e = t * N1 + ((p >> S1) & (N1 - 1))
+    u = n1[e, F_CHILD]
+    if u < 0:
+        return n1[e, F_WORD]
+    return np.int64(w0[u * N1 + (p & (N1 - 1))])
+
+
+@njit(cache=True, nogil=True)
+def get_words(n2, n1, w0, p0, p1, out):
+    """Fill ``out[0:p1-p0]`` with the page words of ``[p0, p1)``."""
+    p = p0
+    while p < p1:
+        i = p >> S2
+        t = n2[i, F_CHILD]
+        if t < 0:
+            hi = min(p1, (i + 1) << S2)
+            out[p - p0:hi - p0] = n2[i, F_WORD]
+            p = hi
+            continue
+        e = t * N1 + ((p >> S1) & (N1 - 1))
+        hi = min(p1, ((p >> S1) + 1) << S1)
+        u = n1[e, F_CHILD]
+        if u < 0:
+            out[p - p0:hi - p0] = n1[e, F_WORD]
+        else:
+            b = u * N1 + (p & (N1 - 1))
+            for q in range(hi - p):
+                out[p - p0 + q] = w0[b + q]
+        p = hi
+
+
+@njit(cache=True, nogil=True)
+def _single_bit(cmask):
+    """Index k if ``cmask`` is exactly one counted bit, else -1."""
+    for k in range(NCOUNTED):
+        if cmask == (1 << k):
+            return k
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def walk_count(n2, n1, w0, p0, p1, cmask, cval):
+    """Number of pages in ``[p0, p1)`` whose word satisfies ``w & cmask == cval``."""
+    k = _single_bit(cmask)
+    total = 0
+    for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
+        b0 = i << S2
+        lo = max(p0, b0)
+        hi = min(p1, b0 + N2)
+        t = n2[i, F_CHILD]
+        if t < 0:
+            if (n2[i, F_WORD] & cmask) == cval:
+                total += hi - lo
+            continue
+        if k >= 0 and lo == b0 and hi == b0 + N2:
+            c = n2[i, F_CNT + k]
+            total += c if cval != 0 else N2 - c
+            continue
+        for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
+            e = t * N1 + j
+            c0 = b0 + (j << S1)
+            clo = max(lo, c0)
+            chi = min(hi, c0 + N1)
+            u = n1[e, F_CHILD]
+            if u < 0:
+                if (n1[e, F_WORD] & cmask) == cval:
+                    total += chi - clo
+                continue
+            if k >= 0 and clo == c0 and chi == c0 + N1:
+                c = n1[e, F_CNT + k]
+                total += c if cval != 0 else N1 - c
+                continue
+            base = u * N1 - c0
+            for p in range(clo, chi):
+                if (w0[base + p] & cmask) == cval:
+                    total += 1
+    return total
+
+
+@njit(cache=True, nogil=True)
+def walk_first(n2, n1, w0, p0, p1, cmask, cval):
+    """First page in ``[p0, p1)`` with ``w & cmask == cval``, or -1."""
+    k = _single_bit(cmask)
+    for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
+        b0 = i << S2
+        lo = max(p0, b0)
+        hi = min(p1, b0 + N2)
+        t = n2[i, F_CHILD]
+        if t < 0:
+            if (n2[i, F_WORD] & cmask) == cval:
+                return lo
+            continue
+        if k >= 0:
+            c = n2[i, F_CNT + k]
+            if (cval != 0 and c == 0) or (cval == 0 and c == N2):
+                continue
+        for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
+            e = t * N1 + j
+            c0 = b0 + (j << S1)
+            clo = max(lo, c0)
+            chi = min(hi, c0 + N1)
+            u = n1[e, F_CHILD]
+            if u < 0:
+                if (n1[e, F_WORD] & cmask) == cval:
+                    return clo
+                continue
+            if k >= 0:
+                c = n1[e, F_CNT + k]
+                if (cval != 0 and c == 0) or (cval == 0 and c == N1):
+                    continue
+            base = u * N1 - c0
+            for p in range(clo, chi):
+                if (w0[base + p] & cmask) == cval:
+                    return p
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
+    """For pages of ``[p0, p1)`` with ``w & cmask == cval``: ``w = (w & ~clr) | setb``.
+
+    Returns the number of pages whose word changed. Keeps every count and folds tables
+    that become uniform.
+    """
+    changed = 0
+    for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
+        b0 = i << S2
+        lo = max(p0, b0)
+        hi = min(p1, b0 + N2)
+        t = n2[i, F_CHILD]
+        if t < 0:
+            w = n2[i, F_WORD]
+            if (w & cmask) != cval:
+                continue
+            nw = (w & ~clr) | setb
+            if nw == w:
+                continue
+            if lo == b0 and hi == b0 + N2:
+                diff = (w ^ nw) & 255
+                for k in range(NCOUNTED):
+                    if (diff >> k) & 1:
+                        meta[M_GCNT + k] += N2 if (nw >> k) & 1 else -N2
+                n2[i, F_WORD] = nw
+                changed += N2
+                continue
+            t = _split_l2(n2, n1, meta, i)
+        touched = False
+        for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
+            e = t * N1 + j
+            c0 = b0 + (j << S1)
+            clo = max(lo, c0)
+            chi = min(hi, c0 + N1)
+            u = n1[e, F_CHILD]
+            if u < 0:
+                w = n1[e, F_WORD]
+                if (w & cmask) != cval:
+                    continue
+                nw = (w & ~clr) | setb
+                if nw == w:
+                    continue
+                touched = True
+                if clo == c0 and chi == c0 + N1:
+                    diff = w ^ nw
+                    for k in range(NCOUNTED):
+                        if (diff >> k) & 1:
+                            d = N1 if (nw >> k) & 1 else -N1
+                            n2[i, F_CNT + k] += d
+                            meta[M_GCNT + k] += d
+                    n1[e, F_WORD] = nw
+                    changed += N1
+                    continue
+                u = _split_l1(n1, w0, meta, e)
+            base = u * N1 - c0
+            n_here = 0
+            for p in range(clo, chi):
+                w = np.int64(w0[base + p])
+                if (w & cmask) != cval:
+                    continue
+                nw = (w & ~clr) | setb
+                if nw == w:
+                    continue
+                w0[base + p] = nw
+                n_here += 1
+                diff = w ^ nw
+                for k in range(NCOUNTED):
+                    if (diff >> k) & 1:
+                        d = 1 if (nw >> k) & 1 else -1
+                        n1[e, F_CNT + k] += d
+                        n2[i, F_CNT + k] += d
+                        meta[M_GCNT + k] += d
+            if n_here:
+                touched = True
+                changed += n_here
+                _fold_l0(n1, w0, meta, e)
+        if touched:
+            _fold_l1(n2, n1, meta, i)
+    return changed
+
+
+@njit(cache=True, nogil=True)
+def walk_transitions(n2, n1, w0, p0, p1, bit):
+    """Number of ``p`` in ``(p0, p1)`` where ``bit`` differs between page p-1 and p."""
+    total = 0
+    prev = -1
+    for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
+        b0 = i << S2
+        lo = max(p0, b0)
+        hi = min(p1, b0 + N2)
+        t = n2[i, F_CHILD]
+        if t < 0:
+            v = 1 if n2[i, F_WORD] & bit else 0
+            if prev >= 0 and v != prev:
+                total += 1
+            prev = v
+            continue
+        for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
+            e = t * N1 + j
+            c0 = b0 + (j << S1)
+            clo = max(lo, c0)
+            chi = min(hi, c0 + N1)
+            u = n1[e, F_CHILD]
+            if u < 0:
+                v = 1 if n1[e, F_WORD] & bit else 0
+                if prev >= 0 and v != prev:
+                    total += 1
+                prev = v
+                continue
+            base = u * N1 - c0
+            for p in range(clo, chi):
+                v = 1 if w0[base + p] & bit else 0
+                if prev >= 0 and v != prev:
+                    total += 1
+                prev = v
+    return total
+
+
+@njit(cache=True, nogil=True)
+def gcount(meta, k):
+    """Pages of the file with counted bit ``k`` set."""
+    c = meta[M_GCNT + k]
+    if (meta[M_INITW] >> k) & 1:
+        c -= meta[M_TAIL]
+    return c
+
+
+# ======================================================================================
+# mechanisms: TLB, direct map, folios
+# ======================================================================================
+
+@njit(cache=True, nogil=True)
+def _tlb_flush(meta, npages):
+    if npages <= 0:
+        return
+    if npages <= TLB_CEILING:
+        meta[C_TLB_INVLPG] += npages
+    else:
+        meta[C_TLB_FLUSH_FULL] += 1
+    meta[C_TLB_SHOOTDOWNS] += 1
+
+
+@njit(cache=True, nogil=True)
+def zap_host(n2, n1, w0, meta, p0, p1):
+    """Unmap the host userspace mappings of ``[p0, p1)`` (every process)."""
+    if gcount(meta, 2) == 0:
+        return 0
+    z = walk_apply(n2, n1, w0, meta, p0, p1, HMAP, HMAP, HMAP, 0)
+    meta[C_HOST_PTES_ZAPPED] += z
+    _tlb_flush(meta, z)
+    return z
+
+
+@njit(cache=True, nogil=True)
+def zap_guest(n2, n1, w0, meta, p0, p1):
+    """Invalidate the guest (stage-2) mappings of ``[p0, p1)``."""
+    meta[C_GUEST_INVALIDATIONS] += 1
+    if gcount(meta, 3) == 0:
+        return 0
+    z = walk_apply(n2, n1, w0, meta, p0, p1, GMAP, GMAP, GMAP, 0)
+    meta[C_GUEST_PTES_ZAPPED] += z
+    return z
+
+
+@njit(cache=True, nogil=True)
+def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
+    """Remove (or restore) the pages of ``[p0, p1)`` matching the condition from the
+    kernel direct map, breaking 1 GiB / 2 MiB entries that are only partly changed."""
+    total = 0
+    entries = 0
+    for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
+        b0 = i << S2
+        lo = max(p0, b0)
+        hi = min(p1, b0 + N2)
+        m = walk_count(n2, n1, w0, lo, hi, cmask, cval)
+        if m == 0:
+            continue
+        total += m
+        if m == N2 and n2[i, F_DSPLIT] == 0:
+            entries += 1
+        else:
+            if n2[i, F_DSPLIT] == 0:
+                n2[i, F_DSPLIT] = 1
+                meta[C_DMAP_SPLITS_1G] += 1
+            for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
+                c0 = b0 + (j << S1)
+                clo = max(lo, c0)
+                chi = min(hi, c0 + N1)
+                m2 = walk_count(n2, n1, w0, clo, chi, cmask, cval)
+                if m2 == 0:
+                    continue
+                t = n2[i, F_CHILD]
+                split = 0
+                if t >= 0:
+                    split = n1[t * N1 + j, F_DSPLIT]
+                if m2 == N1 and split == 0:
+                    entries += 1
+                    continue
+                if split == 0:
+                    if t < 0:
+                        t = _split_l2(n2, n1, meta, i)
+                    n1[t * N1 + j, F_DSPLIT] = 1
+                    meta[C_DMAP_SPLITS_2M] += 1
+                entries += m2
+        if remove:
+            walk_apply(n2, n1, w0, meta, lo, hi, cmask, cval, 0, DMAP_OFF)
+        else:
+            walk_apply(n2, n1, w0, meta, lo, hi, cmask, cval, DMAP_OFF, 0)
+    if total:
+        meta[C_DMAP_ENTRIES_CHANGED] += entries
+        _tlb_flush(meta, total)
+    return total
+
+
+@njit(cache=True, nogil=True)
+def _vmemmap_per_folio(order):
+    # HugeTLB Vmemmap Optimization keeps one vmemmap page per huge folio and frees the
+    # rest: 2 MiB -> 8 pages of struct page (7 freed), 1 GiB -> 4096 (4095 freed).
+    return 7 if order == 9 else 4095
+
+
+@njit(cache=True, nogil=True)
+def _count_split(meta, nfolios):
+    if nfolios <= 0:
+        return
+    order = meta[M_ORDER]
+    if order == 9:
+        meta[C_FOLIO_SPLITS_2M] += nfolios
+    else:
+        meta[C_FOLIO_SPLITS_1G] += nfolios
+    if meta[M_HUGETLB]:
+        meta[C_VMEMMAP_PAGES_RESTORED] += nfolios * _vmemmap_per_folio(order)
+
+
+@njit(cache=True, nogil=True)
+def split_folios(n2, n1, w0, meta, p0, p1):
+    """Split to order 0 every huge folio touching ``[p0, p1)``. Returns folios split."""
+    order = meta[M_ORDER]
+    if order == 0 or gcount(meta, 7) == 0:
+        return 0
+    bmask = (np.int64(1) << order) - 1
+    q0 = p0 & ~bmask
+    q1 = (p1 + bmask) & ~bmask
+    ch = walk_apply(n2, n1, w0, meta, q0, q1, HUGE, HUGE, ORDER_MASK, 0)
+    nf = ch >> order
+    _count_split(meta, nf)
+    return nf
+
+
+@njit(cache=True, nogil=True)
+def _order_bits(order):
+    if order == 9:
+        return HUGE
+    if order == 18:
+        return HUGE | GIG
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _mergeable(cnt_alloc, cnt_priv, cnt_pin, cnt_huge, n):
+    return cnt_alloc == n and cnt_priv == n and cnt_pin == 0 and cnt_huge == 0
+
+
+@njit(cache=True, nogil=True)
+def merge_folios(n2, n1, w0, meta, p0, p1):
+    """Merge back to the backing order every huge block touching ``[p0, p1)`` that is
+    wholly private, wholly allocated and holds no extra references."""
+    order = meta[M_ORDER]
+    if order == 0 or meta[M_MERGE] == 0:
+        return 0
+    ob = _order_bits(order)
+    merged = 0
+    for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
+        b0 = i << S2
+        if order == 18:
+            if _mergeable(cnt2(n2, i, 0), cnt2(n2, i, 1), cnt2(n2, i, 4), cnt2(n2, i, 7), N2):
+                walk_apply(n2, n1, w0, meta, b0, b0 + N2, 0, 0, 0, ob)
+                merged += 1
+            continue
+        lo = max(p0, b0)
+        hi = min(p1, b0 + N2)
+        j0 = (lo - b0) >> S1
+        j1 = ((hi - 1 - b0) >> S1) + 1
+        t = n2[i, F_CHILD]
+        if t < 0:
+            w = n2[i, F_WORD]
+            if (w & (ALLOC | PRIV | PIN | HUGE)) == (ALLOC | PRIV):
+                walk_apply(n2, n1, w0, meta, b0 + (j0 << S1), b0 + (j1 << S1), 0, 0, 0, ob)
+                merged += j1 - j0
+            continue
+        for j in range(j0, j1):
+            t = n2[i, F_CHILD]
+            if t < 0:   # folded by a merge of a previous block
+                w = n2[i, F_WORD]
+                if (w & (ALLOC | PRIV | PIN | HUGE)) == (ALLOC | PRIV):
+                    walk_apply(n2, n1, w0, meta, b0 + (j << S1), b0 + (j1 << S1), 0, 0, 0, ob)
+                    merged += j1 - j
+                break
+            e = t * N1 + j
+            if _mergeable(cnt1(n1, e, 0), cnt1(n1, e, 1), cnt1(n1, e, 4), cnt1(n1, e, 7), N1):
+                c0 = b0 + (j << S1)
+                walk_apply(n2, n1, w0, meta, c0, c0 + N1, 0, 0, 0, ob)
+                merged += 1
+    if merged:
+        if order == 9:
+            meta[C_FOLIO_MERGES_2M] += merged
+        else:
+            meta[C_FOLIO_MERGES_1G] += merged
+        if meta[M_HUGETLB]:
+            meta[C_VMEMMAP_PAGES_FREED] += merged * _vmemmap_per_folio(order)
+    return merged
+
+
+@njit(cache=True, nogil=True)
+def _count_zero(meta, npages, order):
+    if npages <= 0:
+        return
+    meta[C_PAGES_ZEROED] += npages
+    if order == 18:
+        meta[C_BYTES_ZEROED_1G] += npages * 4096
+    elif order == 9:
+        meta[C_BYTES_ZEROED_2M] += npages * 4096
+    else:
+        meta[C_BYTES_ZEROED_4K] += npages * 4096
+
+
+@njit(cache=True, nogil=True)
+def _alloc_block(n2, n1, w0, meta, q0, q1, holes, npriv, order):
+    """Allocate the holes of one aligned block ``[q0, q1)`` of the backing order."""
+    n = q1 - q0
+    if holes == n:
+        if npriv == n:
+            walk_apply(n2, n1, w0, meta, q0, q1, 0, 0, 0, ALLOC | _order_bits(order))
+        else:
+            # allocated huge, split at once: a huge folio may not hold shared pages
+            walk_apply(n2, n1, w0, meta, q0, q1, 0, 0, 0, ALLOC)
+            _count_split(meta, 1)
+        _count_zero(meta, n, order)
+    else:
+        walk_apply(n2, n1, w0, meta, q0, q1, ALLOC, 0, 0, ALLOC)
+        _count_zero(meta, holes, 0)
+    meta[C_PAGES_ALLOCATED] += holes
+
+
+@njit(cache=True, nogil=True)
+def allocate(n2, n1, w0, meta, p0, p1):
+    """Allocate every hole of ``[p0, p1)`` widened to whole blocks of the backing order.
+
+    Returns the number of pages allocated.
+    """
+    order = meta[M_ORDER]
+    before = meta[C_PAGES_ALLOCATED]
+    if order == 0:
+        ch = walk_apply(n2, n1, w0, meta, p0, p1, ALLOC, 0, 0, ALLOC)
+        meta[C_PAGES_ALLOCATED] += ch
+        _count_zero(meta, ch, 0)
+    else:
+        bmask = (np.int64(1) << order) - 1
+        q0 = p0 & ~bmask
+        q1 = (p1 + bmask) & ~bmask
+        for i in range(q0 >> S2, ((q1 - 1) >> S2) + 1):
+            b0 = i << S2
+            if order == 18:
+                _alloc_block(n2, n1, w0, meta, b0, b0 + N2, N2 - cnt2(n2, i, 0),
+                             cnt2(n2, i, 1), 18)
+                continue
+            lo = max(q0, b0)
+            hi = min(q1, b0 + N2)
+            if n2[i, F_CHILD] < 0:
+                w = n2[i, F_WORD]
+                if w & ALLOC:
+                    continue
+                nb = (hi - lo) >> S1
+                if w & PRIV:
+                    walk_apply(n2, n1, w0, meta, lo, hi, 0, 0, 0, ALLOC | HUGE)
+                else:
+                    walk_apply(n2, n1, w0, meta, lo, hi, 0, 0, 0, ALLOC)
+                    _count_split(meta, nb)
+                _count_zero(meta, hi - lo, 9)
+                meta[C_PAGES_ALLOCATED] += hi - lo
+                continue
+            for c0 in range(lo, hi, N1):
+                t = n2[i, F_CHILD]
+                if t < 0:
+                    w = n2[i, F_WORD]
+                    holes = 0 if w & ALLOC else N1
+                    npriv = N1 if w & PRIV else 0
+                else:
+                    e = t * N1 + ((c0 - b0) >> S1)
+                    holes = N1 - cnt1(n1, e, 0)
+                    npriv = cnt1(n1, e, 1)
+                if holes:
+                    _alloc_block(n2, n1, w0, meta, c0, c0 + N1, holes, npriv, 9)
+        p0 = q0
+        p1 = q1
+    done = meta[C_PAGES_ALLOCATED] - before
+    if done:
+        pol = meta[M_DMAP]
+        if pol == DMAP_NONE:
+            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | DMAP_OFF, ALLOC, True)
+        elif pol == DMAP_ONCONV:
+            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | PRIV | DMAP_OFF, ALLOC | PRIV, True)
+    return done
+
+
+@njit(cache=True, nogil=True)
+def fault_in(n2, n1, w0, meta, p0, p1, bit):
+    """Fault ``[p0, p1)`` into the host (bit=HMAP) or guest (bit=GMAP) mappings,
+    allocating holes. Returns the number of pages newly mapped."""
+    allocate(n2, n1, w0, meta, p0, p1)
+    ch = walk_apply(n2, n1, w0, meta, p0, p1, bit, 0, 0, bit)
+    if bit == HMAP:
+        meta[C_HOST_FAULTS] += ch
+    return ch
+
+
+@njit(cache=True, nogil=True)
+def _te_release(n2, n1, w0, meta, p0, p1):
+    """The trusted entity gives pages of ``[p0, p1)`` back to the host: SNP RMP entries
+    become hypervisor-owned, TDX secure-EPT entries are removed."""
+    vt = meta[M_VMTYPE]
+    if vt == VM_SW:
+        return 0
+    ch = walk_apply(n2, n1, w0, meta, p0, p1, 0, 0, TE_MASK, 0)
+    if ch == 0:
+        return 0
+    if vt == VM_SNP:
+        meta[C_RMP_UPDATES] += ch
+    else:
+        meta[C_TDX_SEAMCALL_BLOCK] += ch
+        meta[C_TDX_SEAMCALL_TRACK] += 1
+        meta[C_TDX_SEAMCALL_PAGE_REMOVE] += ch
+    return ch
+
+
+@njit(cache=True, nogil=True)
+def _te_split_cost(meta, nsplit_folios):
+    """Breaking a huge folio's trusted-entity mapping: PSMASH per 2 MiB RMP entry on
+    SNP, TDH.MEM.PAGE.DEMOTE per 2 MiB secure-EPT mapping on TDX."""
+    if nsplit_folios <= 0:
+        return
+    n2m = nsplit_folios * (1 if meta[M_ORDER] == 9 else 512)
+    if meta[M_VMTYPE] == VM_SNP:
+        meta[C_PSMASH] += n2m
+    elif meta[M_VMTYPE] == VM_TDX:
+        meta[C_TDX_SEAMCALL_DEMOTE] += n2m
+
+
+# ======================================================================================
+# operations
+# ======================================================================================
+
+@njit(cache=True, nogil=True)
+def attribute_ranges(n2, n1, w0, meta):
+    """Maximal runs of equal shareability over the file (the per-file store's size)."""
+    return 1 + walk_transitions(n2, n1, w0, 0, meta[M_NPAGES], PRIV)
+
+
+@njit(cache=True, nogil=True)
+def _ranges_after(n2, n1, w0, meta, p0, p1, v):
+    npages = meta[M_NPAGES]
+    lo = max(p0 - 1, 0)
+    hi = min(p1 + 1, npages)
+    before = walk_transitions(n2, n1, w0, lo, hi, PRIV)
+    after = 0
+    if p0 > 0:
+        if (1 if get_word(n2, n1, w0, p0 - 1) & PRIV else 0) != v:
+            after += 1
+    if p1 < npages:
+        if (1 if get_word(n2, n1, w0, p1) & PRIV else 0) != v:
+            after += 1
+    return attribute_ranges(n2, n1, w0, meta) + after - before
+
+
+@njit(cache=True, nogil=True)
+def _folios_checked(n2, n1, w0, meta, p0, p1):
+    if gcount(meta, 0) == 0:
+        return 0
+    order = meta[M_ORDER]
+    small = walk_count(n2, n1, w0, p0, p1, ALLOC | HUGE, ALLOC)
+    if order == 0 or gcount(meta, 7) == 0:
+        return small
+    bmask = (np.int64(1) << order) - 1
+    q0 = p0 & ~bmask
+    q1 = (p1 + bmask) & ~bmask
+    return small + (walk_count(n2, n1, w0, q0, q1, HUGE, HUGE) >> order)
+
+
+@njit(cache=True, nogil=True)
+def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
+    """``KVM_SET_MEMORY_ATTRIBUTES2`` on the file for a validated range.
+
+    Returns ``(errno, error_page)``: ``(0, -1)`` on success (or nothing to do),
+    ``(ENOMEM, p0)``, or ``(EAGAIN, first unsafe page)``. Nothing changes on error except
+    zapped host mappings.
+    """
+    n = p1 - p0
+    meta[C_CONVERT_CALLS] += 1
+    if n == meta[M_NPAGES]:
+        npriv = gcount(meta, 1)
+    else:
+        npriv = walk_count(n2, n1, w0, p0, p1, PRIV, PRIV)
+    if (to_private and npriv == n) or (not to_private and npriv == 0):
+        meta[C_CONVERT_NOOP] += 1
+        return 0, -1
+    want = PRIV if to_private else 0
+    old = 0 if to_private else PRIV
+    # 3. reserve metadata
+    if meta[M_ENOMEM] > 0:
+        meta[M_ENOMEM] -= 1
+        meta[C_CONVERT_ENOMEM] += 1
+        return ENOMEM, p0
+    if meta[M_LIMIT] >= 0:
+        if _ranges_after(n2, n1, w0, meta, p0, p1, 1 if to_private else 0) > meta[M_LIMIT]:
+            meta[C_CONVERT_ENOMEM] += 1
+            return ENOMEM, p0
+    # 4. to private: unmap from the host, then every folio must be safe
+    if to_private:
+        zap_host(n2, n1, w0, meta, p0, p1)
+        meta[C_FOLIOS_CHECKED] += _folios_checked(n2, n1, w0, meta, p0, p1)
+        if gcount(meta, 4) > 0:
+            f = walk_first(n2, n1, w0, p0, p1, PIN, PIN)
+            if f >= 0:
+                meta[C_LRU_DRAINS] += 1
+                meta[C_CONVERT_EAGAIN] += 1
+                return EAGAIN, f
+    # 5. past this point nothing fails
+    zap_guest(n2, n1, w0, meta, p0, p1)
+    if not to_private:
+        released = _te_release(n2, n1, w0, meta, p0, p1)
+        nsplit = split_folios(n2, n1, w0, meta, p0, p1)
+        if released:
+            _te_split_cost(meta, nsplit)
+    # 8. contents of the pages whose shareability changes
+    if zero and gcount(meta, 0) > 0:
+        nz = walk_count(n2, n1, w0, p0, p1, ALLOC | PRIV, ALLOC | old)
+        if nz:
+            _count_zero(meta, nz, 0)
+            if gcount(meta, 5) > 0:
+                walk_apply(n2, n1, w0, meta, p0, p1, PRIV | DATA, old | DATA, DATA, 0)
+    # 9. store the attributes (one range entry in the per-file store)
+    ch = walk_apply(n2, n1, w0, meta, p0, p1, PRIV, old, PRIV, want)
+    meta[C_ATTR_WRITES_RANGE] += 1
+    if to_private:
+        meta[C_PAGES_TO_PRIVATE] += ch
+    else:
+        meta[C_PAGES_TO_SHARED] += ch
+    # 6./7. direct map and huge pages
+    if meta[M_DMAP] == DMAP_ONCONV and gcount(meta, 0) > 0:
+        if to_private:
+            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | PRIV | DMAP_OFF, ALLOC | PRIV, True)
+        else:
+            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | PRIV | DMAP_OFF, ALLOC | DMAP_OFF, False)
+    if to_private:
+        merge_folios(n2, n1, w0, meta, p0, p1)
+    return 0, -1
+
+
+@njit(cache=True, nogil=True)
+def convert_checked(n2, n1, w0, meta, p0, p1, to_private, zero):
+    """``convert`` after checking pool capacity: ``(-1, -1)`` means grow and call again."""
+    f1, f0 = free_tables(meta)
+    if f1 < RESERVE or f0 < RESERVE:
+        return -1, -1
+    return convert(n2, n1, w0, meta, p0, p1, to_private, zero)
+
+
+@njit(cache=True, nogil=True)
+def convert_many(n2, n1, w0, meta, offs, sizes, attrs, flags, start, out_err, out_off,
+                 fsize, preserve_private_ok):
+    """Apply conversions ``start..`` in order, each with its own result.
+
+    Validation mirrors the single call. Returns the index to resume at: ``len(offs)``
+    when done, earlier when the pools need growing first.
+    """
+    n = offs.shape[0]
+    vt = meta[M_VMTYPE]
+    for x in range(start, n):
+        f1, f0 = free_tables(meta)
+        if f1 < RESERVE or f0 < RESERVE:
+            return x
+        off = offs[x]
+        size = sizes[x]
+        a = attrs[x]
+        fl = flags[x]
+        err = 0
+        if (a & ~8) != 0 or (fl & ~3) != 0 or fl == 3:   # 8: KVM_MEMORY_ATTRIBUTE_PRIVATE
+            err = EINVAL
+        elif fl != 0 and meta[M_CONTENT_MODES] == 0:
+            err = EINVAL
+        elif size <= 0 or off < 0 or (off & 4095) != 0 or (size & 4095) != 0:
+            err = EINVAL
+        elif off >= fsize or size > fsize - off:
+            err = EINVAL
+        elif fl == 1 and vt != VM_SW and (a == 0 or not preserve_private_ok):
+            err = EINVAL
+        if err:
+            meta[C_CONVERT_EINVAL] += 1
+            out_err[x] = err
+            out_off[x] = -1
+            continue
+        zero = fl == 2 or (fl == 0 and vt != VM_SW)
+        e, pg = convert(n2, n1, w0, meta, off >> 12, (off + size) >> 12, a != 0, zero)
+        out_err[x] = e
+        out_off[x] = pg << 12 if pg >= 0 else -1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def punch(n2, n1, w0, meta, p0, p1):
+    """Punch a hole over ``[p0, p1)`` (already clamped to the file).
+
+    Returns ``(errno, error_page)``.
+    """
+    if gcount(meta, 4) > 0:
+        f = walk_first(n2, n1, w0, p0, p1, PIN, PIN)
+        if f >= 0:
+            meta[C_PUNCH_EAGAIN] += 1
+            return EAGAIN, f
+    meta[C_PUNCH_CALLS] += 1
+    if gcount(meta, 0) == 0:
+        return 0, -1
+    zap_host(n2, n1, w0, meta, p0, p1)
+    zap_guest(n2, n1, w0, meta, p0, p1)
+    _te_release(n2, n1, w0, meta, p0, p1)
+    order = meta[M_ORDER]
+    if order and gcount(meta, 7) > 0:
+        bmask = (np.int64(1) << order) - 1
+        # huge folios only partly punched are split; wholly punched ones are freed whole
+        if p0 & bmask:
+            split_folios(n2, n1, w0, meta, p0, p0 + 1)
+        if p1 & bmask:
+            split_folios(n2, n1, w0, meta, p1 - 1, p1)
+    if gcount(meta, 6) > 0:
+        dmap_change(n2, n1, w0, meta, p0, p1, DMAP_OFF, DMAP_OFF, False)
+    ch = walk_apply(n2, n1, w0, meta, p0, p1, ALLOC, ALLOC,
+                    ALLOC | ORDER_MASK | HMAP | GMAP | DATA | DMAP_OFF | TE_MASK, 0)
+    meta[C_PAGES_FREED] += ch
+    return 0, -1
+
+
+# ======================================================================================
+# invariants
+# ======================================================================================
+
+@njit(cache=True, nogil=True)
+def _word_ok(w, meta):
+    """0 if a page word is consistent, else the number of the broken rule."""
+    a = (w & ALLOC) != 0
+    pv = (w & PRIV) != 0
+    if (w & HMAP) and (not a or pv):
+        return 1   # host-mapped page must be allocated and shared
+    if (w & PIN) and (not a or pv):
+        return 2   # pinned page must be allocated and shared
+    if (w & (DATA | GMAP | DMAP_OFF)) and not a:
+        return 3   # contents, guest mapping, direct-map removal need a folio
+    ob = w & ORDER_MASK
+    if ob and (ob != _order_bits(meta[M_ORDER]) or not a or not pv or (w & PIN)):
+        return 4   # huge folio must be of the backing order, allocated, private, unpinned
+    pol = meta[M_DMAP]
+    off = (w & DMAP_OFF) != 0
+    if pol == DMAP_KEEP and off:
+        return 5
+    if pol == DMAP_NONE and off != a:
+        return 6
+    if pol == DMAP_ONCONV and off != (a and pv):
+        return 7
+    if (w & TE_MASK) and (not a or not pv):
+        return 8   # trusted-entity state only on allocated private pages
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def check_tree(n2, n1, w0, meta):
+    """Verify every invariant of the store. Returns ``(rule, page)``; rule 0 = all good.
+
+    Rules 1-8: a page word (see ``_word_ok``); 10: a summary count disagrees with the
+    pages below it; 11: a huge folio does not cover its whole aligned block; 12: pages past
+    the end changed; 13: a 2 MiB direct-map split under an unsplit 1 GiB entry;
+    14: the whole-file counts disagree.
+    """
+    nl2 = n2.shape[0]
+    npages = meta[M_NPAGES]
+    order = meta[M_ORDER]
+    g = np.zeros(NCOUNTED, np.int64)
+    c1 = np.zeros(NCOUNTED, np.int64)
+    c2 = np.zeros(NCOUNTED, np.int64)
+    for i in range(nl2):
+        b0 = i << S2
+        for k in range(NCOUNTED):
+            g[k] += cnt2(n2, i, k)
+        t = n2[i, F_CHILD]
+        if t < 0:
+            w = n2[i, F_WORD]
+            if b0 + N2 > npages and b0 < npages and w != meta[M_INITW]:
+                # a uniform partial last block: its tail must hold the initial word
+                return 12, npages
+            r = _word_ok(w, meta)
+            if r and b0 < npages:
+                return r, b0
+            continue
+        c2[:] = 0
+        for j in range(N1):
+            e = t * N1 + j
+            c0 = b0 + (j << S1)
+            if n1[e, F_DSPLIT] and not n2[i, F_DSPLIT]:
+                return 13, c0
+            u = n1[e, F_CHILD]
+            if u < 0:
+                w = n1[e, F_WORD]
+                if c0 >= npages:
+                    if w != meta[M_INITW]:
+                        return 12, c0
+                else:
+                    r = _word_ok(w, meta)
+                    if r:
+                        return r, c0
+                for k in range(NCOUNTED):
+                    c2[k] += N1 if (w >> k) & 1 else 0
+                continue
+            c1[:] = 0
+            for q in range(N1):
+                w = np.int64(w0[u * N1 + q])
+                p = c0 + q
+                if p >= npages:
+                    if w != meta[M_INITW]:
+                        return 12, p
+                else:
+                    r = _word_ok(w, meta)
+                    if r:
+                        return r, p
+                for k in range(NCOUNTED):
+                    c1[k] += (w >> k) & 1
+            for k in range(NCOUNTED):
+                if n1[e, F_CNT + k] != c1[k]:
+                    return 10, c0
+                c2[k] += c1[k]
+            if order == 9 and c1[7] != 0 and c1[7] != N1:
+                return 11, c0
+        for k in range(NCOUNTED):
+            if n2[i, F_CNT + k] != c2[k]:
+                return 10, b0
+        if order == 18 and c2[7] != 0 and c2[7] != N2:
+            return 11, b0
+    for k in range(NCOUNTED):
+        if g[k] != meta[M_GCNT + k]:
+            return 14, 0
+    return 0, -1
+
+
+@njit(cache=True, nogil=True)
+def dmap_entries(n2, n1, npages):
+    """Direct-map entries over the file by size: (1 GiB, 2 MiB, 4 KiB)."""
+    e1g = 0
+    e2m = 0
+    e4k = 0
+    for i in range(n2.shape[0]):
+        if n2[i, F_DSPLIT] == 0:
+            e1g += 1
+            continue
+        t = n2[i, F_CHILD]
+        for j in range(N1):
+            if (i << S2) + (j << S1) >= npages:
+                break
+            if t >= 0 and n1[t * N1 + j, F_DSPLIT]:
+                e4k += N1
+            else:
+                e2m += 1
+    return e1g, e2m, e4k
