@@ -345,6 +345,39 @@ def get_word(n2, n1, w0, p):
 
 
 @njit(cache=True, nogil=True)
+def set_word(n2, n1, w0, meta, p, nw):
+    """Set page ``p``'s word to ``nw`` (a one-page ``walk_apply``, without the walk)."""
+    i = p >> S2
+    t = n2[i, F_CHILD]
+    if t < 0:
+        w = n2[i, F_WORD]
+        if w == nw:
+            return
+        t = _split_l2(n2, n1, meta, i)
+    e = t * N1 + ((p >> S1) & (N1 - 1))
+    u = n1[e, F_CHILD]
+    if u < 0:
+        w = n1[e, F_WORD]
+        if w == nw:
+            return
+        u = _split_l1(n1, w0, meta, e)
+    q = u * N1 + (p & (N1 - 1))
+    w = np.int64(w0[q])
+    if w == nw:
+        return
+    w0[q] = nw
+    diff = (w ^ nw) & 255
+    for k in range(NCOUNTED):
+        if (diff >> k) & 1:
+            d = 1 if (nw >> k) & 1 else -1
+            n1[e, F_CNT + k] += d
+            n2[i, F_CNT + k] += d
+            meta[M_GCNT + k] += d
+    _fold_l0(n1, w0, meta, e)
+    _fold_l1(n2, n1, meta, i)
+
+
+@njit(cache=True, nogil=True)
 def get_words(n2, n1, w0, p0, p1, out):
     """Fill ``out[0:p1-p0]`` with the page words of ``[p0, p1)``."""
     p = p0
@@ -698,7 +731,22 @@ def split_folios(n2, n1, w0, meta, p0, p1):
     bmask = (np.int64(1) << order) - 1
     q0 = p0 & ~bmask
     q1 = (p1 + bmask) & ~bmask
-    ch = walk_apply(n2, n1, w0, meta, q0, q1, HUGE, HUGE, ORDER_MASK, 0)
+    ch = 0
+    for i in range(q0 >> S2, ((q1 - 1) >> S2) + 1):
+        # blocks holding no huge folio (by their counts) are skipped without a walk
+        if cnt2(n2, i, 7) == 0:
+            continue
+        b0 = i << S2
+        lo = max(q0, b0)
+        hi = min(q1, b0 + N2)
+        t = n2[i, F_CHILD]
+        if t < 0 or order == 18:
+            ch += walk_apply(n2, n1, w0, meta, lo, hi, HUGE, HUGE, ORDER_MASK, 0)
+            continue
+        for c0 in range(lo, hi, N1):
+            t = n2[i, F_CHILD]
+            if t < 0 or cnt1(n1, t * N1 + ((c0 - b0) >> S1), 7):
+                ch += walk_apply(n2, n1, w0, meta, c0, c0 + N1, HUGE, HUGE, ORDER_MASK, 0)
     nf = ch >> order
     _count_split(meta, nf)
     return nf
@@ -1014,11 +1062,75 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
 
 
 @njit(cache=True, nogil=True)
+def convert_page(n2, n1, w0, meta, p, to_private, zero):
+    """``convert`` of the single page ``p``: one read and one write of its word.
+
+    Falls back to ``convert`` where block-level work is due before the store (a huge
+    folio to split, direct-map changes, a metadata limit to check); the result is the
+    same either way.
+    """
+    w = get_word(n2, n1, w0, p)
+    if ((w & PRIV) != 0) == to_private:
+        meta[C_CONVERT_CALLS] += 1
+        meta[C_CONVERT_NOOP] += 1
+        return 0, -1
+    if (w & HUGE) or meta[M_LIMIT] >= 0 or (meta[M_DMAP] == DMAP_ONCONV and (w & ALLOC)):
+        return convert(n2, n1, w0, meta, p, p + 1, to_private, zero)
+    meta[C_CONVERT_CALLS] += 1
+    if meta[M_ENOMEM] > 0:
+        meta[M_ENOMEM] -= 1
+        meta[C_CONVERT_ENOMEM] += 1
+        return ENOMEM, p
+    nw = w
+    if to_private:
+        if w & HMAP:
+            nw &= ~HMAP
+            meta[C_HOST_PTES_ZAPPED] += 1
+            _tlb_flush(meta, 1)
+        if w & ALLOC:
+            meta[C_FOLIOS_CHECKED] += 1
+        if w & PIN:
+            if nw != w:   # the zapped mapping stays zapped
+                set_word(n2, n1, w0, meta, p, nw)
+            meta[C_LRU_DRAINS] += 1
+            meta[C_CONVERT_EAGAIN] += 1
+            return EAGAIN, p
+    meta[C_GUEST_INVALIDATIONS] += 1
+    if w & GMAP:
+        nw &= ~GMAP
+        meta[C_GUEST_PTES_ZAPPED] += 1
+    if not to_private and (w & TE_MASK):
+        nw &= ~TE_MASK
+        if meta[M_VMTYPE] == VM_SNP:
+            meta[C_RMP_UPDATES] += 1
+        elif meta[M_VMTYPE] == VM_TDX:
+            meta[C_TDX_SEAMCALL_BLOCK] += 1
+            meta[C_TDX_SEAMCALL_TRACK] += 1
+            meta[C_TDX_SEAMCALL_PAGE_REMOVE] += 1
+    if zero and (w & ALLOC):
+        _count_zero(meta, 1, 0)
+        nw &= ~DATA
+    if to_private:
+        nw |= PRIV
+        meta[C_PAGES_TO_PRIVATE] += 1
+    else:
+        nw &= ~PRIV
+        meta[C_PAGES_TO_SHARED] += 1
+    meta[C_ATTR_WRITES_RANGE] += 1
+    set_word(n2, n1, w0, meta, p, nw)
+    if to_private and meta[M_ORDER] and meta[M_MERGE]:
+        merge_folios(n2, n1, w0, meta, p, p + 1)
+    return 0, -1
+
+
+@njit(cache=True, nogil=True)
 def convert_checked(n2, n1, w0, meta, p0, p1, to_private, zero):
     """``convert`` after checking pool capacity: ``(-1, -1)`` means grow and call again."""
     f1, f0 = free_tables(meta)
     if f1 < RESERVE or f0 < RESERVE:
         return -1, -1
+    if p1 == p0 + 1:
+        return convert_page(n2, n1, w0, meta, p0, to_private, zero)
     return convert(n2, n1, w0, meta, p0, p1, to_private, zero)
 
 
@@ -1057,7 +1169,10 @@ def convert_many(n2, n1, w0, meta, offs, sizes, attrs, flags, start, out_err, ou
             out_off[x] = -1
             continue
         zero = fl == 2 or (fl == 0 and vt != VM_SW)
-        e, pg = convert(n2, n1, w0, meta, off >> 12, (off + size) >> 12, a != 0, zero)
+        if size == 4096:
+            e, pg = convert_page(n2, n1, w0, meta, off >> 12, a != 0, zero)
+        else:
+            e, pg = convert(n2, n1, w0, meta, off >> 12, (off + size) >> 12, a != 0, zero)
         out_err[x] = e
         out_off[x] = pg << 12 if pg >= 0 else -1
     return n

@@ -37,6 +37,7 @@ MERGE_POLICIES = {"eager": 1, "never": 0}
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _STATE_MAGIC = "gmemfast-guest-memfd-state"
 _STATE_VERSION = 1
+_POOL_FIRST_BYTES = 1 << 30   # address space first reserved per pool (see _grow)
 _MAX_SIZE = 1 << 57     # 128 PiB: far beyond any guest, keeps page indices in int64
 
 
@@ -188,17 +189,26 @@ class GuestMemfd:
 
     # ---------------------------------------------------------------- pools
     def _grow(self):
-        """Make sure every pool has ``RESERVE`` free tables (kernels never allocate)."""
+        """Make sure every pool has ``RESERVE`` free tables (kernels never allocate).
+
+        The first allocation reserves room for as many tables as the file could ever
+        need, up to a bound: the pools are zero-filled with ``calloc``, so pages of them
+        that are never used cost address space, not memory, and never need copying.
+        """
         meta = self._meta
         f1, f0 = K.free_tables(meta)
         if f1 < K.RESERVE:
             cap = max(2 * int(meta[K.M_CAP1]), int(meta[K.M_USED1]) + 2 * K.RESERVE)
+            if meta[K.M_CAP1] == 0:
+                cap = max(cap, min(len(self._n2), _POOL_FIRST_BYTES // (K.N1 * K.NF * 8)) + K.RESERVE)
             n1 = np.zeros((cap * K.N1, K.NF), np.int64)
             n1[: len(self._n1)] = self._n1
             self._n1 = n1
             meta[K.M_CAP1] = cap
         if f0 < K.RESERVE:
             cap = max(2 * int(meta[K.M_CAP0]), int(meta[K.M_USED0]) + 2 * K.RESERVE)
+            if meta[K.M_CAP0] == 0:
+                cap = max(cap, min(-(-self.nr_pages // K.N1), _POOL_FIRST_BYTES // (K.N1 * 2)) + K.RESERVE)
             w0 = np.zeros(cap * K.N1, np.uint16)
             w0[: len(self._w0)] = self._w0
             self._w0 = w0
@@ -562,7 +572,7 @@ class GuestMemfd:
             self._meta[K.C_CONVERT_EINVAL] += 1
             raise
         n2, n1, w0, meta = self._state()
-        err, pg = K.convert(n2, n1, w0, meta, p0, p1, attributes != 0, zero)
+        err, pg = K.convert_checked(n2, n1, w0, meta, p0, p1, attributes != 0, zero)
         if err:
             self._raise_convert(err, pg, offset, size, attributes)
         if zero and len(self._data) > 64:
