@@ -46,7 +46,10 @@ F_WORD = 0
 F_CHILD = 1
 F_DSPLIT = 2        # this block's direct-map entry is broken into smaller entries
 F_CNT = 3
-NF = 11
+F_NX = 11           # 2 MiB entries: number of exception pages (see below)
+F_X0 = 12
+NX = 4
+NF = 16
 
 # ---- meta array: counters first, then bookkeeping ----
 M_FREE1 = 64
@@ -164,6 +167,7 @@ def _new_l1(n1, meta, w):
         n1[r, F_WORD] = w
         n1[r, F_CHILD] = -1
         n1[r, F_DSPLIT] = 0
+        n1[r, F_NX] = 0
     return t
 
 
@@ -188,7 +192,8 @@ def _new_l0(w0, meta, w):
         u = meta[M_USED0]
         meta[M_USED0] = u + 1
         base = u * N1
-    w0[base:base + N1] = w
+    for q in range(N1):
+        w0[base + q] = w
     return u
 
 
@@ -214,7 +219,7 @@ def _free_subtree(n1, w0, meta, t):
     _free_l1(n1, meta, t)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, forceinline=True)
 def free_tables(meta):
     """Free tables of (level 1, level 0) available without growing the pools."""
     return (meta[M_CAP1] - meta[M_USED1] + meta[M_NFREE1],
@@ -222,13 +227,16 @@ def free_tables(meta):
 
 
 # ======================================================================================
-# counts and folding
+# counts, exceptions and folding
 #
-# Counts are stored only for entries with a child table; a uniform entry's counts follow
-# from its word (all or nothing), so changing a uniform entry is one write.
+# Counts are stored only for entries with a child table or exceptions; a uniform entry's
+# counts follow from its word (all or nothing), so changing a uniform entry is one write.
+# A 2 MiB entry with no page table may list up to NX pages whose words differ from its
+# own (``F_X0...``: page index | word << 16): a few scattered 4 KiB conversions in a
+# block then cost no page table. A fifth exception turns the entry into a page table.
 # ======================================================================================
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, forceinline=True)
 def cnt2(n2, i, k):
     """Pages of 1 GiB entry ``i`` with counted bit ``k`` set."""
     if n2[i, F_CHILD] < 0:
@@ -236,12 +244,22 @@ def cnt2(n2, i, k):
     return n2[i, F_CNT + k]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, forceinline=True)
 def cnt1(n1, e, k):
     """Pages of 2 MiB entry ``e`` with counted bit ``k`` set."""
-    if n1[e, F_CHILD] < 0:
+    if n1[e, F_CHILD] < 0 and n1[e, F_NX] == 0:
         return N1 if (n1[e, F_WORD] >> k) & 1 else 0
     return n1[e, F_CNT + k]
+
+
+@njit(cache=True, nogil=True, forceinline=True)
+def _xword(n1, e, q):
+    """Word of page ``q`` of 2 MiB entry ``e`` (no page table)."""
+    for x in range(n1[e, F_NX]):
+        v = n1[e, F_X0 + x]
+        if (v & 0xFFFF) == q:
+            return v >> 16
+    return n1[e, F_WORD]
 
 
 @njit(cache=True, nogil=True)
@@ -255,15 +273,106 @@ def _split_l2(n2, n1, meta, i):
     return t
 
 
-@njit(cache=True, nogil=True)
-def _split_l1(n1, w0, meta, e):
-    """Give uniform 2 MiB entry ``e`` a table of 512 page words."""
+@njit(cache=True, nogil=True, forceinline=True)
+def _init_cnt1(n1, e):
     w = n1[e, F_WORD]
-    u = _new_l0(w0, meta, w)
-    n1[e, F_CHILD] = u
     for k in range(NCOUNTED):
         n1[e, F_CNT + k] = N1 if (w >> k) & 1 else 0
+
+
+@njit(cache=True, nogil=True)
+def _split_l1(n1, w0, meta, e):
+    """Give 2 MiB entry ``e`` (uniform, maybe with exceptions) a table of page words."""
+    w = n1[e, F_WORD]
+    u = _new_l0(w0, meta, w)
+    nx = n1[e, F_NX]
+    if nx == 0:
+        _init_cnt1(n1, e)
+    base = u * N1
+    for x in range(nx):
+        v = n1[e, F_X0 + x]
+        w0[base + (v & 0xFFFF)] = v >> 16
+    n1[e, F_NX] = 0
+    n1[e, F_CHILD] = u
     return u
+
+
+@njit(cache=True, nogil=True, forceinline=True)
+def _add_cnt(n2, n1, meta, i, e, w, nw):
+    """Count page word ``w`` becoming ``nw`` in entries ``e`` (2 MiB) and ``i`` (1 GiB)."""
+    diff = (w ^ nw) & 255
+    if diff:
+        for k in range(NCOUNTED):
+            if (diff >> k) & 1:
+                d = 1 if (nw >> k) & 1 else -1
+                n1[e, F_CNT + k] += d
+                n2[i, F_CNT + k] += d
+                meta[M_GCNT + k] += d
+
+
+@njit(cache=True, nogil=True, forceinline=True)
+def _set_xpage(n2, n1, w0, meta, i, e, q, nw):
+    """Set page ``q`` of 2 MiB entry ``e`` (no page table) to ``nw``, as an exception
+    if it fits. Returns False when the entry needs a page table instead (untouched)."""
+    w = n1[e, F_WORD]
+    nx = n1[e, F_NX]
+    for x in range(nx):
+        v = n1[e, F_X0 + x]
+        if (v & 0xFFFF) == q:
+            old = v >> 16
+            if old == nw:
+                return True
+            _add_cnt(n2, n1, meta, i, e, old, nw)
+            if nw == w:
+                n1[e, F_X0 + x] = n1[e, F_X0 + nx - 1]
+                n1[e, F_NX] = nx - 1
+            else:
+                n1[e, F_X0 + x] = q | (nw << 16)
+            return True
+    if nw == w:
+        return True
+    if nx == NX:
+        return False
+    if nx == 0:
+        _init_cnt1(n1, e)
+    _add_cnt(n2, n1, meta, i, e, w, nw)
+    n1[e, F_X0 + nx] = q | (nw << 16)
+    n1[e, F_NX] = nx + 1
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
+    """Apply a transform to every page of 2 MiB entry ``e`` (no page table, with
+    exceptions) without a page table. Returns pages changed."""
+    w = n1[e, F_WORD]
+    nx = n1[e, F_NX]
+    nw = (w & ~clr) | setb if (w & cmask) == cval else w
+    changed = 0
+    if nw != w:
+        changed = N1 - nx
+        # the base word's pages: count their change
+        diff = (w ^ nw) & 255
+        for k in range(NCOUNTED):
+            if (diff >> k) & 1:
+                d = (N1 - nx) if (nw >> k) & 1 else -(N1 - nx)
+                n1[e, F_CNT + k] += d
+                n2[i, F_CNT + k] += d
+                meta[M_GCNT + k] += d
+    n1[e, F_WORD] = nw
+    keep = 0
+    for x in range(nx):
+        v = n1[e, F_X0 + x]
+        xw = v >> 16
+        nxw = (xw & ~clr) | setb if (xw & cmask) == cval else xw
+        if nxw != xw:
+            changed += 1
+            _add_cnt(n2, n1, meta, i, e, xw, nxw)
+        if nxw != nw:
+            n1[e, F_X0 + keep] = (v & 0xFFFF) | (nxw << 16)
+            keep += 1
+    n1[e, F_NX] = keep
+    return changed
 
 
 @njit(cache=True, nogil=True)
@@ -286,7 +395,7 @@ def _set_uniform2(n2, n1, w0, meta, i, nw):
     n2[i, F_WORD] = nw
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, forceinline=True)
 def _fold_l0(n1, w0, meta, e):
     """Fold entry ``e``'s page table into the entry if all its pages are equal."""
     u = n1[e, F_CHILD]
@@ -306,7 +415,7 @@ def _fold_l0(n1, w0, meta, e):
     _free_l0(w0, meta, u)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, forceinline=True)
 def _fold_l1(n2, n1, meta, i):
     """Fold 1 GiB entry ``i``'s table into the entry if all its entries are equal."""
     t = n2[i, F_CHILD]
@@ -320,7 +429,8 @@ def _fold_l1(n2, n1, meta, i):
     w = n1[base, F_WORD]
     for j in range(N1):
         r = base + j
-        if n1[r, F_CHILD] >= 0 or n1[r, F_WORD] != w or n1[r, F_DSPLIT] != 0:
+        if (n1[r, F_CHILD] >= 0 or n1[r, F_NX] != 0 or n1[r, F_WORD] != w
+                or n1[r, F_DSPLIT] != 0):
             return
     n2[i, F_WORD] = w
     n2[i, F_CHILD] = -1
@@ -331,7 +441,7 @@ def _fold_l1(n2, n1, meta, i):
 # walks: read and transform page ranges
 # ======================================================================================
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, forceinline=True)
 def get_word(n2, n1, w0, p):
     i = p >> S2
     t = n2[i, F_CHILD]
@@ -340,39 +450,35 @@ def get_word(n2, n1, w0, p):
     e = t * N1 + ((p >> S1) & (N1 - 1))
     u = n1[e, F_CHILD]
     if u < 0:
+        if n1[e, F_NX]:
+            return _xword(n1, e, p & (N1 - 1))
         return n1[e, F_WORD]
     return np.int64(w0[u * N1 + (p & (N1 - 1))])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, forceinline=True)
 def set_word(n2, n1, w0, meta, p, nw):
     """Set page ``p``'s word to ``nw`` (a one-page ``walk_apply``, without the walk)."""
     i = p >> S2
     t = n2[i, F_CHILD]
     if t < 0:
-        w = n2[i, F_WORD]
-        if w == nw:
+        if n2[i, F_WORD] == nw:
             return
         t = _split_l2(n2, n1, meta, i)
     e = t * N1 + ((p >> S1) & (N1 - 1))
+    q = p & (N1 - 1)
     u = n1[e, F_CHILD]
     if u < 0:
-        w = n1[e, F_WORD]
-        if w == nw:
+        if _set_xpage(n2, n1, w0, meta, i, e, q, nw):
+            _fold_l1(n2, n1, meta, i)
             return
         u = _split_l1(n1, w0, meta, e)
-    q = u * N1 + (p & (N1 - 1))
-    w = np.int64(w0[q])
+    r = u * N1 + q
+    w = np.int64(w0[r])
     if w == nw:
         return
-    w0[q] = nw
-    diff = (w ^ nw) & 255
-    for k in range(NCOUNTED):
-        if (diff >> k) & 1:
-            d = 1 if (nw >> k) & 1 else -1
-            n1[e, F_CNT + k] += d
-            n2[i, F_CNT + k] += d
-            meta[M_GCNT + k] += d
+    w0[r] = nw
+    _add_cnt(n2, n1, meta, i, e, w, nw)
     _fold_l0(n1, w0, meta, e)
     _fold_l1(n2, n1, meta, i)
 
@@ -389,11 +495,17 @@ def get_words(n2, n1, w0, p0, p1, out):
             out[p - p0:hi - p0] = n2[i, F_WORD]
             p = hi
             continue
+        c0 = (p >> S1) << S1
         e = t * N1 + ((p >> S1) & (N1 - 1))
-        hi = min(p1, ((p >> S1) + 1) << S1)
+        hi = min(p1, c0 + N1)
         u = n1[e, F_CHILD]
         if u < 0:
             out[p - p0:hi - p0] = n1[e, F_WORD]
+            for x in range(n1[e, F_NX]):
+                v = n1[e, F_X0 + x]
+                pg = c0 + (v & 0xFFFF)
+                if p <= pg < hi:
+                    out[pg - p0] = v >> 16
         else:
             b = u * N1 + (p & (N1 - 1))
             for q in range(hi - p):
@@ -401,13 +513,30 @@ def get_words(n2, n1, w0, p0, p1, out):
         p = hi
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, forceinline=True)
 def _single_bit(cmask):
     """Index k if ``cmask`` is exactly one counted bit, else -1."""
     for k in range(NCOUNTED):
         if cmask == (1 << k):
             return k
     return -1
+
+
+@njit(cache=True, nogil=True)
+def _xcount(n1, e, c0, clo, chi, cmask, cval):
+    """Pages of ``[clo, chi)`` in 2 MiB entry ``e`` (no page table) matching."""
+    inside = 0
+    hits = 0
+    for x in range(n1[e, F_NX]):
+        v = n1[e, F_X0 + x]
+        pg = c0 + (v & 0xFFFF)
+        if clo <= pg < chi:
+            inside += 1
+            if ((v >> 16) & cmask) == cval:
+                hits += 1
+    if (n1[e, F_WORD] & cmask) == cval:
+        hits += chi - clo - inside
+    return hits
 
 
 @njit(cache=True, nogil=True)
@@ -434,13 +563,12 @@ def walk_count(n2, n1, w0, p0, p1, cmask, cval):
             clo = max(lo, c0)
             chi = min(hi, c0 + N1)
             u = n1[e, F_CHILD]
-            if u < 0:
-                if (n1[e, F_WORD] & cmask) == cval:
-                    total += chi - clo
-                continue
             if k >= 0 and clo == c0 and chi == c0 + N1:
-                c = n1[e, F_CNT + k]
+                c = cnt1(n1, e, k)
                 total += c if cval != 0 else N1 - c
+                continue
+            if u < 0:
+                total += _xcount(n1, e, c0, clo, chi, cmask, cval)
                 continue
             base = u * N1 - c0
             for p in range(clo, chi):
@@ -471,15 +599,20 @@ def walk_first(n2, n1, w0, p0, p1, cmask, cval):
             c0 = b0 + (j << S1)
             clo = max(lo, c0)
             chi = min(hi, c0 + N1)
-            u = n1[e, F_CHILD]
-            if u < 0:
-                if (n1[e, F_WORD] & cmask) == cval:
-                    return clo
-                continue
             if k >= 0:
-                c = n1[e, F_CNT + k]
+                c = cnt1(n1, e, k)
                 if (cval != 0 and c == 0) or (cval == 0 and c == N1):
                     continue
+            u = n1[e, F_CHILD]
+            if u < 0:
+                if n1[e, F_NX] == 0:
+                    if (n1[e, F_WORD] & cmask) == cval:
+                        return clo
+                    continue
+                for p in range(clo, chi):
+                    if (_xword(n1, e, p - c0) & cmask) == cval:
+                        return p
+                continue
             base = u * N1 - c0
             for p in range(clo, chi):
                 if (w0[base + p] & cmask) == cval:
@@ -492,7 +625,7 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
     """For pages of ``[p0, p1)`` with ``w & cmask == cval``: ``w = (w & ~clr) | setb``.
 
     Returns the number of pages whose word changed. Keeps every count and folds tables
-    that become uniform.
+    that become uniform. Creates at most two tables of each level (at the range's ends).
     """
     changed = 0
     for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
@@ -522,26 +655,36 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
             c0 = b0 + (j << S1)
             clo = max(lo, c0)
             chi = min(hi, c0 + N1)
+            whole = clo == c0 and chi == c0 + N1
             u = n1[e, F_CHILD]
             if u < 0:
                 w = n1[e, F_WORD]
-                if (w & cmask) != cval:
-                    continue
-                nw = (w & ~clr) | setb
-                if nw == w:
-                    continue
-                touched = True
-                if clo == c0 and chi == c0 + N1:
-                    diff = w ^ nw
-                    for k in range(NCOUNTED):
-                        if (diff >> k) & 1:
-                            d = N1 if (nw >> k) & 1 else -N1
-                            n2[i, F_CNT + k] += d
-                            meta[M_GCNT + k] += d
-                    n1[e, F_WORD] = nw
-                    changed += N1
-                    continue
-                u = _split_l1(n1, w0, meta, e)
+                if n1[e, F_NX]:
+                    if whole:
+                        ch = _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb)
+                        if ch:
+                            touched = True
+                            changed += ch
+                        continue
+                    u = _split_l1(n1, w0, meta, e)
+                else:
+                    if (w & cmask) != cval:
+                        continue
+                    nw = (w & ~clr) | setb
+                    if nw == w:
+                        continue
+                    touched = True
+                    if whole:
+                        diff = (w ^ nw) & 255
+                        for k in range(NCOUNTED):
+                            if (diff >> k) & 1:
+                                d = N1 if (nw >> k) & 1 else -N1
+                                n2[i, F_CNT + k] += d
+                                meta[M_GCNT + k] += d
+                        n1[e, F_WORD] = nw
+                        changed += N1
+                        continue
+                    u = _split_l1(n1, w0, meta, e)
             base = u * N1 - c0
             n_here = 0
             for p in range(clo, chi):
@@ -553,13 +696,7 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
                     continue
                 w0[base + p] = nw
                 n_here += 1
-                diff = w ^ nw
-                for k in range(NCOUNTED):
-                    if (diff >> k) & 1:
-                        d = 1 if (nw >> k) & 1 else -1
-                        n1[e, F_CNT + k] += d
-                        n2[i, F_CNT + k] += d
-                        meta[M_GCNT + k] += d
+                _add_cnt(n2, n1, meta, i, e, w, nw)
             if n_here:
                 touched = True
                 changed += n_here
@@ -591,22 +728,25 @@ def walk_transitions(n2, n1, w0, p0, p1, bit):
             clo = max(lo, c0)
             chi = min(hi, c0 + N1)
             u = n1[e, F_CHILD]
-            if u < 0:
+            if u < 0 and n1[e, F_NX] == 0:
                 v = 1 if n1[e, F_WORD] & bit else 0
                 if prev >= 0 and v != prev:
                     total += 1
                 prev = v
                 continue
-            base = u * N1 - c0
             for p in range(clo, chi):
-                v = 1 if w0[base + p] & bit else 0
+                if u < 0:
+                    w = _xword(n1, e, p - c0)
+                else:
+                    w = np.int64(w0[u * N1 + p - c0])
+                v = 1 if w & bit else 0
                 if prev >= 0 and v != prev:
                     total += 1
                 prev = v
     return total
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, forceinline=True)
 def gcount(meta, k):
     """Pages of the file with counted bit ``k`` set."""
     c = meta[M_GCNT + k]
@@ -619,7 +759,7 @@ def gcount(meta, k):
 # mechanisms: TLB, direct map, folios
 # ======================================================================================
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, forceinline=True)
 def _tlb_flush(meta, npages):
     if npages <= 0:
         return
@@ -816,7 +956,7 @@ def merge_folios(n2, n1, w0, meta, p0, p1):
     return merged
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, forceinline=True)
 def _count_zero(meta, npages, order):
     if npages <= 0:
         return
@@ -1249,7 +1389,7 @@ def check_tree(n2, n1, w0, meta):
     Rules 1-8: a page word (see ``_word_ok``); 10: a summary count disagrees with the
     pages below it; 11: a huge folio does not cover its whole aligned block; 12: pages past
     the end changed; 13: a 2 MiB direct-map split under an unsplit 1 GiB entry;
-    14: the whole-file counts disagree.
+    14: the whole-file counts disagree; 15: a malformed exception list.
     """
     nl2 = n2.shape[0]
     npages = meta[M_NPAGES]
@@ -1278,7 +1418,8 @@ def check_tree(n2, n1, w0, meta):
             if n1[e, F_DSPLIT] and not n2[i, F_DSPLIT]:
                 return 13, c0
             u = n1[e, F_CHILD]
-            if u < 0:
+            nx = n1[e, F_NX]
+            if u < 0 and nx == 0:
                 w = n1[e, F_WORD]
                 if c0 >= npages:
                     if w != meta[M_INITW]:
@@ -1290,9 +1431,21 @@ def check_tree(n2, n1, w0, meta):
                 for k in range(NCOUNTED):
                     c2[k] += N1 if (w >> k) & 1 else 0
                 continue
+            if u >= 0 and nx != 0:
+                return 15, c0
+            for x in range(nx):
+                v = n1[e, F_X0 + x]
+                if (v >> 16) == n1[e, F_WORD] or (v & 0xFFFF) >= N1:
+                    return 15, c0
+                for y in range(x):
+                    if (n1[e, F_X0 + y] & 0xFFFF) == (v & 0xFFFF):
+                        return 15, c0
             c1[:] = 0
             for q in range(N1):
-                w = np.int64(w0[u * N1 + q])
+                if u < 0:
+                    w = _xword(n1, e, q)
+                else:
+                    w = np.int64(w0[u * N1 + q])
                 p = c0 + q
                 if p >= npages:
                     if w != meta[M_INITW]:

@@ -752,6 +752,7 @@ _RULES = {
     12: "pages past the end never change",
     13: "a 2 MiB direct-map split lies under a split 1 GiB entry",
     14: "whole-file counts agree with the block summaries",
+    15: "a 2 MiB entry's exception pages are distinct, in range and differ from its word",
 }
 
 
