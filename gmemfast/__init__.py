@@ -16,7 +16,18 @@ from .gmem import (
     Pin,
 )
 from .units import PAGE_SIZE, format_size, parse_size
-from .vm import VM
+from .vm import VM, GmemRange
+from .platforms.measure import (
+    KVM_SEV_SNP_PAGE_TYPE_CPUID,
+    KVM_SEV_SNP_PAGE_TYPE_NORMAL,
+    KVM_SEV_SNP_PAGE_TYPE_SECRETS,
+    KVM_SEV_SNP_PAGE_TYPE_UNMEASURED,
+    KVM_SEV_SNP_PAGE_TYPE_ZERO,
+)
+from .platforms.snp import SnpLaunchUpdate
+from .platforms.tdx import KVM_TDX_MEASURE_MEMORY_REGION, TdxRegion
+from .launch import LaunchResult, snp_measure_ovmf, tdx_measure_ovmf
+from .cost import CostModel, Estimate
 
 __version__ = "0.1.0"
 
@@ -40,6 +51,20 @@ __all__ = [
     "Pin",
     "HostMapping",
     "BatchResult",
+    "GmemRange",
+    "KVM_TDX_MEASURE_MEMORY_REGION",
+    "KVM_SEV_SNP_PAGE_TYPE_NORMAL",
+    "KVM_SEV_SNP_PAGE_TYPE_ZERO",
+    "KVM_SEV_SNP_PAGE_TYPE_UNMEASURED",
+    "KVM_SEV_SNP_PAGE_TYPE_SECRETS",
+    "KVM_SEV_SNP_PAGE_TYPE_CPUID",
+    "TdxRegion",
+    "SnpLaunchUpdate",
+    "LaunchResult",
+    "snp_measure_ovmf",
+    "tdx_measure_ovmf",
+    "CostModel",
+    "Estimate",
     "parse_size",
     "format_size",
 ]

@@ -1060,6 +1060,35 @@ def fault_in(n2, n1, w0, meta, p0, p1, bit):
 
 
 @njit(cache=True, nogil=True)
+def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state):
+    """The guest accepts (TDX) or validates (SNP) the private pages of ``[p0, p1)`` in
+    chunks of ``chunk_pages`` (1 or 512): each page is faulted in, mapped in the guest and
+    moved to trusted-entity state ``te_state``. Pages already accepted cost nothing.
+    Returns the number of chunks that did work (rounded up from the pages)."""
+    allocate(n2, n1, w0, meta, p0, p1)
+    n_new = walk_count(n2, n1, w0, p0, p1, TE_MASK, 0)
+    if n_new == 0:
+        return 0
+    walk_apply(n2, n1, w0, meta, p0, p1, TE_MASK, 0, 0, (te_state << TE_SHIFT) | GMAP)
+    chunks = (n_new + chunk_pages - 1) // chunk_pages
+    vt = meta[M_VMTYPE]
+    if vt == VM_TDX:
+        # exit + TDH.MEM.PAGE.AUG by KVM, then TDG.MEM.PAGE.ACCEPT in the guest
+        meta[C_GUEST_EXITS] += chunks
+        meta[C_TDX_SEAMCALL_PAGE_AUG] += chunks
+        meta[C_TDX_ACCEPTS] += chunks
+    elif vt == VM_SNP:
+        # page-state change exit + RMPUPDATE by KVM, then PVALIDATE in the guest
+        if chunk_pages == 1:
+            meta[C_SNP_PVALIDATE_4K] += chunks
+        else:
+            meta[C_SNP_PVALIDATE_2M] += chunks
+    else:
+        meta[C_GUEST_EXITS] += chunks
+    return chunks
+
+
+@njit(cache=True, nogil=True)
 def _te_release(n2, n1, w0, meta, p0, p1):
     """The trusted entity gives pages of ``[p0, p1)`` back to the host: SNP RMP entries
     become hypervisor-owned, TDX secure-EPT entries are removed."""

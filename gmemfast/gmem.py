@@ -13,6 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from . import _kernels as K
+from ._layout import COUNTER_INDEX as _COUNTER_INDEX
 from ._layout import COUNTER_NAMES, NCOUNTERS
 from .errors import GmemError, SigBusError
 from .units import PAGE_SHIFT, PAGE_SIZE, as_int, check_range, format_size, parse_size
@@ -482,11 +483,10 @@ class GuestMemfd:
         p0, p1 = offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
         if p1 > self.nr_pages:
             raise GmemError(errno.EFAULT, f"pin [{offset:#x}, {offset + size:#x}) goes past the end "
-                                          f"({self.size:#x})", max(offset, self.size))
+                                          f"({self.size:#x})")
         f = K.walk_first(self._n2, self._n1, self._w0, p0, p1, K.PRIV, K.PRIV)
         if f >= 0:
-            raise GmemError(errno.EFAULT, f"pin: page {f << PAGE_SHIFT:#x} is private",
-                            f << PAGE_SHIFT)
+            raise GmemError(errno.EFAULT, f"pin: page {f << PAGE_SHIFT:#x} is private")
         K.fault_in(*self._state(), p0, p1, K.HMAP)
         for p in range(p0, p1):
             self._pins[p] = self._pins.get(p, 0) + 1
@@ -630,6 +630,47 @@ class GuestMemfd:
         p1 = (offset + len(mv) + PAGE_SIZE - 1) >> PAGE_SHIFT
         self._guest_fault(p0, p1)
         self._store(offset, mv, p0, p1)
+
+    # ---------------------------------------------------------------- trusted entity
+    # What the platform adapters (platforms/snp.py, platforms/tdx.py) use: they never
+    # touch the store's arrays themselves.
+    def te_states(self, offset=0, size=None) -> np.ndarray:
+        """Trusted-entity state of each page of a range (``gmemfast._layout.TE_*``)."""
+        return (self.page_words(offset, size) & K.TE_MASK) >> K.TE_SHIFT
+
+    def _te_page(self, p: int) -> int:
+        return (int(K.get_word(self._n2, self._n1, self._w0, p)) & K.TE_MASK) >> K.TE_SHIFT
+
+    def _te_set(self, p0: int, p1: int, state: int, *, guest_mapped: bool = False) -> None:
+        """Move allocated private pages of ``[p0, p1)`` to trusted-entity ``state``."""
+        setb = (state << K.TE_SHIFT) | (K.GMAP if guest_mapped else 0)
+        K.walk_apply(*self._state(), p0, p1, 0, 0, K.TE_MASK, setb)
+
+    def _allocate(self, p0: int, p1: int) -> None:
+        K.allocate(*self._state(), p0, p1)
+
+    def _page_data(self, p: int) -> bytes:
+        """A page's bytes as the platform (firmware, not the host) sees them."""
+        return self._page_bytes(p, int(K.get_word(self._n2, self._n1, self._w0, p)))
+
+    def _set_page_data(self, p: int, data) -> None:
+        """Store a page's bytes (``None``: zero the page, counted as zeroing)."""
+        if data is None:
+            K.walk_apply(*self._state(), p, p + 1, K.DATA, K.DATA, K.DATA, 0)
+            self._meta[K.C_PAGES_ZEROED] += 1
+            self._meta[K.C_BYTES_ZEROED_4K] += PAGE_SIZE
+            return
+        self._data[p] = bytes(data)
+        K.walk_apply(*self._state(), p, p + 1, K.DATA, 0, 0, K.DATA)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self._meta[_COUNTER_INDEX[name]] += n
+
+    def _accept(self, p0: int, p1: int, chunk_pages: int, te_state: int) -> int:
+        return int(K.accept(*self._state(), p0, p1, chunk_pages, te_state))
+
+    def _set_finalized(self) -> None:
+        self._meta[K.M_FINALIZED] = 1
 
     # ---------------------------------------------------------------- persistence
     def _arrays(self) -> dict:

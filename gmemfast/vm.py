@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import os
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
@@ -11,12 +12,24 @@ import numpy as np
 
 from . import _kernels as K
 from ._layout import COUNTER_NAMES, NCOUNTERS
+from ._layout import RMP_VALIDATED as _RMP_VALIDATED
+from ._layout import SEPT_MAPPED as _SEPT_MAPPED
 from .errors import GmemError, MemoryFaultExit, MmioExit
 from .units import PAGE_SHIFT, PAGE_SIZE, as_int, check_range
 
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
 _VM_TYPES = ("sw-protected", "snp", "tdx")
 _MAX_GPA = 1 << 52
+
+
+@dataclass(frozen=True)
+class GmemRange:
+    """A populate source in shared guest_memfd memory: ``gmem`` from byte ``offset``."""
+    gmem: object
+    offset: int = 0
+
+    def advanced(self, nbytes: int) -> "GmemRange":
+        return GmemRange(self.gmem, self.offset + nbytes)
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,22 @@ class VM:
         self._meta = np.zeros(K.META_SIZE, np.int64)    # VM-level counters
         self.gmems: list = []
         self.finalized = False
+        self.interrupt = None      # populate's signal check: callable(pages_done) -> bool
+        self._platform = None
+        if vm_type == "snp":
+            from .platforms.snp import SnpPlatform
+            self._platform = SnpPlatform(self)
+        elif vm_type == "tdx":
+            from .platforms.tdx import TdxPlatform
+            self._platform = TdxPlatform(self)
+
+    @property
+    def populate_converts(self) -> bool:
+        return bool(self._platform_policies.get("populate_converts", False))
+
+    @property
+    def pages_per_populate(self):
+        return self._platform_policies.get("pages_per_populate")
 
     # ---------------------------------------------------------------- files and slots
     def create_guest_memfd(self, size, flags=0, *, page_order=0):
@@ -228,6 +257,154 @@ class VM:
         if ms is None:
             return False
         return ms.gmem.is_private((ms.gmem_offset + gpa - ms.gpa) & ~(PAGE_SIZE - 1))
+
+    # ---------------------------------------------------------------- populate
+    def _count(self, name: str, n: int = 1) -> None:
+        self._meta[COUNTER_NAMES.index(name)] += n
+
+    def _gmem_page(self, gpa: int):
+        """(memslot, page index in its guest_memfd) for a page-aligned gpa, or None."""
+        ms = self.memslot_for(gpa)
+        if ms is None:
+            return None
+        return ms, (ms.gmem_offset + gpa - ms.gpa) >> PAGE_SHIFT
+
+    def _private_for_populate(self, ms, p: int, gpa: int) -> bool:
+        if self.in_place:
+            return bool(K.get_word(ms.gmem._n2, ms.gmem._n1, ms.gmem._w0, p) & K.PRIV)
+        return (gpa >> PAGE_SHIFT) in self._attrs
+
+    def gmem_populate(self, gpa: int, nr_pages: int, source, post_populate, *, what: str) -> int:
+        """``kvm_gmem_populate``: load ``nr_pages`` private pages from ``gpa`` through the
+        platform's per-page ``post_populate(memslot, page, gpa, source_page)``.
+
+        The destination must be private (as this VM tracks it: guest_memfd in place, the
+        per-GFN store in legacy mode); populate never changes shareability, unless the
+        ``populate_converts`` policy makes it convert first. ``source`` is a bytes-like
+        buffer (separate shared memory), a :class:`GmemRange` (shared guest_memfd memory)
+        or ``None`` (in place). The count is clamped to the memslot and to the
+        ``pages_per_populate`` policy. Returns the pages done; raises if the first failed.
+        """
+        first = self._gmem_page(gpa)
+        if first is None:
+            raise GmemError(errno.EINVAL, f"{what}: no memslot with a guest_memfd covers gpa {gpa:#x}")
+        ms, p0 = first
+        nr = min(nr_pages, (ms.end - gpa) >> PAGE_SHIFT)
+        if self.pages_per_populate:
+            nr = min(nr, int(self.pages_per_populate))
+        if self.populate_converts:
+            self._populate_convert(ms, p0, nr, what)
+        err, why = 0, ""
+        done = 0
+        for k in range(nr):
+            g = gpa + (k << PAGE_SHIFT)
+            p = p0 + k
+            if not self._private_for_populate(ms, p, g):
+                err, why = errno.EINVAL, f"destination gpa {g:#x} is not private"
+                break
+            if self.interrupt is not None and self.interrupt(done):
+                err, why = errno.EINTR, f"interrupted after {done} pages"
+                break
+            src = self._source_page(source, k, g, what)
+            err = post_populate(ms, p, g, src)
+            if err:
+                why = f"gpa {g:#x}: {os.strerror(err)}"
+                break
+            done += 1
+        if done == 0 and err:
+            raise GmemError(err, f"{what}: {why}")
+        return done
+
+    def _populate_convert(self, ms, p0: int, nr: int, what: str) -> None:
+        """The design the seed argues against: populate converts shared to private
+        itself, so conversion errors surface through the platform call."""
+        if not self.in_place:
+            raise GmemError(errno.EINVAL, f"{what}: populate_converts needs an in-place VM")
+        g = ms.gmem
+        if K.walk_count(g._n2, g._n1, g._w0, p0, p0 + nr, K.PRIV, K.PRIV):
+            raise GmemError(errno.EINVAL, f"{what}: with populate_converts the destination must "
+                                          "be shared")
+        g.set_memory_attributes(p0 << PAGE_SHIFT, nr << PAGE_SHIFT, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+                                1)   # PRESERVE: keep what was loaded while shared
+
+    def _source_page(self, source, k: int, gpa: int, what: str):
+        """Page ``k`` of a populate source: bytes, or None for in place."""
+        if source is None:
+            return None
+        if isinstance(source, GmemRange):
+            off = source.offset + (k << PAGE_SHIFT)
+            g = source.gmem
+            if off % PAGE_SIZE or off + PAGE_SIZE > g.size:
+                raise GmemError(errno.EFAULT, f"{what}: source guest_memfd offset {off:#x} is not a "
+                                              "page inside the file")
+            if K.get_word(g._n2, g._n1, g._w0, off >> PAGE_SHIFT) & K.PRIV:
+                raise GmemError(errno.EFAULT, f"{what}: source guest_memfd page {off:#x} is private "
+                                              "(the host cannot read it)")
+            K.fault_in(*g._state(), off >> PAGE_SHIFT, (off >> PAGE_SHIFT) + 1, K.HMAP)
+            return g._page_data(off >> PAGE_SHIFT)
+        mv = memoryview(source).cast("B")
+        a = k << PAGE_SHIFT
+        if a + PAGE_SIZE > len(mv):
+            raise GmemError(errno.EFAULT, f"{what}: source buffer ends at byte {len(mv)}, page {k} "
+                                          "needs more")
+        return bytes(mv[a:a + PAGE_SIZE])
+
+    def _finalize(self) -> None:
+        self.finalized = True
+        for g in self.gmems:
+            g._set_finalized()
+
+    # ---------------------------------------------------------------- platforms
+    def _require(self, vm_type: str, what: str):
+        if self.vm_type != vm_type:
+            raise GmemError(errno.ENOTTY, f"{what} is for {vm_type} VMs; this VM is {self.vm_type}")
+        return self._platform
+
+    def tdx_init_mem_region(self, source, gpa, nr_pages, flags=0):
+        """``KVM_TDX_INIT_MEM_REGION``: TDH.MEM.PAGE.ADD each page (and TDH.MR.EXTEND its
+        chunks with ``KVM_TDX_MEASURE_MEMORY_REGION``). Returns the region advanced past
+        the pages done; on error the raised ``GmemError`` carries it as ``.region``."""
+        return self._require("tdx", "KVM_TDX_INIT_MEM_REGION").init_mem_region(source, gpa, nr_pages, flags)
+
+    def tdx_finalize(self) -> bytes:
+        """``KVM_TDX_FINALIZE_VM``: returns MRTD (48 bytes)."""
+        return self._require("tdx", "KVM_TDX_FINALIZE_VM").finalize()
+
+    def snp_launch_update(self, gfn_start, uaddr, length, page_type, flags=0):
+        """``KVM_SEV_SNP_LAUNCH_UPDATE``; returns the parameters advanced past the pages
+        done (loop until ``len == 0``)."""
+        return self._require("snp", "KVM_SEV_SNP_LAUNCH_UPDATE").launch_update(
+            gfn_start, uaddr, length, page_type, flags)
+
+    def snp_launch_finish(self, vmsas=()) -> bytes:
+        """``KVM_SEV_SNP_LAUNCH_FINISH``: measures each VMSA page; returns the digest."""
+        return self._require("snp", "KVM_SEV_SNP_LAUNCH_FINISH").launch_finish(vmsas)
+
+    def guest_accept(self, gpa, size, *, chunk=2 << 20) -> int:
+        """The guest accepts (TDX ``TDG.MEM.PAGE.ACCEPT``) or validates (SNP ``PVALIDATE``)
+        its private memory ``[gpa, gpa+size)`` in ``chunk``-sized pieces (4 KiB or 2 MiB).
+
+        Pages are faulted in (allocated), mapped in the guest and moved to the trusted
+        entity's accepted state; each chunk costs an exit and the platform's calls.
+        Returns the chunks that did work. A shared page is a memory-fault exit.
+        """
+        gpa = as_int(gpa, "gpa")
+        size = as_int(size, "size")
+        chunk = as_int(chunk, "chunk")
+        if chunk not in (PAGE_SIZE, 2 << 20):
+            raise GmemError(errno.EINVAL, f"accept chunk {chunk:#x}: must be 4 KiB or 2 MiB")
+        check_range(gpa, size, _MAX_GPA, "guest accept")
+        if gpa % chunk or size % chunk:
+            raise GmemError(errno.EINVAL, f"guest accept [{gpa:#x}, +{size:#x}) is not aligned to "
+                                          f"the {chunk >> 10} KiB chunk")
+        pieces = self._pieces(gpa, size)
+        self._check_view(pieces, True)
+        state = {"tdx": _SEPT_MAPPED, "snp": _RMP_VALIDATED}.get(self.vm_type, 0)
+        total = 0
+        for ms, a, n in pieces:
+            p0 = (ms.gmem_offset + a - ms.gpa) >> PAGE_SHIFT
+            total += ms.gmem._accept(p0, p0 + (n >> PAGE_SHIFT), chunk >> PAGE_SHIFT, state)
+        return total
 
     # ---------------------------------------------------------------- guest access
     def _check_view(self, pieces, private: bool):

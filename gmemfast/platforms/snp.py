@@ -1,0 +1,144 @@
+"""SEV-SNP adapter: ``KVM_SEV_SNP_LAUNCH_UPDATE`` / ``LAUNCH_FINISH`` and the RMP.
+
+The RMP entry of each guest_memfd page is the page's trusted-entity state: hypervisor-
+owned (``TE_NONE``) or guest-owned and validated (``RMP_VALIDATED``). It is kept apart
+from guest_memfd's shareability and from the legacy per-GFN attributes. This adapter is
+the platform's per-page ``post_populate`` callback plus the launch digest; the generic
+populate core (``VM.gmem_populate``) does the rest.
+"""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from .._layout import RMP_VALIDATED, TE_NONE
+from ..errors import GmemError
+from ..units import PAGE_SHIFT, PAGE_SIZE, as_int
+from .measure import (
+    KVM_SEV_SNP_PAGE_TYPE_CPUID,
+    KVM_SEV_SNP_PAGE_TYPE_NORMAL,
+    KVM_SEV_SNP_PAGE_TYPE_SECRETS,
+    KVM_SEV_SNP_PAGE_TYPE_UNMEASURED,
+    KVM_SEV_SNP_PAGE_TYPE_VMSA,
+    KVM_SEV_SNP_PAGE_TYPE_ZERO,
+    SNP_VMSA_GPA,
+    SnpLaunchDigest,
+)
+
+LAUNCH_UPDATE_TYPES = {
+    KVM_SEV_SNP_PAGE_TYPE_NORMAL: "NORMAL",
+    KVM_SEV_SNP_PAGE_TYPE_ZERO: "ZERO",
+    KVM_SEV_SNP_PAGE_TYPE_UNMEASURED: "UNMEASURED",
+    KVM_SEV_SNP_PAGE_TYPE_SECRETS: "SECRETS",
+    KVM_SEV_SNP_PAGE_TYPE_CPUID: "CPUID",
+}
+
+
+@dataclass(frozen=True)
+class SnpLaunchUpdate:
+    """``struct kvm_sev_snp_launch_update`` as returned: advanced past the pages done."""
+    gfn_start: int
+    uaddr: object      # bytes-like (advanced), GmemRange (advanced), or None (in place)
+    len: int
+    type: int
+    flags: int = 0
+
+
+def _advance(uaddr, nbytes: int):
+    if uaddr is None:
+        return None
+    if hasattr(uaddr, "advanced"):
+        return uaddr.advanced(nbytes)
+    return memoryview(uaddr).cast("B")[nbytes:]
+
+
+class SnpPlatform:
+    """Per-VM SNP state: the launch digest and the launch's progress."""
+
+    def __init__(self, vm):
+        self.vm = vm
+        self.digest = SnpLaunchDigest()
+        self.pages_measured = 0
+
+    def _count_hash(self, gmem_or_vm, before: int) -> None:
+        gmem_or_vm._count("hash_bytes", self.digest.hash_bytes - before)
+
+    def launch_update(self, gfn_start, uaddr, length, page_type, flags=0) -> SnpLaunchUpdate:
+        vm = self.vm
+        gfn_start = as_int(gfn_start, "gfn_start")
+        length = as_int(length, "len")
+        page_type = as_int(page_type, "type")
+        flags = as_int(flags, "flags")
+        what = "KVM_SEV_SNP_LAUNCH_UPDATE"
+        if vm.finalized:
+            raise GmemError(errno.EINVAL, f"{what}: the guest is already launched (LAUNCH_FINISH done)")
+        if length <= 0 or length % PAGE_SIZE:
+            raise GmemError(errno.EINVAL, f"{what}: len {length:#x} must be a positive multiple of 4 KiB")
+        if flags:
+            raise GmemError(errno.EINVAL, f"{what}: flags {flags:#x} must be 0")
+        if page_type not in LAUNCH_UPDATE_TYPES:
+            raise GmemError(errno.EINVAL, f"{what}: unknown page type {page_type} (valid: "
+                                          f"{', '.join(f'{k} {v}' for k, v in LAUNCH_UPDATE_TYPES.items())})")
+        if gfn_start < 0 or (gfn_start + (length >> PAGE_SHIFT)) << PAGE_SHIFT >= 1 << 52:
+            raise GmemError(errno.EINVAL, f"{what}: gfn range {gfn_start:#x} + {length >> PAGE_SHIFT} "
+                                          "pages is outside the guest physical address space")
+        if uaddr is None and page_type != KVM_SEV_SNP_PAGE_TYPE_ZERO and not vm.in_place:
+            raise GmemError(errno.EINVAL, f"{what}: type {LAUNCH_UPDATE_TYPES[page_type]} needs a "
+                                          "source (uaddr) when the VM is not in-place")
+        if uaddr is not None and not hasattr(uaddr, "advanced"):
+            try:
+                memoryview(uaddr)
+            except TypeError:
+                raise TypeError(f"{what}: uaddr must be bytes-like, a GmemRange or None, not "
+                                f"{type(uaddr).__name__}") from None
+        legacy = uaddr is not None or not vm.in_place
+
+        def post_populate(ms, p, gpa, src):
+            g = ms.gmem
+            if g._te_page(p) != TE_NONE:
+                return errno.EEXIST   # RMP entry not hypervisor-owned: already in the guest
+            g._allocate(p, p + 1)
+            if page_type == KVM_SEV_SNP_PAGE_TYPE_ZERO:
+                g._set_page_data(p, None)
+            elif src is not None:
+                # legacy flow: platform code copies the shared source into the private page
+                g._set_page_data(p, src)
+                g._count("bytes_copied", PAGE_SIZE)
+            g._te_set(p, p + 1, RMP_VALIDATED)
+            g._count("rmp_updates")
+            g._count("snp_fw_calls")
+            g._count("pages_populated_legacy" if legacy else "pages_populated_inplace")
+            before = self.digest.hash_bytes
+            measured = page_type == KVM_SEV_SNP_PAGE_TYPE_NORMAL
+            self.digest.update(page_type, gpa, g._page_data(p) if measured else None)
+            self._count_hash(g, before)
+            self.pages_measured += 1
+            return 0
+
+        done = vm.gmem_populate(gfn_start << PAGE_SHIFT, length >> PAGE_SHIFT, uaddr,
+                                post_populate, what=what)
+        nbytes = done << PAGE_SHIFT
+        new_uaddr = uaddr if page_type == KVM_SEV_SNP_PAGE_TYPE_ZERO else _advance(uaddr, nbytes)
+        return SnpLaunchUpdate(gfn_start + done, new_uaddr, length - nbytes, page_type, flags)
+
+    def launch_finish(self, vmsas=()) -> bytes:
+        vm = self.vm
+        if vm.finalized:
+            raise GmemError(errno.EINVAL, "KVM_SEV_SNP_LAUNCH_FINISH: the guest is already launched")
+        pages = []
+        for n, vmsa in enumerate(vmsas):
+            b = bytes(memoryview(vmsa).cast("B"))
+            if len(b) != PAGE_SIZE:
+                raise GmemError(errno.EINVAL, f"KVM_SEV_SNP_LAUNCH_FINISH: VMSA {n} is {len(b)} bytes, "
+                                              "not one 4 KiB page")
+            pages.append(b)
+        for b in pages:
+            # each vCPU's VMSA: RMPUPDATE to guest-owned, then SNP_LAUNCH_UPDATE type VMSA
+            before = self.digest.hash_bytes
+            self.digest.update(KVM_SEV_SNP_PAGE_TYPE_VMSA, SNP_VMSA_GPA, b)
+            self._count_hash(vm, before)
+            vm._count("rmp_updates")
+            vm._count("snp_fw_calls")
+        vm._count("snp_fw_calls")    # SNP_LAUNCH_FINISH itself
+        vm._finalize()
+        return self.digest.digest
