@@ -305,7 +305,11 @@ class VM:
             if self.interrupt is not None and self.interrupt(done):
                 err, why = errno.EINTR, f"interrupted after {done} pages"
                 break
-            src = self._source_page(source, k, g, what)
+            try:
+                src = self._source_page(source, k, g, what)
+            except GmemError as exc:   # the source page cannot be read (GUP fails)
+                err, why = exc.errno, exc.detail
+                break
             err = post_populate(ms, p, g, src)
             if err:
                 why = f"gpa {g:#x}: {os.strerror(err)}"
