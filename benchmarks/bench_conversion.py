@@ -1,0 +1,219 @@
+"""Conversion speed at terabyte scale: gmemfast next to its baselines, same run.
+
+Targets (issue "Scale and speed"):
+1. ``WholeFileConversion``: 1 TiB never-allocated file private -> shared -> private,
+   >= 10x faster than a pyroaring ``BitMap`` doing remove_range + add_range.
+2. ``GigabyteBlockConversion``: 1 TiB, 1 GiB backing, allocated, private; each 1 GiB
+   block to shared and back (2048 calls): median <= 5 us per call, >= 8x the dense model.
+3. ``SwiotlbChurnBatched`` / ``SwiotlbChurnPerCall``: 500,000 distinct random pages to
+   shared one by one, then back (1,000,000 conversions; every 1 GiB folio splits and
+   merges back): batched >= 10x the pyroaring model's throughput; per call >= 400,000/s.
+
+Every benchmark's state returns to where setup left it, so repeats measure the same work.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import workloads as W
+from .baselines import DenseModel, RoaringModel
+
+ENGINE = "gmemfast"
+BITMAP = "pyroaring BitMap"
+ROARING = "roaring model"
+DENSE = "dense numpy"
+
+
+def _median_call_us(calls):
+    """Time each (fn, args) call separately; median in microseconds."""
+    t = time.perf_counter_ns
+    out = np.empty(len(calls), dtype=np.int64)
+    for i, (fn, args) in enumerate(calls):
+        t0 = t()
+        fn(*args)
+        out[i] = t() - t0
+    return float(np.median(out)) / 1e3
+
+
+class WholeFileConversion:
+    """Target 1: the whole of a never-allocated 1 TiB file, private -> shared -> private."""
+
+    params = [[ENGINE, BITMAP, ROARING, DENSE]]
+    param_names = ["impl"]
+    timeout = 300
+    repeat = (5, 51, 20.0)
+
+    def setup(self, impl):
+        n = W.TIB_PAGES
+        if impl == ENGINE:
+            gm = W.warm_engine()
+            g = W.engine_1t_unallocated()
+            P = gm.KVM_MEMORY_ATTRIBUTE_PRIVATE
+            self.roundtrip = lambda: W.engine_whole_file_roundtrip(g, P)
+        elif impl == BITMAP:
+            from pyroaring import BitMap
+            bm = BitMap()
+            bm.add_range(0, n)
+
+            def roundtrip():
+                bm.remove_range(0, n)
+                bm.add_range(0, n)
+            self.roundtrip = roundtrip
+        else:
+            m = (RoaringModel if impl == ROARING else DenseModel)(n, 0)
+
+            def roundtrip():
+                m.convert(0, n, False)
+                m.convert(0, n, True)
+            self.roundtrip = roundtrip
+        self.roundtrip()          # first-call costs (compilation, first allocations) out
+
+    def time_private_shared_private(self, impl):
+        self.roundtrip()
+
+
+class GigabyteBlockConversion:
+    """Target 2: each 1 GiB block of an allocated 1 TiB file to shared and back."""
+
+    params = [[ENGINE, DENSE, ROARING]]
+    param_names = ["impl"]
+    timeout = 600
+    number = 1
+    repeat = (3, 10, 30.0)
+    warmup_time = 0
+
+    def setup(self, impl):
+        if impl == ENGINE:
+            gm = W.warm_engine()
+            g = W.engine_allocated()
+            P = gm.KVM_MEMORY_ATTRIBUTE_PRIVATE
+            conv = g.set_memory_attributes
+            self.calls = []
+            for b in range(W.TIB // W.GIB):
+                self.calls.append((conv, (b * W.GIB, W.GIB, 0)))
+                self.calls.append((conv, (b * W.GIB, W.GIB, P)))
+        else:
+            m = W.dense_allocated() if impl == DENSE else W.roaring_allocated()
+            conv = m.convert
+            self.calls = []
+            for b in range(W.TIB_PAGES // W.PAGES_1G):
+                self.calls.append((conv, (b * W.PAGES_1G, W.PAGES_1G, False)))
+                self.calls.append((conv, (b * W.PAGES_1G, W.PAGES_1G, True)))
+        fn, args = self.calls[0]
+        fn(*args)
+        fn, args = self.calls[1]
+        fn(*args)
+
+    def time_2048_calls(self, impl):
+        for fn, args in self.calls:
+            fn(*args)
+
+    def track_median_us_per_call(self, impl):
+        return _median_call_us(self.calls)
+
+    track_median_us_per_call.unit = "us"
+
+
+class SwiotlbChurnBatched:
+    """Target 3, batched: 500k random pages to shared, then back (1M conversions).
+
+    The engine gets the two arrays in two calls; the pyroaring model is called once per
+    conversion (what a user of it would do).
+    """
+
+    params = [[ENGINE + " batched", ROARING + " per call"]]
+    param_names = ["impl"]
+    timeout = 900
+    number = 1
+    repeat = (2, 7, 60.0)
+    warmup_time = 0
+
+    def setup(self, impl):
+        pages = W.swiotlb_pages()
+        self.nconv = 2 * pages.size
+        if impl.startswith(ENGINE):
+            gm = W.warm_engine()
+            g = W.engine_allocated()
+            P = gm.KVM_MEMORY_ATTRIBUTE_PRIVATE
+            offs = pages * W.PAGE
+            many = g.set_memory_attributes_many
+
+            def churn():
+                many(offs, W.PAGE, 0)
+                many(offs, W.PAGE, P)
+        else:
+            m = W.roaring_allocated()
+            plist = pages.tolist()
+            sh, pr = m.to_shared_page, m.to_private_page
+
+            def churn():
+                for p in plist:
+                    sh(p)
+                for p in plist:
+                    pr(p)
+        self.churn = churn
+
+    def time_1M_conversions(self, impl):
+        self.churn()
+
+    def track_conversions_per_s(self, impl):
+        t0 = time.perf_counter()
+        self.churn()
+        return self.nconv / (time.perf_counter() - t0)
+
+    track_conversions_per_s.unit = "conversions/s"
+
+
+class SwiotlbChurnPerCall:
+    """Target 3, one call at a time, on a 50,000-page sample (100k conversions).
+
+    Same file and same kind of pages (still every 1 GiB folio splits and merges back).
+    """
+
+    params = [[ENGINE + " per call", ROARING + " per call"]]
+    param_names = ["impl"]
+    timeout = 600
+    number = 1
+    repeat = (3, 10, 30.0)
+    warmup_time = 0
+    SAMPLE = 50_000
+
+    def setup(self, impl):
+        pages = W.swiotlb_pages()[: self.SAMPLE]
+        plist = pages.tolist()
+        self.nconv = 2 * len(plist)
+        if impl.startswith(ENGINE):
+            gm = W.warm_engine()
+            g = W.engine_allocated()
+            P = gm.KVM_MEMORY_ATTRIBUTE_PRIVATE
+            conv = g.set_memory_attributes
+            offs = [p * W.PAGE for p in plist]
+            PAGE = W.PAGE
+
+            def churn():
+                for o in offs:
+                    conv(o, PAGE, 0)
+                for o in offs:
+                    conv(o, PAGE, P)
+        else:
+            m = W.roaring_allocated()
+            sh, pr = m.to_shared_page, m.to_private_page
+
+            def churn():
+                for p in plist:
+                    sh(p)
+                for p in plist:
+                    pr(p)
+        self.churn = churn
+
+    def time_100k_conversions(self, impl):
+        self.churn()
+
+    def track_us_per_conversion(self, impl):
+        t0 = time.perf_counter()
+        self.churn()
+        return (time.perf_counter() - t0) / self.nconv * 1e6
+
+    track_us_per_conversion.unit = "us"
