@@ -1049,17 +1049,6 @@ def allocate(n2, n1, w0, meta, p0, p1):
 
 
 @njit(cache=True, nogil=True)
-def fault_in(n2, n1, w0, meta, p0, p1, bit):
-    """Fault ``[p0, p1)`` into the host (bit=HMAP) or guest (bit=GMAP) mappings,
-    allocating holes. Returns the number of pages newly mapped."""
-    allocate(n2, n1, w0, meta, p0, p1)
-    ch = walk_apply(n2, n1, w0, meta, p0, p1, bit, 0, 0, bit)
-    if bit == HMAP:
-        meta[C_HOST_FAULTS] += ch
-    return ch
-
-
-@njit(cache=True, nogil=True)
 def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state):
     """The guest accepts (TDX) or validates (SNP) the private pages of ``[p0, p1)`` in
     chunks of ``chunk_pages`` (1 or 512): each page is faulted in, mapped in the guest and
@@ -1165,9 +1154,13 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     """``KVM_SET_MEMORY_ATTRIBUTES2`` on the file for a validated range.
 
     Returns ``(errno, error_page)``: ``(0, -1)`` on success (or nothing to do),
-    ``(ENOMEM, p0)``, or ``(EAGAIN, first unsafe page)``. Nothing changes on error except
-    zapped host mappings.
+    ``(ENOMEM, p0)``, ``(EAGAIN, first unsafe page)``, or ``(-1, -1)`` when the pools
+    need growing first (nothing done). Nothing changes on error except zapped host
+    mappings.
     """
+    f1, f0 = free_tables(meta)
+    if f1 < RESERVE or f0 < RESERVE:
+        return -1, -1      # the caller grows the pools and calls again
     n = p1 - p0
     meta[C_CONVERT_CALLS] += 1
     if n == meta[M_NPAGES]:
@@ -1238,6 +1231,9 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
     folio to split, direct-map changes, a metadata limit to check); the result is the
     same either way.
     """
+    f1, f0 = free_tables(meta)
+    if f1 < RESERVE or f0 < RESERVE:
+        return -1, -1      # the caller grows the pools and calls again
     w = get_word(n2, n1, w0, p)
     if ((w & PRIV) != 0) == to_private:
         meta[C_CONVERT_CALLS] += 1
@@ -1290,17 +1286,6 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
     if to_private and meta[M_ORDER] and meta[M_MERGE]:
         merge_folios(n2, n1, w0, meta, p, p + 1)
     return 0, -1
-
-
-@njit(cache=True, nogil=True)
-def convert_checked(n2, n1, w0, meta, p0, p1, to_private, zero):
-    """``convert`` after checking pool capacity: ``(-1, -1)`` means grow and call again."""
-    f1, f0 = free_tables(meta)
-    if f1 < RESERVE or f0 < RESERVE:
-        return -1, -1
-    if p1 == p0 + 1:
-        return convert_page(n2, n1, w0, meta, p0, to_private, zero)
-    return convert(n2, n1, w0, meta, p0, p1, to_private, zero)
 
 
 @njit(cache=True, nogil=True)

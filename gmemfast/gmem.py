@@ -158,6 +158,7 @@ class GuestMemfd:
         self.page_order = page_order
         self.vm_type = vm_type
         self.nr_pages = size >> PAGE_SHIFT
+        self._coco = vmt != K.VM_SW     # converted pages read as zeroes by default
         self._vm = _vm
         self._policies = dict(direct_map=direct_map, merge=merge,
                               metadata_limit=metadata_limit, content_modes=bool(content_modes))
@@ -399,7 +400,7 @@ class GuestMemfd:
             bad = max(p0, self.nr_pages) << PAGE_SHIFT
             raise SigBusError(f"{what} at {offset:#x}: page {bad:#x} is at or past the end "
                               f"({self.size:#x})", bad)
-        K.fault_in(*self._state(), p0, p1, K.HMAP)
+        self._fault_in(p0, p1, K.HMAP)
         return p0, p1
 
     def _page_bytes(self, p: int, word: int) -> bytes:
@@ -487,7 +488,7 @@ class GuestMemfd:
         f = K.walk_first(self._n2, self._n1, self._w0, p0, p1, K.PRIV, K.PRIV)
         if f >= 0:
             raise GmemError(errno.EFAULT, f"pin: page {f << PAGE_SHIFT:#x} is private")
-        K.fault_in(*self._state(), p0, p1, K.HMAP)
+        self._fault_in(p0, p1, K.HMAP)
         for p in range(p0, p1):
             self._pins[p] = self._pins.get(p, 0) + 1
         K.walk_apply(*self._state(), p0, p1, K.PIN, 0, 0, K.PIN)
@@ -548,9 +549,12 @@ class GuestMemfd:
                 and not (offset | size) & 4095 and 0 <= offset < self.size
                 and 0 < size <= self.size - offset and (attributes | 8) == 8):
             # the common case, validated inline: this call is the hot path of simulations
-            err, pg = K.convert_checked(self._n2, self._n1, self._w0, self._meta,
-                                        offset >> 12, (offset + size) >> 12, attributes != 0,
-                                        self._meta[K.M_VMTYPE] != K.VM_SW)
+            if size == 4096:
+                err, pg = K.convert_page(self._n2, self._n1, self._w0, self._meta, offset >> 12,
+                                         attributes != 0, self._coco)
+            else:
+                err, pg = K.convert(self._n2, self._n1, self._w0, self._meta, offset >> 12,
+                                    (offset + size) >> 12, attributes != 0, self._coco)
             if not err:
                 return
             if err > 0:
@@ -572,7 +576,10 @@ class GuestMemfd:
             self._meta[K.C_CONVERT_EINVAL] += 1
             raise
         n2, n1, w0, meta = self._state()
-        err, pg = K.convert_checked(n2, n1, w0, meta, p0, p1, attributes != 0, zero)
+        if p1 == p0 + 1:
+            err, pg = K.convert_page(n2, n1, w0, meta, p0, attributes != 0, zero)
+        else:
+            err, pg = K.convert(n2, n1, w0, meta, p0, p1, attributes != 0, zero)
         if err:
             self._raise_convert(err, pg, offset, size, attributes)
         if zero and len(self._data) > 64:
@@ -617,8 +624,16 @@ class GuestMemfd:
         return BatchResult(out_err, out_off)
 
     # ---------------------------------------------------------------- guest side
+    def _fault_in(self, p0: int, p1: int, bit: int) -> None:
+        """Fault ``[p0, p1)`` into the host (``HMAP``) or guest (``GMAP``) mappings,
+        allocating holes first."""
+        K.allocate(*self._state(), p0, p1)
+        n = K.walk_apply(*self._state(), p0, p1, bit, 0, 0, bit)
+        if bit == K.HMAP:
+            self._meta[K.C_HOST_FAULTS] += n
+
     def _guest_fault(self, p0: int, p1: int):
-        K.fault_in(*self._state(), p0, p1, K.GMAP)
+        self._fault_in(p0, p1, K.GMAP)
 
     def _guest_read(self, p0: int, offset: int, size: int) -> bytes:
         p1 = (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT

@@ -344,7 +344,7 @@ class VM:
             if K.get_word(g._n2, g._n1, g._w0, off >> PAGE_SHIFT) & K.PRIV:
                 raise GmemError(errno.EFAULT, f"{what}: source guest_memfd page {off:#x} is private "
                                               "(the host cannot read it)")
-            K.fault_in(*g._state(), off >> PAGE_SHIFT, (off >> PAGE_SHIFT) + 1, K.HMAP)
+            g._fault_in(off >> PAGE_SHIFT, (off >> PAGE_SHIFT) + 1, K.HMAP)
             return g._page_data(off >> PAGE_SHIFT)
         mv = memoryview(source).cast("B")
         a = k << PAGE_SHIFT
