@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from . import workloads as W
-from .baselines import DenseModel, RoaringModel
+from gmemfast.bench import workloads as W
+from gmemfast.bench.baselines import DenseModel, RoaringModel
 
 ENGINE = "gmemfast"
 BITMAP = "pyroaring BitMap"

@@ -17,8 +17,8 @@ The dense model is left out at 64 TiB: one byte per page is 16 GiB.
 """
 from __future__ import annotations
 
-from . import workloads as W
-from .baselines import DenseModel, RoaringModel
+from gmemfast.bench import workloads as W
+from gmemfast.bench.baselines import DenseModel, RoaringModel
 
 ENGINE = "gmemfast"
 ROARING = "roaring model"

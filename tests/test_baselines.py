@@ -9,14 +9,12 @@ answers after every step; when ``gmemfast`` is importable the engine runs alongs
 from __future__ import annotations
 
 import errno
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-from benchmarks.baselines import DenseModel, RoaringModel  # noqa: E402
+pytest.importorskip("pyroaring")
+from gmemfast.bench.baselines import DenseModel, RoaringModel  # noqa: E402
 
 try:
     import gmemfast
