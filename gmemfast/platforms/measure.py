@@ -167,19 +167,22 @@ class TdxMrtd:
       when no page was added). It does not lock the accumulator; refusing later adds
       is the VM's job.
 
-    ``hash_bytes`` counts the bytes fed to SHA-384, for the cost counters.
+    ``hash_bytes`` counts the bytes fed to SHA-384, for the cost counters. The measured
+    stream is kept (not a live hash object) so that a TD under construction can be
+    pickled or copied like the rest of the model's state; it is 128 bytes per page added
+    plus 384 per chunk extended.
     """
 
-    __slots__ = ("_sha", "hash_bytes")
+    __slots__ = ("_stream", "hash_bytes")
 
     def __init__(self) -> None:
-        self._sha = hashlib.sha384()
+        self._stream = bytearray()
         self.hash_bytes = 0
 
     def page_add(self, gpa: int) -> None:
         """Measure ``TDH.MEM.PAGE.ADD`` of the 4 KiB page at ``gpa``."""
         _check_gpa(gpa, PAGE_SIZE, "TDH.MEM.PAGE.ADD")
-        self._sha.update(_mrtd_header(b"MEM.PAGE.ADD", gpa))
+        self._stream += _mrtd_header(b"MEM.PAGE.ADD", gpa)
         self.hash_bytes += TDX_MRTD_BLOCK
 
     def mr_extend(self, gpa: int, chunk) -> None:
@@ -191,8 +194,8 @@ class TdxMrtd:
                 f"TDH.MR.EXTEND at {gpa:#x}: chunk must be {TDX_MR_EXTEND_CHUNK} bytes, "
                 f"got {data.nbytes}"
             )
-        self._sha.update(_mrtd_header(b"MR.EXTEND", gpa))
-        self._sha.update(data)
+        self._stream += _mrtd_header(b"MR.EXTEND", gpa)
+        self._stream += data
         self.hash_bytes += TDX_MRTD_BLOCK + TDX_MR_EXTEND_CHUNK
 
     def add_page(self, gpa: int, page, extend: bool) -> None:
@@ -210,4 +213,4 @@ class TdxMrtd:
 
     def finalize(self) -> bytes:
         """The MRTD value (48 bytes) over everything measured so far."""
-        return self._sha.digest()
+        return hashlib.sha384(self._stream).digest()
