@@ -32,6 +32,16 @@ class GmemRange:
         return GmemRange(self.gmem, self.offset + nbytes)
 
 
+def advance_source(source, nbytes: int):
+    """A populate source moved ``nbytes`` on: bytes-like sources are sliced, a
+    :class:`GmemRange` moves its offset, ``None`` (in place) stays ``None``."""
+    if source is None:
+        return None
+    if isinstance(source, GmemRange):
+        return source.advanced(nbytes)
+    return memoryview(source).cast("B")[nbytes:]
+
+
 @dataclass(frozen=True)
 class Memslot:
     slot: int

@@ -74,20 +74,22 @@ def snp_page_info_digest(pages):
     return ld
 
 
-def snp_vm(in_place=True, size=8 * MB, **policies):
-    vm = VM("snp", in_place=in_place, **policies)
+def coco_vm(vm_type, in_place=True, size=8 * MB, **policies):
+    """A VM with one guest_memfd at gpa 0: shared and mappable in place, private and
+    unmappable in legacy mode."""
+    vm = VM(vm_type, in_place=in_place, **policies)
     flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED if in_place else 0
     g = vm.create_guest_memfd(size, flags)
     vm.set_user_memory_region(0, 0, size, g)
     return vm, g
 
 
-def tdx_vm(in_place=True, size=8 * MB, **policies):
-    vm = VM("tdx", in_place=in_place, **policies)
-    flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED if in_place else 0
-    g = vm.create_guest_memfd(size, flags)
-    vm.set_user_memory_region(0, 0, size, g)
-    return vm, g
+def snp_vm(in_place=True, **kw):
+    return coco_vm("snp", in_place, **kw)
+
+
+def tdx_vm(in_place=True, **kw):
+    return coco_vm("tdx", in_place, **kw)
 
 
 def page(seed):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .._layout import RMP_VALIDATED, TE_NONE
 from ..errors import GmemError
+from ..vm import advance_source
 from ..units import PAGE_SHIFT, PAGE_SIZE, as_int
 from .measure import (
     KVM_SEV_SNP_PAGE_TYPE_CPUID,
@@ -42,14 +43,6 @@ class SnpLaunchUpdate:
     len: int
     type: int
     flags: int = 0
-
-
-def _advance(uaddr, nbytes: int):
-    if uaddr is None:
-        return None
-    if hasattr(uaddr, "advanced"):
-        return uaddr.advanced(nbytes)
-    return memoryview(uaddr).cast("B")[nbytes:]
 
 
 class SnpPlatform:
@@ -118,7 +111,7 @@ class SnpPlatform:
         done = vm.gmem_populate(gfn_start << PAGE_SHIFT, length >> PAGE_SHIFT, uaddr,
                                 post_populate, what=what)
         nbytes = done << PAGE_SHIFT
-        new_uaddr = uaddr if page_type == KVM_SEV_SNP_PAGE_TYPE_ZERO else _advance(uaddr, nbytes)
+        new_uaddr = uaddr if page_type == KVM_SEV_SNP_PAGE_TYPE_ZERO else advance_source(uaddr, nbytes)
         return SnpLaunchUpdate(gfn_start + done, new_uaddr, length - nbytes, page_type, flags)
 
     def launch_finish(self, vmsas=()) -> bytes:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .._layout import SEPT_MAPPED, TE_NONE
 from ..errors import GmemError
+from ..vm import advance_source
 from ..units import PAGE_SHIFT, PAGE_SIZE, as_int
 from .measure import TDX_MR_EXTEND_CHUNK, TdxMrtd
 
@@ -25,14 +26,6 @@ class TdxRegion:
     source_addr: object   # bytes-like (advanced), GmemRange (advanced) or None (in place)
     gpa: int
     nr_pages: int
-
-
-def _advance(source, nbytes: int):
-    if source is None:
-        return None
-    if hasattr(source, "advanced"):
-        return source.advanced(nbytes)
-    return memoryview(source).cast("B")[nbytes:]
 
 
 class TdxPlatform:
@@ -100,12 +93,12 @@ class TdxPlatform:
         while done < nr_pages:
             try:
                 n = vm.gmem_populate(gpa + (done << PAGE_SHIFT), nr_pages - done,
-                                     _advance(source, done << PAGE_SHIFT), post_populate, what=what)
+                                     advance_source(source, done << PAGE_SHIFT), post_populate, what=what)
             except GmemError as exc:
                 err = exc
                 break
             done += n
-        region = TdxRegion(_advance(source, done << PAGE_SHIFT), gpa + (done << PAGE_SHIFT),
+        region = TdxRegion(advance_source(source, done << PAGE_SHIFT), gpa + (done << PAGE_SHIFT),
                            nr_pages - done)
         if err is not None:
             err.region = region
