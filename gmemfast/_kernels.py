@@ -972,6 +972,8 @@ def _count_zero(meta, npages, order):
 @njit(cache=True, nogil=True)
 def _alloc_block(n2, n1, w0, meta, q0, q1, holes, npriv, order):
     """Allocate the holes of one aligned block ``[q0, q1)`` of the backing order."""
+    if holes == 0:
+        return
     n = q1 - q0
     if holes == n:
         if npriv == n:

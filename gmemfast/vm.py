@@ -72,6 +72,19 @@ class RangeSet:
             i += 1
         return total
 
+    def first(self, a: int, b: int, present: bool) -> int:
+        """First integer of ``[a, b)`` that is (``present``) or is not in the set, or -1."""
+        i = bisect.bisect_right(self.ends, a)
+        if present:
+            if i < len(self.starts) and self.starts[i] < b:
+                return max(a, self.starts[i])
+            return -1
+        x = a
+        while i < len(self.starts) and self.starts[i] <= x < b:
+            x = self.ends[i]
+            i += 1
+        return x if x < b else -1
+
     def __contains__(self, x: int) -> bool:
         i = bisect.bisect_right(self.starts, x) - 1
         return i >= 0 and x < self.ends[i]
@@ -434,9 +447,9 @@ class VM:
                 if bad >= 0:
                     raise MemoryFaultExit(ms.gpa + (bad << PAGE_SHIFT) - ms.gmem_offset, PAGE_SIZE, private)
             else:
-                for page in range(first >> PAGE_SHIFT, last >> PAGE_SHIFT):
-                    if (page in self._attrs) != private:
-                        raise MemoryFaultExit(page << PAGE_SHIFT, PAGE_SIZE, private)
+                bad = self._attrs.first(first >> PAGE_SHIFT, last >> PAGE_SHIFT, not private)
+                if bad >= 0:
+                    raise MemoryFaultExit(bad << PAGE_SHIFT, PAGE_SIZE, private)
 
     def guest_read(self, gpa, size, *, private) -> bytes:
         """A guest read of ``size`` bytes, as private or shared; exits on a mismatch."""
