@@ -1,0 +1,692 @@
+"""The ``gmemfast`` command.
+
+::
+
+    gmemfast run SCENARIO [options]        a built-in scenario, a .toml file or a trace
+    gmemfast compare SCENARIO --vary KEY=A,B [options]   side by side under policies
+    gmemfast launch snp|tdx [--ovmf FILE]  launch measurement and its cost
+    gmemfast scenarios                     list the scenarios and their parameters
+
+Errors print one line on stderr and exit with status 2; Ctrl-C exits with 130.
+
+Subcommands come from the table :data:`COMMANDS` (a :class:`Command` per entry: name,
+help, a function adding its arguments, a function running it; either may be given as
+``"module:function"`` and is then imported only when used). Add one with
+:func:`register_command` or by appending to the table.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+__all__ = ["COMMANDS", "Command", "Progress", "main", "register_command", "build_parser"]
+
+
+class UsageError(Exception):
+    """A bad option value found after parsing: printed, exit status 2."""
+
+
+# ============================================================================ progress
+
+class Progress:
+    """A one-line progress bar on stderr, shown once an operation has taken a second.
+
+    Call it as ``progress(label, done, total)``. Shown only on a terminal unless
+    ``enabled`` is given; redrawn at most ten times a second; ``close()`` clears it.
+    """
+
+    def __init__(self, stream=None, *, enabled=None, delay=1.0, interval=0.1, width=28):
+        self.stream = stream if stream is not None else sys.stderr
+        if enabled is None:
+            enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.enabled = bool(enabled)
+        self.delay = delay
+        self.interval = interval
+        self.width = width
+        self.start = time.monotonic()
+        self._last = 0.0
+        self._shown = 0
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.start < self.delay:
+            return
+        if now - self._last < self.interval and done < total:
+            return
+        self._last = now
+        frac = min(1.0, done / total) if total else 1.0
+        fill = int(frac * self.width)
+        bar = "#" * fill + "-" * (self.width - fill)
+        text = f"\r{label} [{bar}] {frac * 100:5.1f}% {done:,}/{total:,}  {now - self.start:6.1f}s"
+        pad = max(0, self._shown - len(text))
+        self.stream.write(text + " " * pad)
+        self.stream.flush()
+        self._shown = len(text)
+
+    def close(self) -> None:
+        if self._shown:
+            self.stream.write("\r" + " " * self._shown + "\r")
+            self.stream.flush()
+            self._shown = 0
+
+
+# ============================================================================ formatting
+
+def _fmt_ns(ns):
+    from .cost import format_ns
+    return format_ns(ns)
+
+
+def _fmt_size(n):
+    """Bytes in binary units: exact when short ('4T', '1536M'), else three digits ('19.5M')."""
+    from .units import format_size
+    if not n:
+        return "0"
+    exact = format_size(n)
+    if len(exact) <= 5:            # up to four digits and a unit
+        return exact
+    for unit, mult in (("P", 1 << 50), ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= mult:
+            return f"{n / mult:#.3g}".rstrip(".") + unit
+    return exact
+
+
+def _table(rows, header=None, align=None) -> str:
+    """Aligned columns: first column left, the others right (or per ``align``)."""
+    rows = [[str(c) for c in r] for r in rows]
+    allr = ([list(header)] if header else []) + rows
+    if not allr:
+        return ""
+    ncol = max(len(r) for r in allr)
+    allr = [r + [""] * (ncol - len(r)) for r in allr]
+    widths = [max(len(r[i]) for r in allr) for i in range(ncol)]
+    align = align or ("l" + "r" * (ncol - 1))
+
+    def line(r):
+        cells = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align)]
+        return "  ".join(cells).rstrip()
+
+    out = []
+    if header:
+        out.append(line(allr[0]))
+        out.append("  ".join("-" * w for w in widths))
+        allr = allr[1:]
+    out.extend(line(r) for r in allr)
+    return "\n".join(out)
+
+
+def _describe_params(res) -> str:
+    p = res.params
+    order = {0: "4K", 9: "2M", 18: "1G"}.get(p.get("page_order"), p.get("page_order"))
+    parts = [p.get("platform"), _fmt_size(p.get("size", 0)), f"{order} pages",
+             f"direct map {p.get('direct_map')}", f"tracking {p.get('tracking')}",
+             f"flow {p.get('flow')}"]
+    if p.get("merge") != "eager":
+        parts.append(f"merge {p.get('merge')}")
+    return ", ".join(str(x) for x in parts)
+
+
+def format_result(res, *, top: int = 15) -> str:
+    """The readable report of one ScenarioResult."""
+    est = res.estimate
+    total = est.total_ns
+    share = (lambda ns: f"{100 * ns / total:.1f}%") if total else (lambda ns: "-")
+    out = [f"scenario {res.name}: {res.description}",
+           f"guest: {_describe_params(res)}",
+           f"cost profile: {est.profile}    model run time: {res.wall_seconds:.2f} s", ""]
+    from .scenarios import COMMON_PARAMS, SCENARIOS
+    spec = SCENARIOS[res.name].all_params() if res.name in SCENARIOS else COMMON_PARAMS
+    extra_params = {k: (spec[k].show(v) if k in spec else v) for k, v in res.params.items()
+                    if k not in ("size", "platform", "page_order", "direct_map", "tracking", "flow",
+                                 "merge")}
+    if extra_params:
+        out.insert(2, "parameters: " + ", ".join(f"{k}={v}" for k, v in extra_params.items()))
+    rows = []
+    for op, e in est.by_operation.items():
+        topc = next(iter(e.by_counter), "")
+        rows.append([op, _fmt_ns(e.total_ns), share(e.total_ns), topc])
+    rows.append(["total", _fmt_ns(total), share(total) if total else "-", ""])
+    out.append("estimated time by operation")
+    out.append(_table(rows, ["operation", "time", "share", "largest cost"], "lrrl"))
+    out.append("")
+    crow = []
+    items = list(est.by_counter.items())
+    for name, ns in items[:top]:
+        each = est.ns_each.get(name)
+        crow.append([name, f"{est.counts[name]:,}", _fmt_ns(each) if each is not None else "unpriced",
+                     _fmt_ns(ns), share(ns)])
+    out.append("counters")
+    out.append(_table(crow, ["counter", "count", "each", "time", "share"]) if crow else "(no work counted)")
+    if len(items) > top:
+        rest = items[top:]
+        out.append(f"... and {len(rest)} more counters costing {_fmt_ns(sum(ns for _, ns in rest))} "
+                   "(--json lists all)")
+    if est.unpriced:
+        out.append("unpriced (counted as 0): " + ", ".join(est.unpriced))
+    s = res.summary
+    dm = s["direct_map"]
+    hp = (f"{s['huge_pages_left']:,} of {s['huge_pages_max']:,}" if s["huge_pages_max"]
+          else "- (4K backing)")
+    srows = [
+        ["private pages", f"{s['private_pages']:,}", _fmt_size(s["private_pages"] * 4096)],
+        ["shared pages", f"{s['shared_pages']:,}", _fmt_size(s["shared_pages"] * 4096)],
+        ["allocated pages", f"{s['allocated_pages']:,}", _fmt_size(s["allocated_pages"] * 4096)],
+        ["huge pages left", hp, ""],
+        ["direct-map entries", f"{s['direct_map_entries']:,}",
+         f"1G {dm['1G']:,} / 2M {dm['2M']:,} / 4K {dm['4K']:,}"],
+        ["mapped at 4K", _fmt_size(s["direct_map_4k_bytes"]),
+         f"{100 * s['direct_map_4k_bytes'] / s['guest_size']:.2f}% of memory"],
+        ["attribute ranges", f"{s['attribute_ranges']:,}", ""],
+        ["operations", f"{s['operations']:,}", ""],
+        ["errors", ", ".join(f"{k} {v:,}" for k, v in s["errors"].items()) or "none", ""],
+    ]
+    out.append("")
+    out.append("final state")
+    out.append(_table(srows, align="lrl"))
+    if "measurement" in res.extra:
+        out.append("")
+        out.append(f"{res.extra['measurement_kind']}: {res.extra['measurement']}")
+    return "\n".join(out)
+
+
+def format_compare(results, labels, *, top: int = 12) -> str:
+    """Results side by side: one column per configuration."""
+    header = ["", *labels]
+    rows = [["estimated total", *[_fmt_ns(r.total_ns) for r in results]]]
+    ops: list[str] = []
+    for r in results:                  # every run's operations, each in its run's order
+        prev = -1
+        for op in r.estimate.by_operation:
+            if op in ops:
+                prev = ops.index(op)
+            else:
+                prev += 1
+                ops.insert(prev, op)
+    for op in ops:
+        rows.append([f"  {op}", *[_fmt_ns(r.estimate.by_operation[op].total_ns)
+                                  if op in r.estimate.by_operation else "-" for r in results]])
+    base = results[0].total_ns
+    if base:
+        rows.append(["relative", *[f"{r.total_ns / base:.2f}x" for r in results]])
+    for key, label in (("huge_pages_left", "huge pages left"), ("private_pages", "private pages"),
+                       ("allocated_pages", "allocated pages"), ("direct_map_entries", "direct-map entries"),
+                       ("attribute_ranges", "attribute ranges"), ("operations", "operations")):
+        rows.append([label, *[f"{r.summary[key]:,}" for r in results]])
+    rows.append(["direct map 1G/2M/4K", *["/".join(f"{r.summary['direct_map'][k]:,}" for k in ("1G", "2M", "4K"))
+                                          for r in results]])
+    rows.append(["errors", *[", ".join(f"{k} {v:,}" for k, v in r.summary["errors"].items()) or "none"
+                             for r in results]])
+    rows.append(["model run time", *[f"{r.wall_seconds:.2f} s" for r in results]])
+    out = [f"scenario {results[0].name}: {results[0].description}", _table(rows, header), ""]
+    # the counters that cost the most anywhere, where the configurations differ
+    worst: dict[str, float] = {}
+    for r in results:
+        for name, ns in r.estimate.by_counter.items():
+            worst[name] = max(worst.get(name, 0.0), ns)
+    names = [n for n in sorted(worst, key=lambda n: -worst[n])
+             if len({r.counters.get(n, 0) for r in results}) > 1][:top]
+    if names:
+        crow = [[n, *[f"{r.counters.get(n, 0):,}" for r in results]] for n in names]
+        out.append("counters that differ (most expensive first)")
+        out.append(_table(crow, ["counter", *labels]))
+    measured = [r.extra.get("measurement") for r in results]
+    if any(measured):
+        out.append("")
+        if len(set(measured)) == 1:
+            out.append(f"measurement: identical in every configuration: {measured[0]}")
+        else:
+            out.append("measurements differ: " + ", ".join(f"{lab}: {(m or '-')[:16]}..."
+                                                          for lab, m in zip(labels, measured)))
+    return "\n".join(out)
+
+
+# ============================================================================ options
+
+def _param_type(param):
+    def parse(text):
+        # check now (argparse reports a bad value with exit status 2); the scenario
+        # parses the text again, so the raw text is what is kept
+        try:
+            param.parse(text)
+            return text
+        except (ValueError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = param.name
+    return parse
+
+
+def _counter_setting(text):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: use COUNTER=NS, e.g. attr_writes_page=50")
+    name, value = text.split("=", 1)
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a number of nanoseconds") from None
+
+
+def _key_value(text):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME=VALUE")
+    k, v = text.split("=", 1)
+    return k.strip().replace("-", "_"), v.strip()
+
+
+def _add_guest_options(p: argparse.ArgumentParser, *, with_scenario_params=True) -> None:
+    from .scenarios import COMMON_PARAMS, SCENARIOS
+    g = p.add_argument_group("guest and policies (default: the scenario's)")
+    c = COMMON_PARAMS
+    g.add_argument("--size", type=_param_type(c["size"]), metavar="SIZE", help=c["size"].help.replace("%", "%%"))
+    g.add_argument("--platform", type=_param_type(c["platform"]), metavar="{snp,tdx,sw-protected}",
+                   help=c["platform"].help)
+    g.add_argument("--page-order", dest="page_order", type=_param_type(c["page_order"]),
+                   metavar="{0,9,18,4K,2M,1G}", help=c["page_order"].help)
+    g.add_argument("--direct-map", dest="direct_map", type=_param_type(c["direct_map"]),
+                   metavar="{keep,no-direct-map,on-conversion}", help=c["direct_map"].help)
+    g.add_argument("--tracking", type=_param_type(c["tracking"]), metavar="{in-place,legacy}",
+                   help=c["tracking"].help)
+    g.add_argument("--legacy", dest="tracking", action="store_const", const="legacy",
+                   help="legacy attribute tracking (same as --tracking legacy)")
+    g.add_argument("--flow", type=_param_type(c["flow"]), metavar="{in-place,legacy}", help=c["flow"].help)
+    g.add_argument("--merge", type=_param_type(c["merge"]), metavar="{eager,never}", help=c["merge"].help)
+    g.add_argument("--seed", type=_param_type(c["seed"]), metavar="N", help=c["seed"].help)
+    if with_scenario_params:
+        s = p.add_argument_group("scenario parameters (each applies to the scenarios named)")
+        seen: dict[str, tuple] = {}
+        for scn in SCENARIOS.values():
+            for name, prm in scn.params.items():
+                if name in seen:
+                    seen[name][1].append(scn.name)
+                else:
+                    seen[name] = (prm, [scn.name])
+        for name, (prm, users) in seen.items():
+            s.add_argument("--" + name.replace("_", "-"), dest="sp_" + name, type=_param_type(prm),
+                           metavar="VALUE", help=f"{prm.help} [{', '.join(users)}]".replace("%", "%%"))
+        s.add_argument("-p", "--param", action="append", type=_key_value, default=[], metavar="NAME=VALUE",
+                       help="any scenario parameter by name (repeatable)")
+
+
+def _add_cost_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cost")
+    g.add_argument("--profile", metavar="NAME|FILE",
+                   help="cost profile: snp, tdx, sw-protected or a TOML file (default: the platform's)")
+    g.add_argument("--set", dest="cost_set", action="append", type=_counter_setting, default=[],
+                   metavar="COUNTER=NS", help="override one figure, in ns per unit (repeatable)")
+
+
+def _add_output_options(p: argparse.ArgumentParser, *, plot=True) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print JSON for programs instead of tables")
+    if plot:
+        g.add_argument("--plot", metavar="FILE.png",
+                       help="save a picture: cost breakdown and fragmentation over time (needs matplotlib)")
+    g.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                   help="always show the progress bar (default: on a terminal, after a second)")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   help="never show the progress bar")
+
+
+def _raw_params(args) -> dict:
+    """Parameters given on the command line (parsed values; None = not given)."""
+    from .scenarios import COMMON_PARAMS
+    out = {k: getattr(args, k) for k in COMMON_PARAMS if getattr(args, k, None) is not None}
+    for k, v in vars(args).items():
+        if k.startswith("sp_") and v is not None:
+            out[k[3:]] = v
+    for k, v in getattr(args, "param", []) or []:
+        out[k] = v
+    return out
+
+
+def _check_params_for(target: str, params: dict) -> None:
+    from .scenarios import SCENARIOS, COMMON_PARAMS, ScenarioError
+    if target in SCENARIOS:
+        known = SCENARIOS[target].all_params()
+    else:
+        known = COMMON_PARAMS
+    bad = [k for k in params if k not in known]
+    if bad:
+        what = f"scenario {target!r}" if target in SCENARIOS else "a scenario file or trace"
+        opts = ", ".join("--" + k.replace("_", "-") for k in bad)
+        raise ScenarioError(f"{opts}: not a parameter of {what} (its parameters: "
+                            f"{', '.join(known)}; see 'gmemfast scenarios')")
+
+
+def _cost_kwargs(args) -> dict:
+    return {"profile": args.profile, "cost_overrides": dict(args.cost_set) or None}
+
+
+def _check_plot_path(path):
+    if path is None:
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UsageError(f"--plot {path}: folder {d} does not exist")
+    from .plot import require_matplotlib
+    require_matplotlib()
+
+
+# ============================================================================ commands
+
+def _configure_run(p):
+    p.add_argument("scenario", metavar="SCENARIO",
+                   help="a built-in scenario (gmemfast scenarios), a .toml scenario file, or a "
+                        ".csv/.jsonl trace")
+    _add_guest_options(p)
+    _add_cost_options(p)
+    _add_output_options(p)
+    g = p.add_argument_group("recording")
+    g.add_argument("--record", metavar="FILE", help="also write the operations applied to guest memory "
+                                                    "as a trace (.csv or .jsonl)")
+    g.add_argument("--strict", action="store_true", help="stop at the first failed operation")
+
+
+def _cmd_run(args) -> int:
+    from .scenarios import run_any
+    from .trace import write_trace
+    params = _raw_params(args)
+    _check_params_for(args.scenario, params)
+    _check_plot_path(args.plot)
+    progress = Progress(enabled=args.progress)
+    try:
+        res = run_any(args.scenario, params, progress=progress, record=bool(args.record),
+                      strict=args.strict, **_cost_kwargs(args))
+    finally:
+        progress.close()
+    if args.record:
+        n = write_trace(args.record, res.ops)
+        print(f"recorded {n:,} operations to {args.record}", file=sys.stderr)
+    if args.plot:
+        from .plot import plot_result
+        plot_result(res, args.plot)
+    if args.json:
+        print(json.dumps({"command": "run", **res.to_dict()}, indent=1))
+    else:
+        print(format_result(res))
+        if args.plot:
+            print(f"\nplot saved to {args.plot}")
+    return 0
+
+
+def _configure_compare(p):
+    p.add_argument("scenario", metavar="SCENARIO", help="as for 'run'")
+    p.add_argument("--vary", action="append", type=_key_value, default=[], metavar="NAME=A,B[,...]",
+                   help="run once per value (several --vary: every combination); default: "
+                        "--vary tracking=in-place,legacy")
+    _add_guest_options(p)
+    _add_cost_options(p)
+    _add_output_options(p)
+
+
+def _cmd_compare(args) -> int:
+    from .scenarios import ScenarioError, run_any
+    params = _raw_params(args)
+    vary = args.vary or [("tracking", "in-place,legacy")]
+    axes = []
+    for key, values in vary:
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if len(vals) < 1:
+            raise ScenarioError(f"--vary {key}=: give values separated by commas")
+        axes.append((key, vals))
+    combos = list(itertools.product(*[vals for _k, vals in axes]))
+    if len(combos) < 2:
+        raise ScenarioError("compare needs at least two configurations: give --vary NAME=A,B")
+    if len(combos) > 16:
+        raise ScenarioError(f"--vary makes {len(combos)} configurations; at most 16")
+    for key, _ in axes:
+        _check_params_for(args.scenario, {key: None})
+    _check_plot_path(args.plot)
+    results, labels = [], []
+    progress = Progress(enabled=args.progress)
+    try:
+        for combo in combos:
+            p = dict(params)
+            label = []
+            for (key, _vals), v in zip(axes, combo):
+                p[key] = v
+                label.append(f"{key}={v}")
+            lab = " ".join(label)
+            labels.append(lab)
+
+            def prog(what, done, total, lab=lab):
+                progress(f"[{lab}] {what}", done, total)
+            results.append(run_any(args.scenario, p, progress=prog, **_cost_kwargs(args)))
+    finally:
+        progress.close()
+    if args.plot:
+        from .plot import plot_compare
+        plot_compare(results, labels, args.plot)
+    if args.json:
+        print(json.dumps({"command": "compare", "scenario": results[0].name,
+                          "configurations": [{"label": l, **r.to_dict()} for l, r in zip(labels, results)]},
+                         indent=1))
+    else:
+        print(format_compare(results, labels))
+        if args.plot:
+            print(f"\nplot saved to {args.plot}")
+    return 0
+
+
+def _configure_launch(p):
+    p.add_argument("platform", choices=("snp", "tdx"), help="the confidential VM type")
+    p.add_argument("--ovmf", metavar="FILE", default=None,
+                   help="OVMF / TDVF image (default: the first one found in $GMEMFAST_OVMF or "
+                        "/usr/share/ovmf...; 'synthetic': a small generated image)")
+    p.add_argument("--flow", choices=("in-place", "legacy"), default="in-place", help="populate flow")
+    p.add_argument("--vcpus", type=_positive_int, default=1, help="vCPUs (SNP: one VMSA each)")
+    p.add_argument("--vcpu-type", default="EPYC-v4", help="SNP vCPU type (as sev-snp-measure)")
+    p.add_argument("--vmm-type", default="QEMU", help="SNP VMM type: QEMU or ec2")
+    _add_cost_options(p)
+    _add_output_options(p, plot=False)
+
+
+def _positive_int(text):
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return n
+
+
+def _cmd_launch(args) -> int:
+    from .cost import CostModel
+    from .firmware import find_ovmf_images, synthetic_ovmf
+    from .launch import snp_measure_ovmf, tdx_measure_ovmf
+    ovmf = args.ovmf
+    if ovmf is None:
+        found = find_ovmf_images()
+        if not found:
+            raise UsageError("no OVMF image found: pass --ovmf FILE (or --ovmf synthetic), or set "
+                             "GMEMFAST_OVMF")
+        ovmf = str(found[0])
+    if ovmf == "synthetic":
+        source, ovmf_name = synthetic_ovmf(), "synthetic"
+    else:
+        if not os.path.isfile(ovmf):
+            raise UsageError(f"--ovmf {ovmf}: no such file")
+        source, ovmf_name = ovmf, ovmf
+    try:
+        cost = CostModel.from_profile(args.profile or args.platform, **dict(args.cost_set))
+    except FileNotFoundError:
+        raise UsageError(f"--profile {args.profile}: no such built-in profile or file") from None
+    t0 = time.perf_counter()
+    try:
+        if args.platform == "snp":
+            res = snp_measure_ovmf(source, vcpus=args.vcpus, vcpu_type=args.vcpu_type,
+                                   vmm_type=args.vmm_type, flow=args.flow)
+            kind = "SNP launch digest"
+        else:
+            res = tdx_measure_ovmf(source, flow=args.flow)
+            kind = "TDX MRTD"
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"{ovmf_name}: {exc}") from None
+    wall = time.perf_counter() - t0
+    counts = {k: int(v) for k, v in res.counters.items() if v}
+    est = cost.estimate(counts)
+    if args.json:
+        print(json.dumps({"command": "launch", "platform": args.platform, "ovmf": ovmf_name,
+                          "flow": args.flow, "vcpus": args.vcpus, "measurement_kind": kind,
+                          "measurement": res.digest.hex(), "pages": res.pages,
+                          "total_ns": est.total_ns, "counters": counts, "estimate": est.to_dict(),
+                          "wall_seconds": wall}, indent=1))
+        return 0
+    print(f"{kind}: {res.digest.hex()}")
+    print(f"firmware: {ovmf_name}   flow: {args.flow}   pages measured: {res.pages:,}"
+          + (f"   vCPUs: {args.vcpus}" if args.platform == "snp" else ""))
+    print(f"estimated launch cost: {_fmt_ns(est.total_ns)}   (model run time {wall:.2f} s)")
+    print()
+    print(est.table())
+    return 0
+
+
+def _configure_scenarios(p):
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _cmd_scenarios(args) -> int:
+    from .scenarios import COMMON_PARAMS, SCENARIOS
+    if args.json:
+        out = []
+        for s in SCENARIOS.values():
+            ps = s.all_params()
+            out.append({"name": s.name, "description": s.description, "doc": s.doc,
+                        "params": {k: {"default": ps[k].show(ps[k].default), "help": ps[k].help,
+                                       "common": k in COMMON_PARAMS} for k in ps}})
+        print(json.dumps({"command": "scenarios", "scenarios": out}, indent=1))
+        return 0
+    print(_table([[s.name, s.description] for s in SCENARIOS.values()], ["scenario", "what it does"],
+                 "ll"))
+    print()
+    print("common parameters (options of run and compare):")
+    print(_table([["--" + k.replace("_", "-"), p.show(p.default), p.help] for k, p in COMMON_PARAMS.items()],
+                 ["option", "default", ""], "lll"))
+    for s in SCENARIOS.values():
+        print()
+        print(f"{s.name}: {s.description}")
+        rows = [["--" + k.replace("_", "-"), s.all_params()[k].show(v), "(default override)"]
+                for k, v in s.defaults.items()]
+        rows += [["--" + k.replace("_", "-"), p.show(p.default), p.help] for k, p in s.params.items()]
+        if rows:
+            print(_table(rows, align="lll"))
+    print()
+    print("A .toml scenario file or a .csv/.jsonl trace can stand in for a scenario name "
+          "(formats: examples/README.md).")
+    return 0
+
+
+# ============================================================================ the table
+
+@dataclass
+class Command:
+    """One subcommand. ``configure(parser)`` adds its arguments; ``run(args) -> int`` runs
+    it. Either may be a ``"module:function"`` string, imported when needed."""
+    name: str
+    help: str
+    configure: Callable | str
+    run: Callable | str
+    description: str = ""
+
+
+def _resolve(fn):
+    if isinstance(fn, str):
+        mod, _, name = fn.partition(":")
+        return getattr(importlib.import_module(mod), name)
+    return fn
+
+
+COMMANDS: list[Command] = [
+    Command("run", "run a scenario, a scenario file or a trace", _configure_run, _cmd_run,
+            "Run a workload and print counts, estimated time by operation, huge pages left and "
+            "direct-map fragmentation."),
+    Command("compare", "run one scenario under several policies side by side", _configure_compare,
+            _cmd_compare,
+            "Run a scenario once per configuration (--vary NAME=A,B) and print the results in "
+            "columns, e.g. --vary direct_map=keep,on-conversion."),
+    Command("launch", "launch measurement of an OVMF image and its cost", _configure_launch, _cmd_launch,
+            "Load a firmware image through the populate path of an SNP or TDX VM and print the "
+            "launch measurement (SNP launch digest or TDX MRTD) and its estimated cost."),
+    Command("scenarios", "list the built-in scenarios and their parameters", _configure_scenarios,
+            _cmd_scenarios),
+]
+
+
+def register_command(name: str, help: str, configure, run, description: str = "") -> Command:
+    """Add (or replace) a subcommand; ``configure``/``run`` as in :class:`Command`."""
+    cmd = Command(name, help, configure, run, description)
+    for i, c in enumerate(COMMANDS):
+        if c.name == name:
+            COMMANDS[i] = cmd
+            return cmd
+    COMMANDS.append(cmd)
+    return cmd
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):          # argparse's own: usage + message, exit 2
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = _Parser(prog="gmemfast", description="A fast model of KVM guest_memfd for confidential "
+                                                  "VMs (SEV-SNP, TDX): scenarios, costs, launches.")
+    parser.add_argument("--version", action="version", version=f"gmemfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
+        _resolve(cmd.configure)(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``gmemfast`` command; returns the exit status."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(_resolve(args._run)(args) or 0)
+    except KeyboardInterrupt:
+        print("\ngmemfast: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:          # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except Exception as exc:
+        from .errors import GmemError
+        from .scenarios import ScenarioError
+        from .trace import TraceError
+        if isinstance(exc, (UsageError, ScenarioError, TraceError, FileNotFoundError, IsADirectoryError)):
+            print(f"gmemfast: error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, ValueError) and not isinstance(exc, GmemError):
+            print(f"gmemfast: error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, (GmemError, OSError)):
+            print(f"gmemfast: error: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, ImportError) and "matplotlib" in str(exc):
+            print(f"gmemfast: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":     # pragma: no cover
+    sys.exit(main())

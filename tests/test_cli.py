@@ -1,0 +1,298 @@
+"""The gmemfast command: every subcommand, exit codes, JSON schema, errors, plots."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gmemfast import cli
+from gmemfast import scenarios as S
+from gmemfast.firmware import synthetic_ovmf
+from gmemfast.launch import snp_measure_ovmf, tdx_measure_ovmf
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv):
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_help_lists_subcommands(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for name in ("run", "compare", "launch", "scenarios"):
+        assert name in out
+    code, out, _ = run(capsys, "run", "--help")
+    assert code == 0 and "--page-order" in out and "--conversions" in out and "--plot" in out
+
+
+def test_no_command_is_a_usage_error(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "required" in err
+
+
+def test_run_table(capsys):
+    code, out, err = run(capsys, "run", "boot", "--size", "256M", "--kernel", "1M", "--no-progress")
+    assert code == 0, err
+    for text in ("estimated time by operation", "launch", "accept", "swiotlb", "counters",
+                 "huge pages left", "direct-map entries", "SNP launch digest"):
+        assert text in out
+
+
+RUN_KEYS = {"command", "scenario", "description", "params", "profile", "total_ns", "phases", "counters",
+            "estimate", "summary", "timeline", "extra", "wall_seconds"}
+SUMMARY_KEYS = {"guest_size", "guest_pages", "private_pages", "shared_pages", "allocated_pages",
+                "huge_pages_left", "huge_pages_max", "direct_map", "direct_map_entries",
+                "attribute_ranges", "operations", "errors"}
+
+
+def test_run_json_schema(capsys):
+    d = run_json(capsys, "run", "fragmentation", "--size", "4G", "--conversions", "2000", "--window", "500",
+                 "--platform", "tdx", "--page-order", "2M", "--direct-map", "no-direct-map", "--seed", "3")
+    assert set(d) >= RUN_KEYS
+    assert d["command"] == "run" and d["scenario"] == "fragmentation"
+    assert d["params"] == {**d["params"], "size": 4 << 30, "platform": "tdx", "page_order": 9,
+                           "direct_map": "no-direct-map", "seed": 3, "conversions": 2000, "window": 500}
+    assert set(d["summary"]) >= SUMMARY_KEYS
+    assert set(d["summary"]["direct_map"]) == {"1G", "2M", "4K"}
+    assert d["profile"] == "tdx"
+    assert set(d["phases"]) >= {"accept", "to-shared", "to-private"}
+    for ph in d["phases"].values():
+        assert set(ph) == {"ns", "counters"}
+    assert set(d["estimate"]) >= {"profile", "total_ns", "counters", "by_operation"}
+    assert d["timeline"] and set(d["timeline"][0]) >= {"step", "huge_pages", "dmap_4k", "est_ns"}
+
+
+def test_run_options_change_the_run(capsys):
+    a = run_json(capsys, "run", "boot", "--size", "1G", "--kernel", "0")
+    b = run_json(capsys, "run", "boot", "--size", "1G", "--kernel", "0", "--legacy")
+    assert a["params"]["tracking"] == "in-place" and b["params"]["tracking"] == "legacy"
+    assert b["counters"]["attr_writes_page"] > 0
+    c = run_json(capsys, "run", "boot", "--size", "1G", "--kernel", "0", "--set", "snp_pvalidate_2m=0",
+                 "--profile", "snp")
+    assert c["total_ns"] < a["total_ns"]
+    d = run_json(capsys, "run", "boot", "--size", "1G", "--kernel", "0", "-p", "accept_chunk=4K")
+    assert d["counters"]["snp_pvalidate_4k"] > a["counters"].get("snp_pvalidate_4k", 0)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["run", "boot", "--size", "3Q"], "--size"),
+    (["run", "boot", "--platform", "sev"], "--platform"),
+    (["run", "boot", "--page-order", "7"], "--page-order"),
+    (["run", "boot", "--direct-map", "sometimes"], "--direct-map"),
+    (["run", "boot", "--bogus"], "unrecognized arguments"),
+    (["run", "boot", "--window", "10"], "--window: not a parameter of scenario 'boot'"),
+    (["run", "boot", "-p", "colour=red"], "--colour: not a parameter"),
+    (["run", "boot", "-p", "novalue"], "NAME=VALUE"),
+    (["run", "bot"], "unknown scenario 'bot'"),
+    (["run", "boot", "--set", "nothing=3"], "unknown counter"),
+    (["run", "boot", "--set", "guest_exits=fast"], "not a number"),
+    (["run", "boot", "--profile", "nowhere"], "cost profile"),
+    (["run", "boot", "--tracking", "legacy", "--flow", "in-place"], "needs tracking 'in-place'"),
+    (["run", "boot", "--size", "3M", "--page-order", "9"], "multiple of the backing page size"),
+    (["run", "missing.toml"], "does not exist"),
+    (["run", "boot", "--plot", "/no/such/folder/x.png"], "does not exist"),
+    (["compare", "boot", "--vary", "size=1G"], "at least two"),
+    (["compare", "boot", "--vary", "colour=a,b"], "not a parameter"),
+    (["launch", "snp", "--ovmf", "/no/such/ovmf.fd"], "no such file"),
+    (["launch", "sev"], "invalid choice"),
+    (["launch", "snp", "--vcpus", "0"], "at least 1"),
+    (["scenarios", "--bogus"], "unrecognized"),
+])
+def test_bad_options_exit_2(capsys, argv, match):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert match in err
+    assert out == ""
+    assert "Traceback" not in err
+
+
+def test_bad_scenario_file_and_trace_exit_2(capsys, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[steps]]\nop = 'fly'\n")
+    code, _, err = run(capsys, "run", str(bad))
+    assert code == 2 and "step 1: unknown op 'fly'" in err
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"op": "convert", "offset": 0, "size": 4096, "attrs": 0}\n{"op": "jump"}\n')
+    code, _, err = run(capsys, "run", str(trace))
+    assert code == 2 and "t.jsonl:2: unknown op 'jump'" in err
+
+
+def test_keyboard_interrupt_exits_130(capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(S, "run_any", interrupted)
+    code, _, err = run(capsys, "run", "boot")
+    assert code == 130 and "interrupted" in err
+
+
+def test_compare(capsys):
+    code, out, err = run(capsys, "compare", "fragmentation", "--size", "2G", "--conversions", "1000",
+                         "--window", "200", "--vary", "direct_map=keep,on-conversion", "--no-progress")
+    assert code == 0, err
+    assert "direct_map=keep" in out and "direct_map=on-conversion" in out
+    assert "estimated total" in out and "huge pages left" in out
+    d = run_json(capsys, "compare", "fragmentation", "--size", "2G", "--conversions", "1000",
+                 "--vary", "direct_map=keep,on-conversion", "--vary", "page_order=9,18")
+    assert d["command"] == "compare" and len(d["configurations"]) == 4
+    labels = [c["label"] for c in d["configurations"]]
+    assert labels[0] == "direct_map=keep page_order=9"
+    for c in d["configurations"]:
+        assert set(c) >= RUN_KEYS - {"command"}
+    keep = d["configurations"][0]["summary"]["direct_map"]
+    onconv = d["configurations"][2]["summary"]["direct_map"]
+    assert keep == {"1G": 2, "2M": 0, "4K": 0} and onconv["4K"] > 0
+
+
+def test_compare_default_is_tracking(capsys):
+    d = run_json(capsys, "compare", "boot", "--size", "1G", "--kernel", "0")
+    assert [c["params"]["tracking"] for c in d["configurations"]] == ["in-place", "legacy"]
+    m = {c["extra"]["measurement"] for c in d["configurations"]}
+    assert len(m) == 1           # both flows measure the same launch
+    code, out, _ = run(capsys, "compare", "boot", "--size", "1G", "--kernel", "0")
+    assert code == 0 and "identical in every configuration" in out
+
+
+@pytest.mark.parametrize("platform", ["snp", "tdx"])
+def test_launch(capsys, tmp_path, platform):
+    img = tmp_path / "OVMF.fd"
+    img.write_bytes(synthetic_ovmf())
+    expect = (snp_measure_ovmf if platform == "snp" else tdx_measure_ovmf)(synthetic_ovmf()).digest.hex()
+    d = run_json(capsys, "launch", platform, "--ovmf", str(img))
+    assert d["measurement"] == expect
+    assert d["command"] == "launch" and d["total_ns"] > 0 and d["pages"] > 0
+    assert set(d) >= {"platform", "ovmf", "flow", "measurement_kind", "counters", "estimate"}
+    d2 = run_json(capsys, "launch", platform, "--ovmf", "synthetic", "--flow", "legacy")
+    assert d2["measurement"] == expect
+    code, out, _ = run(capsys, "launch", platform, "--ovmf", str(img))
+    assert code == 0 and expect in out and "estimated launch cost" in out
+
+
+def test_launch_bad_image(capsys, tmp_path):
+    img = tmp_path / "junk.fd"
+    img.write_bytes(b"\0" * 4096)
+    code, _, err = run(capsys, "launch", "snp", "--ovmf", str(img))
+    assert code == 2 and "junk.fd" in err
+
+
+def test_launch_without_ovmf(capsys, monkeypatch):
+    import gmemfast.firmware as fw
+    monkeypatch.setattr(fw, "find_ovmf_images", lambda: [])
+    code, _, err = run(capsys, "launch", "snp")
+    assert code == 2 and "--ovmf" in err
+
+
+def test_scenarios_listing(capsys):
+    code, out, _ = run(capsys, "scenarios")
+    assert code == 0
+    for name in S.SCENARIOS:
+        assert name in out
+    assert "--conversions" in out and "--page-order" in out
+    d = run_json(capsys, "scenarios")
+    names = [s["name"] for s in d["scenarios"]]
+    assert names == list(S.SCENARIOS)
+    frag = d["scenarios"][names.index("fragmentation")]
+    assert frag["params"]["page_order"]["default"] == "18" and frag["params"]["size"]["common"]
+
+
+def test_plot_files(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "frag.png"
+    code, out, err = run(capsys, "run", "fragmentation", "--size", "2G", "--conversions", "500",
+                         "--plot", str(png), "--no-progress")
+    assert code == 0, err
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    png2 = tmp_path / "cmp.png"
+    code, _, err = run(capsys, "compare", "balloon", "--size", "1G", "--vary", "page_order=9,18",
+                       "--plot", str(png2), "--no-progress")
+    assert code == 0, err
+    assert png2.stat().st_size > 10_000
+
+
+def test_plot_without_matplotlib(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = run(capsys, "run", "boot", "--size", "64M", "--plot", str(tmp_path / "x.png"))
+    assert code == 2 and "gmemfast[plot]" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_record_and_replay(capsys, tmp_path):
+    rec = tmp_path / "ops.csv"
+    a = run_json(capsys, "run", "swiotlb-churn", "--size", "256M", "--conversions", "300",
+                 "--record", str(rec))
+    assert rec.exists()
+    b = run_json(capsys, "run", str(rec))
+    for key in ("private_pages", "allocated_pages", "direct_map", "huge_pages_left"):
+        assert a["summary"][key] == b["summary"][key]
+    c = run_json(capsys, "run", str(EXAMPLES / "bounce-trace.csv"), "--platform", "tdx")
+    assert c["params"]["platform"] == "tdx" and c["summary"]["errors"] == {"EAGAIN": 1}
+
+
+def test_scenario_file_run(capsys):
+    d = run_json(capsys, "run", str(EXAMPLES / "balloon-cycles.toml"), "--size", "2G")
+    assert d["scenario"] == "balloon-cycles" and d["params"]["size"] == 2 << 30
+    assert d["profile"] == "tdx"
+
+
+def test_progress_bar():
+    buf = io.StringIO()
+    p = cli.Progress(buf, enabled=True, delay=0.0, interval=0.0)
+    p("accepting", 5, 10)
+    p("accepting", 10, 10)
+    text = buf.getvalue()
+    assert "accepting" in text and "50.0%" in text and "100.0%" in text and "10/10" in text
+    p.close()
+    assert buf.getvalue().endswith("\r")
+    quiet = io.StringIO()
+    q = cli.Progress(quiet, enabled=True, delay=60.0)
+    q("x", 1, 2)
+    assert quiet.getvalue() == ""            # nothing before a second has passed
+    off = io.StringIO()
+    cli.Progress(off)("x", 1, 2)             # not a terminal: never shown
+    assert off.getvalue() == ""
+
+
+def test_register_command(capsys):
+    seen = []
+
+    def configure(p):
+        p.add_argument("--n", type=int, default=1)
+
+    def execute(args):
+        seen.append(args.n)
+        return 0
+    n_before = len(cli.COMMANDS)
+    try:
+        cli.register_command("hello", "say hello", configure, execute)
+        assert len(cli.COMMANDS) == n_before + 1
+        code, out, _ = run(capsys, "--help")
+        assert "hello" in out
+        assert cli.main(["hello", "--n", "3"]) == 0 and seen == [3]
+        cli.register_command("hello", "say hello again", configure, "gmemfast.cli:_cmd_scenarios")
+        assert len(cli.COMMANDS) == n_before + 1
+    finally:
+        cli.COMMANDS[:] = [c for c in cli.COMMANDS if c.name != "hello"]
+
+
+def test_python_dash_m():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "gmemfast", "scenarios"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "fragmentation" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "gmemfast", "run", "boot", "--size", "xx"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "--size" in r.stderr
