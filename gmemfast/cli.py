@@ -618,6 +618,11 @@ COMMANDS: list[Command] = [
             "launch measurement (SNP launch digest or TDX MRTD) and its estimated cost."),
     Command("scenarios", "list the built-in scenarios and their parameters", _configure_scenarios,
             _cmd_scenarios),
+    Command("bench", "the engine's speed and memory targets, against the baselines",
+            "gmemfast.bench.targets:configure_cli", "gmemfast.bench.targets:cli_run",
+            "Time the engine and its baselines (a pyroaring model, a dense numpy model) side by "
+            "side in one run and print medians, ratios and whether each target is met. Needs "
+            "the bench extra: pip install 'gmemfast[bench]'."),
 ]
 
 

@@ -296,3 +296,18 @@ def test_python_dash_m():
     r = subprocess.run([sys.executable, "-m", "gmemfast", "run", "boot", "--size", "xx"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "--size" in r.stderr
+
+
+def test_bench_runs_targets_against_baselines(capsys):
+    pytest.importorskip("pyroaring")
+    code, out, _ = run(capsys, "bench", "--only", "2", "--json")
+    res = json.loads(out)
+    (t,) = res["targets"]
+    assert t["id"] == 2 and t["ratio"] > 0
+    assert code == (0 if res["passed"] else 1)
+
+
+@pytest.mark.parametrize("only", ["7", "x"])
+def test_bench_bad_target_exits_2(capsys, only):
+    code, _, err = run(capsys, "bench", "--only", only)
+    assert code == 2 and "--only" in err
