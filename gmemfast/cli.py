@@ -619,7 +619,7 @@ COMMANDS: list[Command] = [
     Command("scenarios", "list the built-in scenarios and their parameters", _configure_scenarios,
             _cmd_scenarios),
     Command("bench", "the engine's speed and memory targets, against the baselines",
-            "gmemfast.bench.targets:configure_cli", "gmemfast.bench.targets:cli_run",
+            "gmemfast.bench.cli:configure_cli", "gmemfast.bench.cli:cli_run",
             "Time the engine and its baselines (a pyroaring model, a dense numpy model) side by "
             "side in one run and print medians, ratios and whether each target is met. Needs "
             "the bench extra: pip install 'gmemfast[bench]'."),

@@ -473,28 +473,6 @@ def format_table(res) -> str:
     return "\n".join(lines)
 
 
-def configure_cli(parser) -> None:
-    """Arguments of ``gmemfast bench``."""
-    parser.add_argument("--full", action="store_true",
-                        help="more repeats and the full per-call sample (minutes, not seconds)")
-    parser.add_argument("--json", action="store_true", help="print machine-readable results")
-    parser.add_argument("--only", default="", help="comma-separated target numbers, e.g. 1,3")
-
-
-def cli_run(args) -> int:
-    """``gmemfast bench``: the targets, quick by default; exit 1 if any target misses."""
-    try:
-        only = {int(x) for x in args.only.split(",") if x.strip()} or None
-    except ValueError:
-        raise ValueError(f"--only {args.only!r}: give target numbers 1-4 separated by commas") from None
-    if only and not only <= {1, 2, 3, 4}:
-        raise ValueError(f"--only {args.only!r}: targets are numbered 1 to 4")
-    res = run(not args.full, only=only,
-              progress=None if args.json else (lambda m: print(m, file=sys.stderr, flush=True)))
-    print(json.dumps(res, indent=2) if args.json else format_table(res))
-    return 0 if res["passed"] else 1
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller per-call sample")

@@ -1,4 +1,4 @@
-"""The benchmark workloads, written once for the asv suite and for ``run_targets.py``.
+"""The benchmark workloads, written once for the asv suite and for ``gmemfast bench``.
 
 Every builder returns an object in its benchmark-ready state (arrays filled, kernels
 compiled), so timed code only does the operation being measured.
@@ -10,10 +10,7 @@ import resource
 
 import numpy as np
 
-try:
-    from .baselines import DenseModel, RoaringModel
-except ImportError:  # run as a script from benchmarks/
-    from baselines import DenseModel, RoaringModel
+from .baselines import DenseModel, RoaringModel
 
 PAGE = 4096
 TIB = 1 << 40
