@@ -795,7 +795,13 @@ def zap_guest(n2, n1, w0, meta, p0, p1):
 @njit(cache=True, nogil=True)
 def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
     """Remove (or restore) the pages of ``[p0, p1)`` matching the condition from the
-    kernel direct map, breaking 1 GiB / 2 MiB entries that are only partly changed."""
+    kernel direct map.
+
+    The kernel changes the direct map a folio at a time, so an entry survives only when
+    one folio covers it wholly: a 1 GiB entry when a whole 1 GiB folio changes, a 2 MiB
+    entry when a whole 2 MiB (or 1 GiB) folio does; any other change breaks the entries
+    it touches into the next size down, for good.
+    """
     total = 0
     entries = 0
     for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
@@ -806,7 +812,8 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
         if m == 0:
             continue
         total += m
-        if m == N2 and n2[i, F_DSPLIT] == 0:
+        if (m == N2 and n2[i, F_DSPLIT] == 0
+                and walk_count(n2, n1, w0, lo, hi, cmask | GIG, cval | GIG) == N2):
             entries += 1
         else:
             if n2[i, F_DSPLIT] == 0:
@@ -823,7 +830,8 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
                 split = 0
                 if t >= 0:
                     split = n1[t * N1 + j, F_DSPLIT]
-                if m2 == N1 and split == 0:
+                if (m2 == N1 and split == 0
+                        and walk_count(n2, n1, w0, clo, chi, cmask | HUGE, cval | HUGE) == N1):
                     entries += 1
                     continue
                 if split == 0:
@@ -1214,14 +1222,14 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
         meta[C_PAGES_TO_PRIVATE] += ch
     else:
         meta[C_PAGES_TO_SHARED] += ch
-    # 6./7. direct map and huge pages
+    # 6./7. huge pages merge, then the direct map changes (a folio at a time)
+    if to_private:
+        merge_folios(n2, n1, w0, meta, p0, p1)
     if meta[M_DMAP] == DMAP_ONCONV and gcount(meta, 0) > 0:
         if to_private:
             dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | PRIV | DMAP_OFF, ALLOC | PRIV, True)
         else:
             dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | PRIV | DMAP_OFF, ALLOC | DMAP_OFF, False)
-    if to_private:
-        merge_folios(n2, n1, w0, meta, p0, p1)
     return 0, -1
 
 

@@ -237,12 +237,13 @@ class GuestMemfd:
     def _dmap_change(self, pages, removed):
         """Remove (or restore) the given pages from the direct map, as one operation.
 
-        Only allocated pages whose state changes count. They are handled as maximal
-        contiguous runs; each run splits the 1G entry of every 1 GiB block it touches but
-        does not wholly cover, then the 2M entry of every 2 MiB block (inside a split 1G
-        block) it touches but does not wholly cover. Blocks are aligned physical blocks:
-        a file smaller than a block never wholly covers it (the entry maps other memory
-        too), so the last, partial block of a file splits whenever its pages change.
+        Only allocated pages whose state changes count. The kernel changes the direct map
+        a folio at a time, so they are handled as pieces: maximal contiguous runs inside
+        one folio. Each piece splits the 1G entry of every 1 GiB block it touches but does
+        not wholly cover, then the 2M entry of every 2 MiB block (inside a split 1G block)
+        it touches but does not wholly cover. Blocks are aligned physical blocks: a file
+        smaller than a block never wholly covers it (the entry maps other memory too), so
+        the last, partial block of a file splits whenever its pages change.
         """
         changing = []
         for p in sorted(pages):
@@ -250,7 +251,20 @@ class GuestMemfd:
                 changing.append(p)
         for p in changing:
             self.dmap_removed[p] = removed
+
+        def folio(p):
+            k = self.order[p]
+            return (k, p >> k) if k > 0 else (0, p)
+
+        pieces = []
         for a, b in _runs(changing):
+            start = a
+            for p in range(a + 1, b):
+                if folio(p) != folio(p - 1):
+                    pieces.append((start, p))
+                    start = p
+            pieces.append((start, b))
+        for a, b in pieces:
             for g in range(a // PAGES_PER_1G, (b - 1) // PAGES_PER_1G + 1):
                 gs, ge = g * PAGES_PER_1G, (g + 1) * PAGES_PER_1G
                 if not (a <= gs and ge <= b):
@@ -478,8 +492,6 @@ class GuestMemfd:
             for p in changed:
                 self.contents.pop(p, None)
         self.private[first:end] = [to_private] * (end - first)   # = every page in `changed`
-        if self.direct_map == "on-conversion":
-            self._dmap_change(changed, to_private)
         if to_private and k > 0 and self.merge == "eager":
             for bs in self._blocks_touching(first, end):
                 block = range(bs, bs + self.block_pages)
@@ -489,6 +501,8 @@ class GuestMemfd:
                     for p in block:
                         self.order[p] = k
                     self._count_merge(k)
+        if self.direct_map == "on-conversion":   # after merging: removal is per folio
+            self._dmap_change(changed, to_private)
         self.counters["pages_to_private" if to_private else "pages_to_shared"] += len(changed)
         return None
 

@@ -578,13 +578,21 @@ def _entries(g):
 
 
 def test_worked_direct_map_no_direct_map(GM):
+    # 4 KiB folios: the direct map changes a folio at a time, so every entry breaks to 4K
     g = GM(512 * PAGE_SIZE, GUEST_MEMFD_FLAG_MMAP, direct_map="no-direct-map")
     assert _entries(g) == {"1G": 1, "2M": 0, "4K": 0}
     g.fallocate(KEEP, 0, 512 * PAGE_SIZE)
-    # one run of 512 pages: the (partial) 1 GiB block splits, its 2 MiB block is covered
+    assert _entries(g) == {"1G": 0, "2M": 0, "4K": 512}
+    d = g.dump()
+    assert all(int(x) for x in d["direct_map_removed"])
+
+    # a 2 MiB folio removes its whole 2 MiB entry: only the (partial) 1 GiB entry breaks
+    g = GM(2 << 20, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_HUGETLB, page_order=9,
+           direct_map="no-direct-map")
+    g.fallocate(KEEP, 0, 2 << 20)
     assert _entries(g) == {"1G": 0, "2M": 1, "4K": 0}
     g.fallocate(KEEP | PUNCH, 0, PAGE_SIZE)
-    # restoring one page splits that 2 MiB entry into 4 KiB entries, for good
+    # the folio splits and one 4 KiB page is restored: that 2 MiB entry breaks, for good
     assert _entries(g) == {"1G": 0, "2M": 0, "4K": 512}
     g.fallocate(KEEP, 0, PAGE_SIZE)
     assert _entries(g) == {"1G": 0, "2M": 0, "4K": 512}
