@@ -144,15 +144,7 @@ class SwiotlbChurnBatched:
                 many(offs, W.PAGE, 0)
                 many(offs, W.PAGE, P)
         else:
-            m = W.roaring_allocated()
-            plist = pages.tolist()
-            sh, pr = m.to_shared_page, m.to_private_page
-
-            def churn():
-                for p in plist:
-                    sh(p)
-                for p in plist:
-                    pr(p)
+            _, churn = W.roaring_churn(pages)
         self.churn = churn
 
     def time_1M_conversions(self, impl):
@@ -198,14 +190,7 @@ class SwiotlbChurnPerCall:
                 for o in offs:
                     conv(o, PAGE, P)
         else:
-            m = W.roaring_allocated()
-            sh, pr = m.to_shared_page, m.to_private_page
-
-            def churn():
-                for p in plist:
-                    sh(p)
-                for p in plist:
-                    pr(p)
+            _, churn = W.roaring_churn(pages)
         self.churn = churn
 
     def time_100k_conversions(self, impl):

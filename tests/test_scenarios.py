@@ -129,7 +129,7 @@ def test_boot_matches_naive(capture, platform, flow, order):
     assert_matches_naive(res, capture.gmem)
     assert res.summary["errors"] == {}
     assert list(res.phases) == ["launch", "accept", "swiotlb"]
-    off, nbytes = res.extra["swiotlb_offset"], res.extra["swiotlb_bytes"]
+    nbytes = res.extra["swiotlb_bytes"]
     assert res.summary["shared_pages"] == nbytes // 4096
     assert res.summary["allocated_pages"] == res.summary["guest_pages"]
 

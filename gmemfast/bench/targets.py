@@ -278,15 +278,7 @@ def target3(quick):
     _check(c1["folio_splits_1g"] - c0["folio_splits_1g"] == nblocks, "T3: folio_splits_1g counter")
     _check(c1["folio_merges_1g"] - c0["folio_merges_1g"] == nblocks, "T3: folio_merges_1g counter")
 
-    rm = W.roaring_allocated()
-    plist = pages.tolist()
-    sh, pr = rm.to_shared_page, rm.to_private_page
-
-    def roaring():
-        for p in plist:
-            sh(p)
-        for p in plist:
-            pr(p)
+    rm, roaring = W.roaring_churn(pages)
 
     def batched():
         many(offs, W.PAGE, 0)
@@ -299,7 +291,7 @@ def target3(quick):
     # one call at a time
     npc = 100_000 if quick else pages.size
     conv = g.set_memory_attributes
-    olist = [p * W.PAGE for p in plist[:npc]]
+    olist = (pages[:npc] * W.PAGE).tolist()
     PAGE = W.PAGE
 
     def per_call():

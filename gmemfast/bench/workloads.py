@@ -89,6 +89,21 @@ def roaring_allocated(npages=TIB_PAGES):
     return model_allocated(RoaringModel, npages)
 
 
+def roaring_churn(pages):
+    """The pyroaring model's SWIOTLB churn, one call per conversion: every page of
+    ``pages`` to shared, then each back. Returns ``(model, churn)``."""
+    m = roaring_allocated()
+    plist = pages.tolist()
+    sh, pr = m.to_shared_page, m.to_private_page
+
+    def churn():
+        for p in plist:
+            sh(p)
+        for p in plist:
+            pr(p)
+    return m, churn
+
+
 def dense_allocated(npages=TIB_PAGES):
     return model_allocated(DenseModel, npages)
 
