@@ -7,7 +7,6 @@ not touch, and the two VM exits a guest access can cause.
 from __future__ import annotations
 
 import errno as _errno
-import os
 
 __all__ = ["GmemError", "SigBusError", "MemoryFaultExit", "MmioExit"]
 
@@ -75,10 +74,3 @@ class MmioExit(Exception):
     def __reduce__(self):
         return (type(self), (self.gpa,))
 
-
-def einval(message: str) -> GmemError:
-    return GmemError(_errno.EINVAL, message)
-
-
-# Keep os imported for type checkers that resolve OSError subclasses' errno names.
-del os

@@ -518,7 +518,7 @@ class GuestMemfd:
         return tuple(self._pin_handles)
 
     # ---------------------------------------------------------------- conversion
-    def _zero_mode(self, attributes, flags, offset, size):
+    def _zero_mode(self, attributes, flags):
         """Validate content flags; return whether converted pages are zeroed."""
         if flags & ~(KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE | KVM_SET_MEMORY_ATTRIBUTES2_ZERO):
             raise GmemError(errno.EINVAL, f"unknown KVM_SET_MEMORY_ATTRIBUTES2 flags {flags & ~3:#x}")
@@ -571,7 +571,7 @@ class GuestMemfd:
             if attributes & ~KVM_MEMORY_ATTRIBUTE_PRIVATE:
                 raise GmemError(errno.EINVAL, f"unknown memory attributes {attributes & ~8:#x}")
             p0, p1 = check_range(offset, size, self.size, "set_memory_attributes")
-            zero = self._zero_mode(attributes, flags, offset, size)
+            zero = self._zero_mode(attributes, flags)
         except GmemError:
             self._meta[K.C_CONVERT_EINVAL] += 1
             raise
