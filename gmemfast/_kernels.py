@@ -375,26 +375,6 @@ def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
     return changed
 
 
-@njit(cache=True, nogil=True)
-def _set_uniform2(n2, n1, w0, meta, i, nw):
-    """Make 1 GiB entry ``i`` uniform with word ``nw`` (freeing any subtree)."""
-    t = n2[i, F_CHILD]
-    if t < 0:
-        diff = (n2[i, F_WORD] ^ nw) & 255
-        if diff:
-            for k in range(NCOUNTED):
-                if (diff >> k) & 1:
-                    meta[M_GCNT + k] += N2 if (nw >> k) & 1 else -N2
-    else:
-        for k in range(NCOUNTED):
-            d = (N2 if (nw >> k) & 1 else 0) - n2[i, F_CNT + k]
-            if d != 0:
-                meta[M_GCNT + k] += d
-        _free_subtree(n1, w0, meta, t)
-        n2[i, F_CHILD] = -1
-    n2[i, F_WORD] = nw
-
-
 @njit(cache=True, nogil=True, forceinline=True)
 def _fold_l0(n1, w0, meta, e):
     """Fold entry ``e``'s page table into the entry if all its pages are equal."""
