@@ -96,7 +96,8 @@ def _fmt_size(n):
         return exact
     for unit, mult in (("P", 1 << 50), ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if n >= mult:
-            return f"{n / mult:#.3g}".rstrip(".") + unit
+            v = n / mult
+            return (f"{v:.0f}" if v >= 100 else f"{v:#.3g}".rstrip(".")) + unit
     return exact
 
 
