@@ -1041,10 +1041,9 @@ def allocate(n2, n1, w0, meta, p0, p1):
 @njit(cache=True, nogil=True)
 def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state):
     """The guest accepts (TDX) or validates (SNP) the private pages of ``[p0, p1)`` in
-    chunks of ``chunk_pages`` (1 or 512): each page is faulted in, mapped in the guest and
-    moved to trusted-entity state ``te_state``. Pages already accepted cost nothing.
-    Returns the number of chunks that did work (rounded up from the pages)."""
-    allocate(n2, n1, w0, meta, p0, p1)
+    chunks of ``chunk_pages`` (1 or 512): each page (already allocated by the caller) is
+    mapped in the guest and moved to trusted-entity state ``te_state``. Pages already
+    accepted cost nothing. Returns the number of chunks that did work (rounded up)."""
     n_new = walk_count(n2, n1, w0, p0, p1, TE_MASK, 0)
     if n_new == 0:
         return 0
@@ -1217,9 +1216,10 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
 def convert_page(n2, n1, w0, meta, p, to_private, zero):
     """``convert`` of the single page ``p``: one read and one write of its word.
 
-    Falls back to ``convert`` where block-level work is due before the store (a huge
-    folio to split, direct-map changes, a metadata limit to check); the result is the
-    same either way.
+    Returns ``(-2, -1)``, having done nothing, where block-level work is due before the
+    store (a huge folio to split, direct-map changes, a metadata limit to check): the
+    caller then runs ``convert`` on the page. (Calling it from here would make this
+    small kernel compile all of ``convert`` again.)
     """
     f1, f0 = free_tables(meta)
     if f1 < RESERVE or f0 < RESERVE:
@@ -1230,7 +1230,7 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
         meta[C_CONVERT_NOOP] += 1
         return 0, -1
     if (w & HUGE) or meta[M_LIMIT] >= 0 or (meta[M_DMAP] == DMAP_ONCONV and (w & ALLOC)):
-        return convert(n2, n1, w0, meta, p, p + 1, to_private, zero)
+        return -2, -1
     meta[C_CONVERT_CALLS] += 1
     if meta[M_ENOMEM] > 0:
         meta[M_ENOMEM] -= 1
@@ -1313,9 +1313,10 @@ def convert_many(n2, n1, w0, meta, offs, sizes, attrs, flags, start, out_err, ou
             out_off[x] = -1
             continue
         zero = fl == 2 or (fl == 0 and vt != VM_SW)
+        e, pg = -2, -1
         if size == 4096:
             e, pg = convert_page(n2, n1, w0, meta, off >> 12, a != 0, zero)
-        else:
+        if e == -2:
             e, pg = convert(n2, n1, w0, meta, off >> 12, (off + size) >> 12, a != 0, zero)
         out_err[x] = e
         out_off[x] = pg << 12 if pg >= 0 else -1

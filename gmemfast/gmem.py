@@ -549,10 +549,11 @@ class GuestMemfd:
                 and not (offset | size) & 4095 and 0 <= offset < self.size
                 and 0 < size <= self.size - offset and (attributes | 8) == 8):
             # the common case, validated inline: this call is the hot path of simulations
+            err = -2
             if size == 4096:
                 err, pg = K.convert_page(self._n2, self._n1, self._w0, self._meta, offset >> 12,
                                          attributes != 0, self._coco)
-            else:
+            if err == -2:
                 err, pg = K.convert(self._n2, self._n1, self._w0, self._meta, offset >> 12,
                                     (offset + size) >> 12, attributes != 0, self._coco)
             if not err:
@@ -576,9 +577,10 @@ class GuestMemfd:
             self._meta[K.C_CONVERT_EINVAL] += 1
             raise
         n2, n1, w0, meta = self._state()
+        err, pg = -2, -1
         if p1 == p0 + 1:
             err, pg = K.convert_page(n2, n1, w0, meta, p0, attributes != 0, zero)
-        else:
+        if err == -2:
             err, pg = K.convert(n2, n1, w0, meta, p0, p1, attributes != 0, zero)
         if err:
             self._raise_convert(err, pg, offset, size, attributes)
@@ -682,6 +684,7 @@ class GuestMemfd:
         self._meta[_COUNTER_INDEX[name]] += n
 
     def _accept(self, p0: int, p1: int, chunk_pages: int, te_state: int) -> int:
+        K.allocate(*self._state(), p0, p1)
         return int(K.accept(*self._state(), p0, p1, chunk_pages, te_state))
 
     def _set_finalized(self) -> None:
