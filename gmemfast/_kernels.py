@@ -820,10 +820,8 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
                     n1[t * N1 + j, F_DSPLIT] = 1
                     meta[C_DMAP_SPLITS_2M] += 1
                 entries += m2
-        if remove:
-            walk_apply(n2, n1, w0, meta, lo, hi, cmask, cval, 0, DMAP_OFF)
-        else:
-            walk_apply(n2, n1, w0, meta, lo, hi, cmask, cval, DMAP_OFF, 0)
+        bit = DMAP_OFF if remove else 0
+        walk_apply(n2, n1, w0, meta, lo, hi, cmask, cval, DMAP_OFF - bit, bit)
     if total:
         meta[C_DMAP_ENTRIES_CHANGED] += entries
         _tlb_flush(meta, total)
@@ -867,14 +865,15 @@ def split_folios(n2, n1, w0, meta, p0, p1):
         b0 = i << S2
         lo = max(q0, b0)
         hi = min(q1, b0 + N2)
-        t = n2[i, F_CHILD]
-        if t < 0 or order == 18:
-            ch += walk_apply(n2, n1, w0, meta, lo, hi, HUGE, HUGE, ORDER_MASK, 0)
-            continue
-        for c0 in range(lo, hi, N1):
+        whole = n2[i, F_CHILD] < 0 or order == 18
+        c0 = lo
+        while c0 < hi:
+            c1 = hi if whole else c0 + N1
             t = n2[i, F_CHILD]
-            if t < 0 or cnt1(n1, t * N1 + ((c0 - b0) >> S1), 7):
-                ch += walk_apply(n2, n1, w0, meta, c0, c0 + N1, HUGE, HUGE, ORDER_MASK, 0)
+            # 2 MiB blocks whose counts show no huge folio are skipped too
+            if whole or t < 0 or cnt1(n1, t * N1 + ((c0 - b0) >> S1), 7):
+                ch += walk_apply(n2, n1, w0, meta, c0, c1, HUGE, HUGE, ORDER_MASK, 0)
+            c0 = c1
     nf = ch >> order
     _count_split(meta, nf)
     return nf
@@ -905,35 +904,33 @@ def merge_folios(n2, n1, w0, meta, p0, p1):
     merged = 0
     for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
         b0 = i << S2
-        if order == 18:
-            if _mergeable(cnt2(n2, i, 0), cnt2(n2, i, 1), cnt2(n2, i, 4), cnt2(n2, i, 7), N2):
-                walk_apply(n2, n1, w0, meta, b0, b0 + N2, 0, 0, 0, ob)
-                merged += 1
-            continue
-        lo = max(p0, b0)
-        hi = min(p1, b0 + N2)
-        j0 = (lo - b0) >> S1
-        j1 = ((hi - 1 - b0) >> S1) + 1
-        t = n2[i, F_CHILD]
-        if t < 0:
-            w = n2[i, F_WORD]
-            if (w & (ALLOC | PRIV | PIN | HUGE)) == (ALLOC | PRIV):
-                walk_apply(n2, n1, w0, meta, b0 + (j0 << S1), b0 + (j1 << S1), 0, 0, 0, ob)
-                merged += j1 - j0
-            continue
-        for j in range(j0, j1):
+        # 2 MiB blocks [j, j1) of this 1 GiB block that touch the range (the whole block
+        # for 1 GiB folios)
+        j = 0 if order == 18 else (max(p0, b0) - b0) >> S1
+        j1 = N1 if order == 18 else ((min(p1, b0 + N2) - 1 - b0) >> S1) + 1
+        while j < j1:
             t = n2[i, F_CHILD]
-            if t < 0:   # folded by a merge of a previous block
+            if t < 0:
+                # uniform (maybe folded by a merge of the previous block): all or none
                 w = n2[i, F_WORD]
-                if (w & (ALLOC | PRIV | PIN | HUGE)) == (ALLOC | PRIV):
-                    walk_apply(n2, n1, w0, meta, b0 + (j << S1), b0 + (j1 << S1), 0, 0, 0, ob)
-                    merged += j1 - j
-                break
-            e = t * N1 + j
-            if _mergeable(cnt1(n1, e, 0), cnt1(n1, e, 1), cnt1(n1, e, 4), cnt1(n1, e, 7), N1):
-                c0 = b0 + (j << S1)
-                walk_apply(n2, n1, w0, meta, c0, c0 + N1, 0, 0, 0, ob)
-                merged += 1
+                if (w & (ALLOC | PRIV | PIN | HUGE)) != (ALLOC | PRIV):
+                    break
+                a = j
+                j = j1
+            elif order == 18:
+                if not _mergeable(n2[i, F_CNT + 0], n2[i, F_CNT + 1], n2[i, F_CNT + 4],
+                                  n2[i, F_CNT + 7], N2):
+                    break
+                a = 0
+                j = N1
+            else:
+                e = t * N1 + j
+                a = j
+                j += 1
+                if not _mergeable(cnt1(n1, e, 0), cnt1(n1, e, 1), cnt1(n1, e, 4), cnt1(n1, e, 7), N1):
+                    continue
+            walk_apply(n2, n1, w0, meta, b0 + (a << S1), b0 + (j << S1), 0, 0, 0, ob)
+            merged += 1 if order == 18 else j - a
     if merged:
         if order == 9:
             meta[C_FOLIO_MERGES_2M] += merged
@@ -963,17 +960,17 @@ def _alloc_block(n2, n1, w0, meta, q0, q1, holes, npriv, order):
     if holes == 0:
         return
     n = q1 - q0
+    setb = ALLOC
     if holes == n:
         if npriv == n:
-            walk_apply(n2, n1, w0, meta, q0, q1, 0, 0, 0, ALLOC | _order_bits(order))
+            setb = ALLOC | _order_bits(order)
         else:
             # allocated huge, split at once: a huge folio may not hold shared pages
-            walk_apply(n2, n1, w0, meta, q0, q1, 0, 0, 0, ALLOC)
             _count_split(meta, 1)
         _count_zero(meta, n, order)
     else:
-        walk_apply(n2, n1, w0, meta, q0, q1, ALLOC, 0, 0, ALLOC)
         _count_zero(meta, holes, 0)
+    walk_apply(n2, n1, w0, meta, q0, q1, ALLOC, 0, 0, setb)
     meta[C_PAGES_ALLOCATED] += holes
 
 
@@ -1005,12 +1002,9 @@ def allocate(n2, n1, w0, meta, p0, p1):
                 w = n2[i, F_WORD]
                 if w & ALLOC:
                     continue
-                nb = (hi - lo) >> S1
-                if w & PRIV:
-                    walk_apply(n2, n1, w0, meta, lo, hi, 0, 0, 0, ALLOC | HUGE)
-                else:
-                    walk_apply(n2, n1, w0, meta, lo, hi, 0, 0, 0, ALLOC)
-                    _count_split(meta, nb)
+                walk_apply(n2, n1, w0, meta, lo, hi, 0, 0, 0, ALLOC | (HUGE if w & PRIV else 0))
+                if not w & PRIV:
+                    _count_split(meta, (hi - lo) >> S1)
                 _count_zero(meta, hi - lo, 9)
                 meta[C_PAGES_ALLOCATED] += hi - lo
                 continue
@@ -1031,10 +1025,10 @@ def allocate(n2, n1, w0, meta, p0, p1):
     done = meta[C_PAGES_ALLOCATED] - before
     if done:
         pol = meta[M_DMAP]
-        if pol == DMAP_NONE:
-            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | DMAP_OFF, ALLOC, True)
-        elif pol == DMAP_ONCONV:
-            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | PRIV | DMAP_OFF, ALLOC | PRIV, True)
+        if pol != DMAP_KEEP:
+            # no-direct-map: every new page leaves it; on-conversion: the private ones
+            priv = PRIV if pol == DMAP_ONCONV else 0
+            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | priv | DMAP_OFF, ALLOC | priv, True)
     return done
 
 
@@ -1187,15 +1181,13 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
         nsplit = split_folios(n2, n1, w0, meta, p0, p1)
         if released:
             _te_split_cost(meta, nsplit)
-    # 8. contents of the pages whose shareability changes
+    # 8. contents of the pages whose shareability changes (zeroed: they hold no bytes)
+    clr = PRIV
     if zero and gcount(meta, 0) > 0:
-        nz = walk_count(n2, n1, w0, p0, p1, ALLOC | PRIV, ALLOC | old)
-        if nz:
-            _count_zero(meta, nz, 0)
-            if gcount(meta, 5) > 0:
-                walk_apply(n2, n1, w0, meta, p0, p1, PRIV | DATA, old | DATA, DATA, 0)
+        _count_zero(meta, walk_count(n2, n1, w0, p0, p1, ALLOC | PRIV, ALLOC | old), 0)
+        clr = PRIV | DATA
     # 9. store the attributes (one range entry in the per-file store)
-    ch = walk_apply(n2, n1, w0, meta, p0, p1, PRIV, old, PRIV, want)
+    ch = walk_apply(n2, n1, w0, meta, p0, p1, PRIV, old, clr, want)
     meta[C_ATTR_WRITES_RANGE] += 1
     if to_private:
         meta[C_PAGES_TO_PRIVATE] += ch
@@ -1205,10 +1197,9 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     if to_private:
         merge_folios(n2, n1, w0, meta, p0, p1)
     if meta[M_DMAP] == DMAP_ONCONV and gcount(meta, 0) > 0:
-        if to_private:
-            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | PRIV | DMAP_OFF, ALLOC | PRIV, True)
-        else:
-            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | PRIV | DMAP_OFF, ALLOC | DMAP_OFF, False)
+        # private pages still in the direct map leave it; shared ones out of it return
+        cval = ALLOC | PRIV if to_private else ALLOC | DMAP_OFF
+        dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | PRIV | DMAP_OFF, cval, to_private)
     return 0, -1
 
 
