@@ -147,7 +147,8 @@ class GuestMemfd:
                 raise ValueError(f"metadata_limit {metadata_limit} must be at least 1 (or None)")
         if _vm is not None and not _vm.in_place and flags & GUEST_MEMFD_FLAG_MMAP and vmt != K.VM_SW:
             raise GmemError(errno.EINVAL, "a CoCo VM in legacy (not in-place) mode cannot mmap guest_memfd")
-        if _vm is None:
+        own_vm = _vm is None
+        if own_vm:
             from .vm import VM  # a file made directly behaves as bound to a VM of its type
             _vm = VM(vm_type, **vm_policies)
         elif vm_policies:
@@ -188,6 +189,8 @@ class GuestMemfd:
         self._pins: dict[int, int] = {}       # page -> long-term pins
         self._pin_handles: list[Pin] = []
         self._grow()
+        if own_vm:
+            _vm.gmems.append(self)
 
     # ---------------------------------------------------------------- pools
     def _grow(self):
@@ -764,6 +767,7 @@ class GuestMemfd:
             self._vm = vm
         else:
             self._vm.in_place = bool(header.get("in_place", True))
+            self._vm.gmems[:] = [self]
         n2, n1, w0, meta = (np.array(arrays[k]) for k in ("n2", "n1", "w0", "meta"))
         ok = (n2.shape == self._n2.shape and n2.dtype == np.int64 and meta.shape == self._meta.shape
               and meta.dtype == np.int64 and n1.dtype == np.int64 and n1.ndim == 2
