@@ -80,7 +80,7 @@ COUNTER_NAMES = (
     # trusted entity / firmware (platform adapters)
     "rmp_updates",
     "psmash",
-    "snp_fw_calls",
+    "snp_fw_launch_update",
     "snp_pvalidate_4k",
     "snp_pvalidate_2m",
     "tdx_seamcall_page_add",
@@ -95,6 +95,7 @@ COUNTER_NAMES = (
     "hash_bytes",
     "pages_populated_inplace",
     "pages_populated_legacy",
+    "snp_fw_launch_finish",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 NCOUNTERS = len(COUNTER_NAMES)

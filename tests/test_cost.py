@@ -23,7 +23,8 @@ from gmemfast.cost import (
 
 GiB = 1 << 30
 SOURCE_KINDS = ("published:", "calibrated:", "estimate:", "no cost:", "not applicable:")
-SNP_ONLY = ("rmp_updates", "psmash", "snp_fw_calls", "snp_pvalidate_4k", "snp_pvalidate_2m")
+SNP_ONLY = ("rmp_updates", "psmash", "snp_fw_launch_update", "snp_fw_launch_finish", "snp_pvalidate_4k",
+            "snp_pvalidate_2m")
 TDX_ONLY = tuple(n for n in COUNTER_NAMES if n.startswith("tdx_"))
 
 
@@ -425,7 +426,7 @@ def test_table_rows_are_aligned(snp):
 
 
 def test_table_shows_operations(snp):
-    est = snp.estimate(by_operation={"launch": {"snp_fw_calls": 10}, "accept": {"snp_pvalidate_2m": 5}})
+    est = snp.estimate(by_operation={"launch": {"snp_fw_launch_update": 10}, "accept": {"snp_pvalidate_2m": 5}})
     table = est.table()
     assert "operation" in table
     for op, sub in est.by_operation.items():

@@ -286,6 +286,17 @@ def test_snp_errors():
         vm.snp_launch_finish()
 
 
+def test_snp_firmware_calls_are_counted_by_command():
+    vm, g = snp_vm()
+    g.set_memory_attributes(0, 3 * P, PRIV)
+    vm.snp_launch_update(0, None, 3 * P, KVM_SEV_SNP_PAGE_TYPE_ZERO)
+    vm.snp_launch_finish([page(1), page(2)])
+    c = vm.counters
+    # one LAUNCH_UPDATE per page and per VMSA, one LAUNCH_FINISH
+    assert (c["snp_fw_launch_update"], c["snp_fw_launch_finish"]) == (5, 1)
+    assert c["rmp_updates"] == 5
+
+
 def test_snp_legacy_needs_a_source():
     vm, g = snp_vm(in_place=False)
     vm.set_memory_attributes(0, P, PRIV)

@@ -99,7 +99,7 @@ class SnpPlatform:
                 g._count("bytes_copied", PAGE_SIZE)
             g._te_set(p, p + 1, RMP_VALIDATED)
             g._count("rmp_updates")
-            g._count("snp_fw_calls")
+            g._count("snp_fw_launch_update")
             g._count("pages_populated_legacy" if legacy else "pages_populated_inplace")
             before = self.digest.hash_bytes
             measured = page_type == KVM_SEV_SNP_PAGE_TYPE_NORMAL
@@ -131,7 +131,7 @@ class SnpPlatform:
             self.digest.update(KVM_SEV_SNP_PAGE_TYPE_VMSA, SNP_VMSA_GPA, b)
             self._count_hash(vm, before)
             vm._count("rmp_updates")
-            vm._count("snp_fw_calls")
-        vm._count("snp_fw_calls")    # SNP_LAUNCH_FINISH itself
+            vm._count("snp_fw_launch_update")   # a VMSA page is one more LAUNCH_UPDATE
+        vm._count("snp_fw_launch_finish")
         vm._finalize()
         return self.digest.digest
