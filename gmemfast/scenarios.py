@@ -747,23 +747,7 @@ class Runner:
         return done
 
     def _guest_accept(self, gpa: int, size: int, chunk: int) -> None:
-        vm = self.vm
-        if vm.in_place or size <= (64 << 20):
-            vm.guest_accept(gpa, size, chunk=chunk)
-            return
-        # Legacy tracking: VM._check_view walks the per-GFN attributes page by page in
-        # Python, hopeless for terabytes. Check the range with the attribute RangeSet and
-        # accept through the file, exactly as VM.guest_accept would, until the engine
-        # checks the legacy view by ranges.
-        g0, g1 = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
-        if vm._attrs.covered(g0, g1) != g1 - g0:
-            vm.guest_accept(gpa, size, chunk=chunk)     # raises the exit for the first page
-            return
-        from ._layout import RMP_VALIDATED, SEPT_MAPPED
-        state = {"tdx": SEPT_MAPPED, "snp": RMP_VALIDATED}.get(vm.vm_type, 0)
-        for ms, a, n in vm._pieces(gpa, size):
-            p0 = (ms.gmem_offset + a - ms.gpa) >> PAGE_SHIFT
-            ms.gmem._accept(p0, p0 + (n >> PAGE_SHIFT), chunk >> PAGE_SHIFT, state)
+        self.vm.guest_accept(gpa, size, chunk=chunk)
 
     def accept_many(self, offs, size: int, chunk: int = PAGE_SIZE, *, label="accepting",
                     just_converted=False) -> None:
