@@ -208,46 +208,38 @@ def _metadata_start(data: bytes, offset_from_end: int, header_size: int, what: s
     return start
 
 
-def _parse_sev_metadata(data: bytes, offset_from_end: int) -> list[SevSection]:
-    start = _metadata_start(data, offset_from_end, _SEV_HEADER.size, "OVMF SEV metadata")
-    signature, length, version, count = _SEV_HEADER.unpack_from(data, start)
-    if signature != b"ASEV":
-        raise ValueError(f"OVMF SEV metadata: signature is {signature!r}, expected b'ASEV'")
+def _metadata_sections(data: bytes, offset_from_end: int, header, section, signature: bytes,
+                       what: str, exact: bool) -> list[tuple]:
+    """The raw section tuples of a metadata block (``signature``, length, version 1,
+    section count, then the sections). SEV metadata may be longer than its sections
+    (``exact=False``); TDVF metadata must match them exactly."""
+    start = _metadata_start(data, offset_from_end, header.size, what)
+    sig, length, version, count = header.unpack_from(data, start)
+    if sig != signature:
+        raise ValueError(f"{what}: signature is {sig!r}, expected {signature!r}")
     if version != 1:
-        raise ValueError(f"OVMF SEV metadata: version {version} is not supported (only 1 is)")
-    needed = _SEV_HEADER.size + count * _SEV_SECTION.size
-    if length < needed or start + length > len(data):
-        raise ValueError(
-            f"OVMF SEV metadata: size {length:#x} does not hold {count} sections "
-            f"(needs {needed:#x}) inside the image"
-        )
-    sections = []
-    for i in range(count):
-        gpa, sz, stype = _SEV_SECTION.unpack_from(data, start + _SEV_HEADER.size + i * _SEV_SECTION.size)
-        sections.append(SevSection(gpa, sz, _enum_or_int(SevSectionType, stype)))
-    return sections
+        raise ValueError(f"{what}: version {version} is not supported (only 1 is)")
+    expected = header.size + count * section.size
+    if (length != expected if exact else length < expected) or start + length > len(data):
+        if exact:
+            raise ValueError(f"{what}: length {length:#x} does not match {count} sections "
+                             f"({expected:#x}) inside the image")
+        raise ValueError(f"{what}: size {length:#x} does not hold {count} sections "
+                         f"(needs {expected:#x}) inside the image")
+    return [section.unpack_from(data, start + header.size + i * section.size) for i in range(count)]
+
+
+def _parse_sev_metadata(data: bytes, offset_from_end: int) -> list[SevSection]:
+    raw = _metadata_sections(data, offset_from_end, _SEV_HEADER, _SEV_SECTION, b"ASEV",
+                             "OVMF SEV metadata", exact=False)
+    return [SevSection(gpa, sz, _enum_or_int(SevSectionType, stype)) for gpa, sz, stype in raw]
 
 
 def _parse_tdvf_metadata(data: bytes, offset_from_end: int) -> list[TdvfSection]:
-    start = _metadata_start(data, offset_from_end, _TDVF_HEADER.size, "TDVF metadata")
-    signature, length, version, count = _TDVF_HEADER.unpack_from(data, start)
-    if signature != b"TDVF":
-        raise ValueError(f"TDVF metadata: signature is {signature!r}, expected b'TDVF'")
-    if version != 1:
-        raise ValueError(f"TDVF metadata: version {version} is not supported (only 1 is)")
-    expected = _TDVF_HEADER.size + count * _TDVF_SECTION.size
-    if length != expected or start + length > len(data):
-        raise ValueError(
-            f"TDVF metadata: length {length:#x} does not match {count} sections "
-            f"({expected:#x}) inside the image"
-        )
-    sections = []
-    for i in range(count):
-        off, raw, addr, msize, stype, attrs = _TDVF_SECTION.unpack_from(
-            data, start + _TDVF_HEADER.size + i * _TDVF_SECTION.size
-        )
-        sections.append(TdvfSection(off, raw, addr, msize, _enum_or_int(TdvfSectionType, stype), attrs))
-    return sections
+    raw = _metadata_sections(data, offset_from_end, _TDVF_HEADER, _TDVF_SECTION, b"TDVF",
+                             "TDVF metadata", exact=True)
+    return [TdvfSection(off, rawsz, addr, msize, _enum_or_int(TdvfSectionType, stype), attrs)
+            for off, rawsz, addr, msize, stype, attrs in raw]
 
 
 @dataclass(frozen=True, eq=False)
