@@ -134,15 +134,8 @@ class SwiotlbChurnBatched:
         pages = W.swiotlb_pages()
         self.nconv = 2 * pages.size
         if impl.startswith(ENGINE):
-            gm = W.warm_engine()
-            g = W.engine_allocated()
-            P = gm.KVM_MEMORY_ATTRIBUTE_PRIVATE
-            offs = pages * W.PAGE
-            many = g.set_memory_attributes_many
-
-            def churn():
-                many(offs, W.PAGE, 0)
-                many(offs, W.PAGE, P)
+            W.warm_engine()
+            churn = W.engine_churn(W.engine_allocated(), pages, batched=True)
         else:
             _, churn = W.roaring_churn(pages)
         self.churn = churn
@@ -174,21 +167,10 @@ class SwiotlbChurnPerCall:
 
     def setup(self, impl):
         pages = W.swiotlb_pages()[: self.SAMPLE]
-        plist = pages.tolist()
-        self.nconv = 2 * len(plist)
+        self.nconv = 2 * pages.size
         if impl.startswith(ENGINE):
-            gm = W.warm_engine()
-            g = W.engine_allocated()
-            P = gm.KVM_MEMORY_ATTRIBUTE_PRIVATE
-            conv = g.set_memory_attributes
-            offs = [p * W.PAGE for p in plist]
-            PAGE = W.PAGE
-
-            def churn():
-                for o in offs:
-                    conv(o, PAGE, 0)
-                for o in offs:
-                    conv(o, PAGE, P)
+            W.warm_engine()
+            churn = W.engine_churn(W.engine_allocated(), pages, batched=False)
         else:
             _, churn = W.roaring_churn(pages)
         self.churn = churn

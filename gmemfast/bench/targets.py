@@ -280,9 +280,7 @@ def target3(quick):
 
     rm, roaring = W.roaring_churn(pages)
 
-    def batched():
-        many(offs, W.PAGE, 0)
-        many(offs, W.PAGE, P)
+    batched = W.engine_churn(g, pages, batched=True)
 
     res = _interleaved({"batched": batched, "roaring": roaring}, 2 if quick else 5, min_sample_ns=0)
     _check(rm.private_pages() == W.TIB_PAGES and rm.splits == rm.merges and rm.splits % nblocks == 0
@@ -290,15 +288,7 @@ def target3(quick):
 
     # one call at a time
     npc = 100_000 if quick else pages.size
-    conv = g.set_memory_attributes
-    olist = (pages[:npc] * W.PAGE).tolist()
-    PAGE = W.PAGE
-
-    def per_call():
-        for o in olist:
-            conv(o, PAGE, 0)
-        for o in olist:
-            conv(o, PAGE, P)
+    per_call = W.engine_churn(g, pages[:npc], batched=False)
     pc = [_timed(per_call) for _ in range(1 if quick else 3)]
     _check(g.private_pages() == W.TIB_PAGES and g.folio_order(0) == 18, "T3: per-call loop state")
 

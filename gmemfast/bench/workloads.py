@@ -103,6 +103,29 @@ def roaring_churn(pages):
     return m, churn
 
 
+def engine_churn(g, pages, *, batched):
+    """The engine's SWIOTLB churn on ``g``: every page of ``pages`` to shared, then each
+    back, through the batched form (two calls) or one call per conversion."""
+    P = engine().KVM_MEMORY_ATTRIBUTE_PRIVATE
+    if batched:
+        offs = pages * PAGE
+        many = g.set_memory_attributes_many
+
+        def churn():
+            many(offs, PAGE, 0)
+            many(offs, PAGE, P)
+        return churn
+    conv = g.set_memory_attributes
+    olist = (pages * PAGE).tolist()
+
+    def churn():
+        for o in olist:
+            conv(o, PAGE, 0)
+        for o in olist:
+            conv(o, PAGE, P)
+    return churn
+
+
 def dense_allocated(npages=TIB_PAGES):
     return model_allocated(DenseModel, npages)
 
