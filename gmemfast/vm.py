@@ -11,7 +11,7 @@ from typing import Mapping
 import numpy as np
 
 from . import _kernels as K
-from ._layout import COUNTER_NAMES, NCOUNTERS
+from ._layout import COUNTER_INDEX, COUNTER_NAMES, NCOUNTERS
 from ._layout import RMP_VALIDATED as _RMP_VALIDATED
 from ._layout import SEPT_MAPPED as _SEPT_MAPPED
 from .errors import GmemError, MemoryFaultExit, MmioExit
@@ -283,7 +283,7 @@ class VM:
 
     # ---------------------------------------------------------------- populate
     def _count(self, name: str, n: int = 1) -> None:
-        self._meta[COUNTER_NAMES.index(name)] += n
+        self._meta[COUNTER_INDEX[name]] += n
 
     def _gmem_page(self, gpa: int):
         """(memslot, page index in its guest_memfd) for a page-aligned gpa, or None."""
