@@ -17,7 +17,9 @@ Kernels take only arrays and scalars. The bit, field, meta and counter numbers b
 literal constants of this module (they mirror ``_layout.py``; ``tests/test_layout.py``
 checks the two agree) so that numba's on-disk cache is invalidated whenever they change.
 Callers validate arguments and guarantee pool capacity (``RESERVE`` free tables of each
-level) before calling a kernel that may split entries: kernels never bounds-check.
+level) before calling a kernel that may split entries: kernels never check their inputs
+and never bounds-check. Kernels that can decline report it with a named return code
+(``RC_GROW``: grow the pools and call again; ``RC_SLOW``: take the general path).
 """
 import numpy as np
 from numba import njit
@@ -36,6 +38,18 @@ ORDER_MASK = 384
 TE_SHIFT = 9
 TE_MASK = 3584
 NCOUNTED = 8
+COUNTED_MASK = 255  # the counted bits of a word
+# indices of the counted bits (count k counts pages with bit 1 << k)
+K_ALLOC = 0
+K_PRIV = 1
+K_HMAP = 2
+K_GMAP = 3
+K_PIN = 4
+K_DATA = 5
+K_DMAP_OFF = 6
+K_HUGE = 7
+PAGE_SHIFT = 12
+PAGE_BYTES = 4096
 
 # ---- tree geometry and entry fields ----
 N1 = 512            # pages per 2 MiB block, entries per table
@@ -50,6 +64,8 @@ F_NX = 11           # 2 MiB entries: number of exception pages (see below)
 F_X0 = 12
 NX = 4
 NF = 16
+XQ_MASK = 0xFFFF    # an exception packs page index (low 16 bits) | word << 16
+XW_SHIFT = 16
 
 # ---- meta array: counters first, then bookkeeping ----
 M_FREE1 = 64
@@ -85,8 +101,30 @@ VM_TDX = 2
 
 EAGAIN = 11
 ENOMEM = 12
-EINVAL = 22
 TLB_CEILING = 33    # tlb_single_page_flush_ceiling
+RC_GROW = -1        # nothing done: the pools need growing first
+RC_SLOW = -2        # nothing done: the single-page path declines, use ``convert``
+
+# HugeTLB Vmemmap Optimization keeps one vmemmap page per huge folio and frees the rest:
+# 2 MiB -> 8 pages of struct page (7 freed), 1 GiB -> 4096 (4095 freed).
+HVO_FREED_2M = 7
+HVO_FREED_1G = 4095
+
+# ---- invariants (numbers and texts: _layout.INVARIANTS)
+INV_HMAP = 1
+INV_PIN = 2
+INV_NEEDS_FOLIO = 3
+INV_HUGE = 4
+INV_DMAP_KEEP = 5
+INV_DMAP_NONE = 6
+INV_DMAP_ONCONV = 7
+INV_TE = 8
+INV_COUNTS = 10
+INV_HUGE_BLOCK = 11
+INV_TAIL = 12
+INV_DSPLIT = 13
+INV_GCOUNTS = 14
+INV_EXCEPTIONS = 15
 
 # ---- counters (index into meta) ----
 C_HOST_FAULTS = 0
@@ -203,21 +241,11 @@ def _free_l0(w0, meta, u):
     base = u * N1
     v = meta[M_FREE0] + 1   # stored +1 so that "none" (-1) packs as 0
     w0[base] = v & 0xFFFF
-    w0[base + 1] = (v >> 16) & 0xFFFF
+    w0[base + 1] = (v >> XW_SHIFT) & 0xFFFF
     w0[base + 2] = (v >> 32) & 0xFFFF
     w0[base + 3] = (v >> 48) & 0xFFFF
     meta[M_FREE0] = u
     meta[M_NFREE0] += 1
-
-
-@njit(cache=True, nogil=True)
-def _free_subtree(n1, w0, meta, t):
-    base = t * N1
-    for j in range(N1):
-        u = n1[base + j, F_CHILD]
-        if u >= 0:
-            _free_l0(w0, meta, u)
-    _free_l1(n1, meta, t)
 
 
 @njit(cache=True, nogil=True, forceinline=True)
@@ -258,8 +286,8 @@ def _xword(n1, e, q):
     """Word of page ``q`` of 2 MiB entry ``e`` (no page table)."""
     for x in range(n1[e, F_NX]):
         v = n1[e, F_X0 + x]
-        if (v & 0xFFFF) == q:
-            return v >> 16
+        if (v & XQ_MASK) == q:
+            return v >> XW_SHIFT
     return n1[e, F_WORD]
 
 
@@ -292,7 +320,7 @@ def _split_l1(n1, w0, meta, e):
     base = u * N1
     for x in range(nx):
         v = n1[e, F_X0 + x]
-        w0[base + (v & 0xFFFF)] = v >> 16
+        w0[base + (v & XQ_MASK)] = v >> XW_SHIFT
     n1[e, F_NX] = 0
     n1[e, F_CHILD] = u
     return u
@@ -301,7 +329,7 @@ def _split_l1(n1, w0, meta, e):
 @njit(cache=True, nogil=True, forceinline=True)
 def _add_cnt(n2, n1, meta, i, e, w, nw):
     """Count page word ``w`` becoming ``nw`` in entries ``e`` (2 MiB) and ``i`` (1 GiB)."""
-    diff = (w ^ nw) & 255
+    diff = (w ^ nw) & COUNTED_MASK
     if diff:
         for k in range(NCOUNTED):
             if (diff >> k) & 1:
@@ -319,8 +347,8 @@ def _set_xpage(n2, n1, w0, meta, i, e, q, nw):
     nx = n1[e, F_NX]
     for x in range(nx):
         v = n1[e, F_X0 + x]
-        if (v & 0xFFFF) == q:
-            old = v >> 16
+        if (v & XQ_MASK) == q:
+            old = v >> XW_SHIFT
             if old == nw:
                 return True
             _add_cnt(n2, n1, meta, i, e, old, nw)
@@ -328,7 +356,7 @@ def _set_xpage(n2, n1, w0, meta, i, e, q, nw):
                 n1[e, F_X0 + x] = n1[e, F_X0 + nx - 1]
                 n1[e, F_NX] = nx - 1
             else:
-                n1[e, F_X0 + x] = q | (nw << 16)
+                n1[e, F_X0 + x] = q | (nw << XW_SHIFT)
             return True
     if nw == w:
         return True
@@ -337,7 +365,7 @@ def _set_xpage(n2, n1, w0, meta, i, e, q, nw):
     if nx == 0:
         _init_cnt1(n1, e)
     _add_cnt(n2, n1, meta, i, e, w, nw)
-    n1[e, F_X0 + nx] = q | (nw << 16)
+    n1[e, F_X0 + nx] = q | (nw << XW_SHIFT)
     n1[e, F_NX] = nx + 1
     return True
 
@@ -353,7 +381,7 @@ def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
     if nw != w:
         changed = N1 - nx
         # the base word's pages: count their change
-        diff = (w ^ nw) & 255
+        diff = (w ^ nw) & COUNTED_MASK
         for k in range(NCOUNTED):
             if (diff >> k) & 1:
                 d = (N1 - nx) if (nw >> k) & 1 else -(N1 - nx)
@@ -364,13 +392,13 @@ def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
     keep = 0
     for x in range(nx):
         v = n1[e, F_X0 + x]
-        xw = v >> 16
+        xw = v >> XW_SHIFT
         nxw = (xw & ~clr) | setb if (xw & cmask) == cval else xw
         if nxw != xw:
             changed += 1
             _add_cnt(n2, n1, meta, i, e, xw, nxw)
         if nxw != nw:
-            n1[e, F_X0 + keep] = (v & 0xFFFF) | (nxw << 16)
+            n1[e, F_X0 + keep] = (v & XQ_MASK) | (nxw << XW_SHIFT)
             keep += 1
     n1[e, F_NX] = keep
     return changed
@@ -484,9 +512,9 @@ def get_words(n2, n1, w0, p0, p1, out):
             out[p - p0:hi - p0] = n1[e, F_WORD]
             for x in range(n1[e, F_NX]):
                 v = n1[e, F_X0 + x]
-                pg = c0 + (v & 0xFFFF)
+                pg = c0 + (v & XQ_MASK)
                 if p <= pg < hi:
-                    out[pg - p0] = v >> 16
+                    out[pg - p0] = v >> XW_SHIFT
         else:
             b = u * N1 + (p & (N1 - 1))
             for q in range(hi - p):
@@ -510,10 +538,10 @@ def _xcount(n1, e, c0, clo, chi, cmask, cval):
     hits = 0
     for x in range(n1[e, F_NX]):
         v = n1[e, F_X0 + x]
-        pg = c0 + (v & 0xFFFF)
+        pg = c0 + (v & XQ_MASK)
         if clo <= pg < chi:
             inside += 1
-            if ((v >> 16) & cmask) == cval:
+            if ((v >> XW_SHIFT) & cmask) == cval:
                 hits += 1
     if (n1[e, F_WORD] & cmask) == cval:
         hits += chi - clo - inside
@@ -622,7 +650,7 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
             if nw == w:
                 continue
             if lo == b0 and hi == b0 + N2:
-                diff = (w ^ nw) & 255
+                diff = (w ^ nw) & COUNTED_MASK
                 for k in range(NCOUNTED):
                     if (diff >> k) & 1:
                         meta[M_GCNT + k] += N2 if (nw >> k) & 1 else -N2
@@ -656,7 +684,7 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
                         continue
                     touched = True
                     if whole:
-                        diff = (w ^ nw) & 255
+                        diff = (w ^ nw) & COUNTED_MASK
                         for k in range(NCOUNTED):
                             if (diff >> k) & 1:
                                 d = N1 if (nw >> k) & 1 else -N1
@@ -754,7 +782,7 @@ def _tlb_flush(meta, npages):
 @njit(cache=True, nogil=True)
 def zap_host(n2, n1, w0, meta, p0, p1):
     """Unmap the host userspace mappings of ``[p0, p1)`` (every process)."""
-    if gcount(meta, 2) == 0:
+    if gcount(meta, K_HMAP) == 0:
         return 0
     z = walk_apply(n2, n1, w0, meta, p0, p1, HMAP, HMAP, HMAP, 0)
     meta[C_HOST_PTES_ZAPPED] += z
@@ -766,7 +794,7 @@ def zap_host(n2, n1, w0, meta, p0, p1):
 def zap_guest(n2, n1, w0, meta, p0, p1):
     """Invalidate the guest (stage-2) mappings of ``[p0, p1)``."""
     meta[C_GUEST_INVALIDATIONS] += 1
-    if gcount(meta, 3) == 0:
+    if gcount(meta, K_GMAP) == 0:
         return 0
     z = walk_apply(n2, n1, w0, meta, p0, p1, GMAP, GMAP, GMAP, 0)
     meta[C_GUEST_PTES_ZAPPED] += z
@@ -831,9 +859,7 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
 
 @njit(cache=True, nogil=True)
 def _vmemmap_per_folio(order):
-    # HugeTLB Vmemmap Optimization keeps one vmemmap page per huge folio and frees the
-    # rest: 2 MiB -> 8 pages of struct page (7 freed), 1 GiB -> 4096 (4095 freed).
-    return 7 if order == 9 else 4095
+    return HVO_FREED_2M if order == S1 else HVO_FREED_1G
 
 
 @njit(cache=True, nogil=True)
@@ -841,7 +867,7 @@ def _count_split(meta, nfolios):
     if nfolios <= 0:
         return
     order = meta[M_ORDER]
-    if order == 9:
+    if order == S1:
         meta[C_FOLIO_SPLITS_2M] += nfolios
     else:
         meta[C_FOLIO_SPLITS_1G] += nfolios
@@ -853,7 +879,7 @@ def _count_split(meta, nfolios):
 def split_folios(n2, n1, w0, meta, p0, p1):
     """Split to order 0 every huge folio touching ``[p0, p1)``. Returns folios split."""
     order = meta[M_ORDER]
-    if order == 0 or gcount(meta, 7) == 0:
+    if order == 0 or gcount(meta, K_HUGE) == 0:
         return 0
     bmask = (np.int64(1) << order) - 1
     q0 = p0 & ~bmask
@@ -861,12 +887,12 @@ def split_folios(n2, n1, w0, meta, p0, p1):
     ch = 0
     for i in range(q0 >> S2, ((q1 - 1) >> S2) + 1):
         # blocks holding no huge folio (by their counts) are skipped without a walk
-        if cnt2(n2, i, 7) == 0:
+        if cnt2(n2, i, K_HUGE) == 0:
             continue
         b0 = i << S2
         lo = max(q0, b0)
         hi = min(q1, b0 + N2)
-        whole = n2[i, F_CHILD] < 0 or order == 18
+        whole = n2[i, F_CHILD] < 0 or order == S2
         c0 = lo
         while c0 < hi:
             c1 = hi if whole else c0 + N1
@@ -882,9 +908,9 @@ def split_folios(n2, n1, w0, meta, p0, p1):
 
 @njit(cache=True, nogil=True)
 def _order_bits(order):
-    if order == 9:
+    if order == S1:
         return HUGE
-    if order == 18:
+    if order == S2:
         return HUGE | GIG
     return 0
 
@@ -907,8 +933,8 @@ def merge_folios(n2, n1, w0, meta, p0, p1):
         b0 = i << S2
         # 2 MiB blocks [j, j1) of this 1 GiB block that touch the range (the whole block
         # for 1 GiB folios)
-        j = 0 if order == 18 else (max(p0, b0) - b0) >> S1
-        j1 = N1 if order == 18 else ((min(p1, b0 + N2) - 1 - b0) >> S1) + 1
+        j = 0 if order == S2 else (max(p0, b0) - b0) >> S1
+        j1 = N1 if order == S2 else ((min(p1, b0 + N2) - 1 - b0) >> S1) + 1
         while j < j1:
             t = n2[i, F_CHILD]
             if t < 0:
@@ -918,9 +944,9 @@ def merge_folios(n2, n1, w0, meta, p0, p1):
                     break
                 a = j
                 j = j1
-            elif order == 18:
-                if not _mergeable(n2[i, F_CNT + 0], n2[i, F_CNT + 1], n2[i, F_CNT + 4],
-                                  n2[i, F_CNT + 7], N2):
+            elif order == S2:
+                if not _mergeable(n2[i, F_CNT + K_ALLOC], n2[i, F_CNT + K_PRIV], n2[i, F_CNT + K_PIN],
+                                  n2[i, F_CNT + K_HUGE], N2):
                     break
                 a = 0
                 j = N1
@@ -928,12 +954,12 @@ def merge_folios(n2, n1, w0, meta, p0, p1):
                 e = t * N1 + j
                 a = j
                 j += 1
-                if not _mergeable(cnt1(n1, e, 0), cnt1(n1, e, 1), cnt1(n1, e, 4), cnt1(n1, e, 7), N1):
+                if not _mergeable(cnt1(n1, e, K_ALLOC), cnt1(n1, e, K_PRIV), cnt1(n1, e, K_PIN), cnt1(n1, e, K_HUGE), N1):
                     continue
             walk_apply(n2, n1, w0, meta, b0 + (a << S1), b0 + (j << S1), 0, 0, 0, ob)
-            merged += 1 if order == 18 else j - a
+            merged += 1 if order == S2 else j - a
     if merged:
-        if order == 9:
+        if order == S1:
             meta[C_FOLIO_MERGES_2M] += merged
         else:
             meta[C_FOLIO_MERGES_1G] += merged
@@ -947,12 +973,12 @@ def _count_zero(meta, npages, order):
     if npages <= 0:
         return
     meta[C_PAGES_ZEROED] += npages
-    if order == 18:
-        meta[C_BYTES_ZEROED_1G] += npages * 4096
-    elif order == 9:
-        meta[C_BYTES_ZEROED_2M] += npages * 4096
+    if order == S2:
+        meta[C_BYTES_ZEROED_1G] += npages * PAGE_BYTES
+    elif order == S1:
+        meta[C_BYTES_ZEROED_2M] += npages * PAGE_BYTES
     else:
-        meta[C_BYTES_ZEROED_4K] += npages * 4096
+        meta[C_BYTES_ZEROED_4K] += npages * PAGE_BYTES
 
 
 @njit(cache=True, nogil=True)
@@ -993,9 +1019,9 @@ def allocate(n2, n1, w0, meta, p0, p1):
         q1 = (p1 + bmask) & ~bmask
         for i in range(q0 >> S2, ((q1 - 1) >> S2) + 1):
             b0 = i << S2
-            if order == 18:
-                _alloc_block(n2, n1, w0, meta, b0, b0 + N2, N2 - cnt2(n2, i, 0),
-                             cnt2(n2, i, 1), 18)
+            if order == S2:
+                _alloc_block(n2, n1, w0, meta, b0, b0 + N2, N2 - cnt2(n2, i, K_ALLOC),
+                             cnt2(n2, i, K_PRIV), S2)
                 continue
             lo = max(q0, b0)
             hi = min(q1, b0 + N2)
@@ -1006,7 +1032,7 @@ def allocate(n2, n1, w0, meta, p0, p1):
                 walk_apply(n2, n1, w0, meta, lo, hi, 0, 0, 0, ALLOC | (HUGE if w & PRIV else 0))
                 if not w & PRIV:
                     _count_split(meta, (hi - lo) >> S1)
-                _count_zero(meta, hi - lo, 9)
+                _count_zero(meta, hi - lo, S1)
                 meta[C_PAGES_ALLOCATED] += hi - lo
                 continue
             for c0 in range(lo, hi, N1):
@@ -1017,10 +1043,10 @@ def allocate(n2, n1, w0, meta, p0, p1):
                     npriv = N1 if w & PRIV else 0
                 else:
                     e = t * N1 + ((c0 - b0) >> S1)
-                    holes = N1 - cnt1(n1, e, 0)
-                    npriv = cnt1(n1, e, 1)
+                    holes = N1 - cnt1(n1, e, K_ALLOC)
+                    npriv = cnt1(n1, e, K_PRIV)
                 if holes:
-                    _alloc_block(n2, n1, w0, meta, c0, c0 + N1, holes, npriv, 9)
+                    _alloc_block(n2, n1, w0, meta, c0, c0 + N1, holes, npriv, S1)
         p0 = q0
         p1 = q1
     done = meta[C_PAGES_ALLOCATED] - before
@@ -1086,7 +1112,7 @@ def _te_split_cost(meta, nsplit_folios):
     SNP, TDH.MEM.PAGE.DEMOTE per 2 MiB secure-EPT mapping on TDX."""
     if nsplit_folios <= 0:
         return
-    n2m = nsplit_folios * (1 if meta[M_ORDER] == 9 else 512)
+    n2m = nsplit_folios * (1 if meta[M_ORDER] == S1 else N1)
     if meta[M_VMTYPE] == VM_SNP:
         meta[C_PSMASH] += n2m
     elif meta[M_VMTYPE] == VM_TDX:
@@ -1121,11 +1147,11 @@ def _ranges_after(n2, n1, w0, meta, p0, p1, v):
 
 @njit(cache=True, nogil=True)
 def _folios_checked(n2, n1, w0, meta, p0, p1):
-    if gcount(meta, 0) == 0:
+    if gcount(meta, K_ALLOC) == 0:
         return 0
     order = meta[M_ORDER]
     small = walk_count(n2, n1, w0, p0, p1, ALLOC | HUGE, ALLOC)
-    if order == 0 or gcount(meta, 7) == 0:
+    if order == 0 or gcount(meta, K_HUGE) == 0:
         return small
     bmask = (np.int64(1) << order) - 1
     q0 = p0 & ~bmask
@@ -1138,17 +1164,17 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     """``KVM_SET_MEMORY_ATTRIBUTES2`` on the file for a validated range.
 
     Returns ``(errno, error_page)``: ``(0, -1)`` on success (or nothing to do),
-    ``(ENOMEM, p0)``, ``(EAGAIN, first unsafe page)``, or ``(-1, -1)`` when the pools
-    need growing first (nothing done). Nothing changes on error except zapped host
+    ``(ENOMEM, p0)``, ``(EAGAIN, first unsafe page)``, or ``(RC_GROW, -1)`` when the
+    pools need growing first (nothing done). Nothing changes on error except zapped host
     mappings.
     """
     f1, f0 = free_tables(meta)
     if f1 < RESERVE or f0 < RESERVE:
-        return -1, -1      # the caller grows the pools and calls again
+        return RC_GROW, -1
     n = p1 - p0
     meta[C_CONVERT_CALLS] += 1
     if n == meta[M_NPAGES]:
-        npriv = gcount(meta, 1)
+        npriv = gcount(meta, K_PRIV)
     else:
         npriv = walk_count(n2, n1, w0, p0, p1, PRIV, PRIV)
     if (to_private and npriv == n) or (not to_private and npriv == 0):
@@ -1169,7 +1195,7 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     if to_private:
         zap_host(n2, n1, w0, meta, p0, p1)
         meta[C_FOLIOS_CHECKED] += _folios_checked(n2, n1, w0, meta, p0, p1)
-        if gcount(meta, 4) > 0:
+        if gcount(meta, K_PIN) > 0:
             f = walk_first(n2, n1, w0, p0, p1, PIN, PIN)
             if f >= 0:
                 meta[C_LRU_DRAINS] += 1
@@ -1184,7 +1210,7 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
             _te_split_cost(meta, nsplit)
     # 8. contents of the pages whose shareability changes (zeroed: they hold no bytes)
     clr = PRIV
-    if zero and gcount(meta, 0) > 0:
+    if zero and gcount(meta, K_ALLOC) > 0:
         _count_zero(meta, walk_count(n2, n1, w0, p0, p1, ALLOC | PRIV, ALLOC | old), 0)
         clr = PRIV | DATA
     # 9. store the attributes (one range entry in the per-file store)
@@ -1197,7 +1223,7 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     # 6./7. huge pages merge, then the direct map changes (a folio at a time)
     if to_private:
         merge_folios(n2, n1, w0, meta, p0, p1)
-    if meta[M_DMAP] == DMAP_ONCONV and gcount(meta, 0) > 0:
+    if meta[M_DMAP] == DMAP_ONCONV and gcount(meta, K_ALLOC) > 0:
         # private pages still in the direct map leave it; shared ones out of it return
         cval = ALLOC | PRIV if to_private else ALLOC | DMAP_OFF
         dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | PRIV | DMAP_OFF, cval, to_private)
@@ -1208,21 +1234,21 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
 def convert_page(n2, n1, w0, meta, p, to_private, zero):
     """``convert`` of the single page ``p``: one read and one write of its word.
 
-    Returns ``(-2, -1)``, having done nothing, where block-level work is due before the
+    Returns ``(RC_SLOW, -1)``, having done nothing, where block-level work is due before the
     store (a huge folio to split, direct-map changes, a metadata limit to check): the
     caller then runs ``convert`` on the page. (Calling it from here would make this
     small kernel compile all of ``convert`` again.)
     """
     f1, f0 = free_tables(meta)
     if f1 < RESERVE or f0 < RESERVE:
-        return -1, -1      # the caller grows the pools and calls again
+        return RC_GROW, -1
     w = get_word(n2, n1, w0, p)
     if ((w & PRIV) != 0) == to_private:
         meta[C_CONVERT_CALLS] += 1
         meta[C_CONVERT_NOOP] += 1
         return 0, -1
     if (w & HUGE) or meta[M_LIMIT] >= 0 or (meta[M_DMAP] == DMAP_ONCONV and (w & ALLOC)):
-        return -2, -1
+        return RC_SLOW, -1
     meta[C_CONVERT_CALLS] += 1
     if meta[M_ENOMEM] > 0:
         meta[M_ENOMEM] -= 1
@@ -1271,47 +1297,30 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
 
 
 @njit(cache=True, nogil=True)
-def convert_many(n2, n1, w0, meta, offs, sizes, attrs, flags, start, out_err, out_off,
-                 fsize, preserve_private_ok):
-    """Apply conversions ``start..`` in order, each with its own result.
+def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, start, out_err, out_page):
+    """Apply conversions ``start..`` of validated page ranges ``[p0s[x], p1s[x])`` in
+    order, each with its own result in ``out_err``/``out_page``. Items whose ``out_err``
+    is already set (refused by the caller's validation) are skipped.
 
-    Validation mirrors the single call. Returns the index to resume at: ``len(offs)``
-    when done, earlier when the pools need growing first.
+    Returns the index to resume at: ``len(p0s)`` when done, earlier when the pools need
+    growing first.
     """
-    n = offs.shape[0]
-    vt = meta[M_VMTYPE]
+    n = p0s.shape[0]
     for x in range(start, n):
+        if out_err[x] != 0:
+            continue
         f1, f0 = free_tables(meta)
         if f1 < RESERVE or f0 < RESERVE:
             return x
-        off = offs[x]
-        size = sizes[x]
-        a = attrs[x]
-        fl = flags[x]
-        err = 0
-        if (a & ~8) != 0 or (fl & ~3) != 0 or fl == 3:   # 8: KVM_MEMORY_ATTRIBUTE_PRIVATE
-            err = EINVAL
-        elif fl != 0 and meta[M_CONTENT_MODES] == 0:
-            err = EINVAL
-        elif size <= 0 or off < 0 or (off & 4095) != 0 or (size & 4095) != 0:
-            err = EINVAL
-        elif off >= fsize or size > fsize - off:
-            err = EINVAL
-        elif fl == 1 and vt != VM_SW and (a == 0 or not preserve_private_ok):
-            err = EINVAL
-        if err:
-            meta[C_CONVERT_EINVAL] += 1
-            out_err[x] = err
-            out_off[x] = -1
-            continue
-        zero = fl == 2 or (fl == 0 and vt != VM_SW)
-        e, pg = -2, -1
-        if size == 4096:
-            e, pg = convert_page(n2, n1, w0, meta, off >> 12, a != 0, zero)
-        if e == -2:
-            e, pg = convert(n2, n1, w0, meta, off >> 12, (off + size) >> 12, a != 0, zero)
+        p0 = p0s[x]
+        p1 = p1s[x]
+        e, pg = RC_SLOW, -1
+        if p1 == p0 + 1:
+            e, pg = convert_page(n2, n1, w0, meta, p0, to_private[x] != 0, zero[x] != 0)
+        if e == RC_SLOW:
+            e, pg = convert(n2, n1, w0, meta, p0, p1, to_private[x] != 0, zero[x] != 0)
         out_err[x] = e
-        out_off[x] = pg << 12 if pg >= 0 else -1
+        out_page[x] = pg
     return n
 
 
@@ -1321,26 +1330,26 @@ def punch(n2, n1, w0, meta, p0, p1):
 
     Returns ``(errno, error_page)``.
     """
-    if gcount(meta, 4) > 0:
+    if gcount(meta, K_PIN) > 0:
         f = walk_first(n2, n1, w0, p0, p1, PIN, PIN)
         if f >= 0:
             meta[C_PUNCH_EAGAIN] += 1
             return EAGAIN, f
     meta[C_PUNCH_CALLS] += 1
-    if gcount(meta, 0) == 0:
+    if gcount(meta, K_ALLOC) == 0:
         return 0, -1
     zap_host(n2, n1, w0, meta, p0, p1)
     zap_guest(n2, n1, w0, meta, p0, p1)
     _te_release(n2, n1, w0, meta, p0, p1)
     order = meta[M_ORDER]
-    if order and gcount(meta, 7) > 0:
+    if order and gcount(meta, K_HUGE) > 0:
         bmask = (np.int64(1) << order) - 1
         # huge folios only partly punched are split; wholly punched ones are freed whole
         if p0 & bmask:
             split_folios(n2, n1, w0, meta, p0, p0 + 1)
         if p1 & bmask:
             split_folios(n2, n1, w0, meta, p1 - 1, p1)
-    if gcount(meta, 6) > 0:
+    if gcount(meta, K_DMAP_OFF) > 0:
         dmap_change(n2, n1, w0, meta, p0, p1, DMAP_OFF, DMAP_OFF, False)
     ch = walk_apply(n2, n1, w0, meta, p0, p1, ALLOC, ALLOC,
                     ALLOC | ORDER_MASK | HMAP | GMAP | DATA | DMAP_OFF | TE_MASK, 0)
@@ -1354,28 +1363,28 @@ def punch(n2, n1, w0, meta, p0, p1):
 
 @njit(cache=True, nogil=True)
 def _word_ok(w, meta):
-    """0 if a page word is consistent, else the number of the broken rule."""
+    """0 if a page word is consistent, else the ``INV_*`` number of the broken rule."""
     a = (w & ALLOC) != 0
     pv = (w & PRIV) != 0
     if (w & HMAP) and (not a or pv):
-        return 1   # host-mapped page must be allocated and shared
+        return INV_HMAP
     if (w & PIN) and (not a or pv):
-        return 2   # pinned page must be allocated and shared
+        return INV_PIN
     if (w & (DATA | GMAP | DMAP_OFF)) and not a:
-        return 3   # contents, guest mapping, direct-map removal need a folio
+        return INV_NEEDS_FOLIO
     ob = w & ORDER_MASK
     if ob and (ob != _order_bits(meta[M_ORDER]) or not a or not pv or (w & PIN)):
-        return 4   # huge folio must be of the backing order, allocated, private, unpinned
+        return INV_HUGE
     pol = meta[M_DMAP]
     off = (w & DMAP_OFF) != 0
     if pol == DMAP_KEEP and off:
-        return 5
+        return INV_DMAP_KEEP
     if pol == DMAP_NONE and off != a:
-        return 6
+        return INV_DMAP_NONE
     if pol == DMAP_ONCONV and off != (a and pv):
-        return 7
+        return INV_DMAP_ONCONV
     if (w & TE_MASK) and (not a or not pv):
-        return 8   # trusted-entity state only on allocated private pages
+        return INV_TE
     return 0
 
 
@@ -1383,10 +1392,8 @@ def _word_ok(w, meta):
 def check_tree(n2, n1, w0, meta):
     """Verify every invariant of the store. Returns ``(rule, page)``; rule 0 = all good.
 
-    Rules 1-8: a page word (see ``_word_ok``); 10: a summary count disagrees with the
-    pages below it; 11: a huge folio does not cover its whole aligned block; 12: pages past
-    the end changed; 13: a 2 MiB direct-map split under an unsplit 1 GiB entry;
-    14: the whole-file counts disagree; 15: a malformed exception list.
+    The rules are the ``INV_*`` numbers (texts in ``_layout.INVARIANTS``): 1-8 about a
+    page word (``_word_ok``), the others about the tree's counts and shape.
     """
     nl2 = n2.shape[0]
     npages = meta[M_NPAGES]
@@ -1403,7 +1410,7 @@ def check_tree(n2, n1, w0, meta):
             w = n2[i, F_WORD]
             if b0 + N2 > npages and b0 < npages and w != meta[M_INITW]:
                 # a uniform partial last block: its tail must hold the initial word
-                return 12, npages
+                return INV_TAIL, npages
             r = _word_ok(w, meta)
             if r and b0 < npages:
                 return r, b0
@@ -1413,14 +1420,14 @@ def check_tree(n2, n1, w0, meta):
             e = t * N1 + j
             c0 = b0 + (j << S1)
             if n1[e, F_DSPLIT] and not n2[i, F_DSPLIT]:
-                return 13, c0
+                return INV_DSPLIT, c0
             u = n1[e, F_CHILD]
             nx = n1[e, F_NX]
             if u < 0 and nx == 0:
                 w = n1[e, F_WORD]
                 if c0 >= npages:
                     if w != meta[M_INITW]:
-                        return 12, c0
+                        return INV_TAIL, c0
                 else:
                     r = _word_ok(w, meta)
                     if r:
@@ -1429,14 +1436,14 @@ def check_tree(n2, n1, w0, meta):
                     c2[k] += N1 if (w >> k) & 1 else 0
                 continue
             if u >= 0 and nx != 0:
-                return 15, c0
+                return INV_EXCEPTIONS, c0
             for x in range(nx):
                 v = n1[e, F_X0 + x]
-                if (v >> 16) == n1[e, F_WORD] or (v & 0xFFFF) >= N1:
-                    return 15, c0
+                if (v >> XW_SHIFT) == n1[e, F_WORD] or (v & XQ_MASK) >= N1:
+                    return INV_EXCEPTIONS, c0
                 for y in range(x):
-                    if (n1[e, F_X0 + y] & 0xFFFF) == (v & 0xFFFF):
-                        return 15, c0
+                    if (n1[e, F_X0 + y] & XQ_MASK) == (v & XQ_MASK):
+                        return INV_EXCEPTIONS, c0
             c1[:] = 0
             for q in range(N1):
                 if u < 0:
@@ -1446,7 +1453,7 @@ def check_tree(n2, n1, w0, meta):
                 p = c0 + q
                 if p >= npages:
                     if w != meta[M_INITW]:
-                        return 12, p
+                        return INV_TAIL, p
                 else:
                     r = _word_ok(w, meta)
                     if r:
@@ -1455,18 +1462,18 @@ def check_tree(n2, n1, w0, meta):
                     c1[k] += (w >> k) & 1
             for k in range(NCOUNTED):
                 if n1[e, F_CNT + k] != c1[k]:
-                    return 10, c0
+                    return INV_COUNTS, c0
                 c2[k] += c1[k]
-            if order == 9 and c1[7] != 0 and c1[7] != N1:
-                return 11, c0
+            if order == S1 and c1[K_HUGE] != 0 and c1[K_HUGE] != N1:
+                return INV_HUGE_BLOCK, c0
         for k in range(NCOUNTED):
             if n2[i, F_CNT + k] != c2[k]:
-                return 10, b0
-        if order == 18 and c2[7] != 0 and c2[7] != N2:
-            return 11, b0
+                return INV_COUNTS, b0
+        if order == S2 and c2[K_HUGE] != 0 and c2[K_HUGE] != N2:
+            return INV_HUGE_BLOCK, b0
     for k in range(NCOUNTED):
         if g[k] != meta[M_GCNT + k]:
-            return 14, 0
+            return INV_GCOUNTS, 0
     return 0, -1
 
 

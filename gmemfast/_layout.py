@@ -1,8 +1,8 @@
-"""Names of the page-state bits and of the work counters.
+"""Names of the page-state bits, the policy codes, the invariants and the work counters.
 
 The numba kernels in ``_kernels.py`` use the same numbers as literal constants defined in
-that file (so that its compiled cache is invalidated whenever they change); a test checks
-the two agree.
+that file (so that its compiled cache is invalidated whenever they change);
+``tests/test_layout.py`` checks the two agree.
 """
 
 # Per-page state word (uint16).
@@ -21,14 +21,36 @@ TE_MASK = 7 << TE_SHIFT
 
 # Bits whose page counts every summary entry keeps (bit k is count k).
 COUNTED_BITS = (ALLOC, PRIV, HMAP, GMAP, PIN, DATA, DMAP_OFF, HUGE)
+# Their indices, for the store's whole-file counts.
+K_ALLOC, K_PRIV, K_HMAP, K_GMAP, K_PIN, K_DATA, K_DMAP_OFF, K_HUGE = range(len(COUNTED_BITS))
 
 # TDX secure-EPT states and SNP RMP states share the TE field; the VM type says which.
-TE_NONE = 0
-SEPT_PENDING = 1
-SEPT_MAPPED = 2
-SEPT_BLOCKED = 3
-RMP_GUEST_OWNED = 4  # assigned; hypervisor-owned is TE_NONE
-RMP_VALIDATED = 5    # assigned and validated by the guest (PVALIDATE)
+TE_NONE = 0          # no secure-EPT entry (TDX); hypervisor-owned RMP entry (SNP)
+SEPT_MAPPED = 2      # secure-EPT entry mapped: added or accepted
+RMP_VALIDATED = 5    # RMP entry assigned to the guest and validated (PVALIDATE)
+
+# Policy and type codes kept in the store's meta array.
+VM_TYPE_CODES = {"sw-protected": 0, "snp": 1, "tdx": 2}
+DIRECT_MAP_CODES = {"keep": 0, "no-direct-map": 1, "on-conversion": 2}
+MERGE_CODES = {"eager": 1, "never": 0}
+
+# The invariants ``check_tree`` verifies, by the number it returns (docs/model.md §3).
+INVARIANTS = {
+    1: "host-mapped page must be allocated and shared",
+    2: "pinned page must be allocated and shared",
+    3: "contents, guest mapping and direct-map removal need an allocated page",
+    4: "huge folio must be of the backing order, allocated, private and unpinned",
+    5: "policy 'keep' never removes pages from the direct map",
+    6: "policy 'no-direct-map' removes exactly the allocated pages",
+    7: "policy 'on-conversion' removes exactly the allocated private pages",
+    8: "trusted-entity state only on allocated private pages",
+    10: "summary counts agree with the pages below them",
+    11: "a huge folio covers its whole aligned block",
+    12: "pages past the end never change",
+    13: "a 2 MiB direct-map split lies under a split 1 GiB entry",
+    14: "whole-file counts agree with the block summaries",
+    15: "a 2 MiB entry's exception pages are distinct, in range and differ from its word",
+}
 
 COUNTER_NAMES = (
     # host and guest mappings

@@ -1,4 +1,4 @@
-"""Sizes, alignment and the one range rule used everywhere."""
+"""Sizes, alignment, and the range and chunk rules used everywhere (docs/model.md §1)."""
 from __future__ import annotations
 
 import errno
@@ -9,9 +9,7 @@ from .errors import GmemError
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
-PAGES_PER_2M = 512
-PAGES_PER_1G = 512 * 512
-ORDER_BYTES = {0: PAGE_SIZE, 9: 2 << 20, 18: 1 << 30}
+ACCEPT_CHUNKS = (PAGE_SIZE, 2 << 20)    # the guest accepts 4 KiB or 2 MiB pages
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -45,6 +43,8 @@ def format_size(nbytes: int) -> str:
 
 def as_int(value, name: str) -> int:
     """An API integer argument: ints (and numpy ints) only, else TypeError."""
+    if type(value) is int:          # the common case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, not {type(value).__name__} ({value!r})")
     return int(value)
@@ -75,3 +75,12 @@ def check_range(offset, size, limit: int, what: str = "range", *, allow_past_end
         if end > limit:
             raise GmemError(errno.EINVAL, f"{what}: end {end:#x} is past the end ({limit:#x})")
     return offset >> PAGE_SHIFT, end >> PAGE_SHIFT
+
+
+def check_accept_chunk(chunk) -> int:
+    """The guest's accept (TDX) / validate (SNP) granularity: 4 KiB or 2 MiB, in bytes.
+    Anything else is ``EINVAL``."""
+    chunk = as_int(chunk, "chunk")
+    if chunk not in ACCEPT_CHUNKS:
+        raise GmemError(errno.EINVAL, f"accept chunk {chunk:#x}: must be 4 KiB (4K) or 2 MiB (2M)")
+    return chunk

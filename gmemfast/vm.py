@@ -1,45 +1,30 @@
-"""VM: memslots, the legacy per-VM attribute store, and guest accesses."""
+"""VM: memslots, the legacy per-VM attribute store, and guest accesses (docs/model.md
+§4.5, §4.6, §4.8, §4.9)."""
 from __future__ import annotations
 
 import bisect
 import errno
-import os
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
 import numpy as np
 
-from . import _kernels as K
-from ._layout import COUNTER_INDEX, COUNTER_NAMES, NCOUNTERS
-from ._layout import RMP_VALIDATED as _RMP_VALIDATED
-from ._layout import SEPT_MAPPED as _SEPT_MAPPED
+from ._layout import COUNTER_INDEX, COUNTER_NAMES, GMAP, NCOUNTERS, PRIV, RMP_VALIDATED, SEPT_MAPPED
 from .errors import GmemError, MemoryFaultExit, MmioExit
-from .units import PAGE_SHIFT, PAGE_SIZE, as_int, check_range
+from .gmem import GuestMemfd
+from .platforms.snp import SnpPlatform
+from .platforms.tdx import TdxPlatform
+from .populate import GmemRange, advance_source
+from .uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, VM_TYPES
+from .units import PAGE_SHIFT, PAGE_SIZE, as_int, check_accept_chunk, check_range
 
-KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
-_VM_TYPES = ("sw-protected", "snp", "tdx")
+__all__ = ["VM", "Memslot", "RangeSet", "GmemRange", "advance_source"]
+
 _MAX_GPA = 1 << 52
-
-
-@dataclass(frozen=True)
-class GmemRange:
-    """A populate source in shared guest_memfd memory: ``gmem`` from byte ``offset``."""
-    gmem: object
-    offset: int = 0
-
-    def advanced(self, nbytes: int) -> "GmemRange":
-        return GmemRange(self.gmem, self.offset + nbytes)
-
-
-def advance_source(source, nbytes: int):
-    """A populate source moved ``nbytes`` on: bytes-like sources are sliced, a
-    :class:`GmemRange` moves its offset, ``None`` (in place) stays ``None``."""
-    if source is None:
-        return None
-    if isinstance(source, GmemRange):
-        return source.advanced(nbytes)
-    return memoryview(source).cast("B")[nbytes:]
+_ACCEPTED_STATE = {"tdx": SEPT_MAPPED, "snp": RMP_VALIDATED}
+_GMEM_POLICIES = ("direct_map", "merge", "metadata_limit", "content_modes")
+_PLATFORM_POLICIES = ("populate_converts", "pages_per_populate")
 
 
 @dataclass(frozen=True)
@@ -123,34 +108,23 @@ class VM:
     """
 
     def __init__(self, vm_type="sw-protected", *, in_place=True, **policies):
-        if vm_type not in _VM_TYPES:
-            raise ValueError(f"unknown vm_type {vm_type!r}: choose one of {', '.join(map(repr, _VM_TYPES))}")
+        if vm_type not in VM_TYPES:
+            raise ValueError(f"unknown vm_type {vm_type!r}: choose one of {', '.join(map(repr, VM_TYPES))}")
         self.vm_type = vm_type
         self.in_place = bool(in_place)
-        self._gmem_policies = {k: policies.pop(k) for k in
-                               ("direct_map", "merge", "metadata_limit", "content_modes")
-                               if k in policies}
-        self._platform_policies = {}
-        for k in ("populate_converts", "pages_per_populate"):
-            if k in policies:
-                self._platform_policies[k] = policies.pop(k)
+        self._gmem_policies = {k: policies.pop(k) for k in _GMEM_POLICIES if k in policies}
+        self._platform_policies = {k: policies.pop(k) for k in _PLATFORM_POLICIES if k in policies}
         if policies:
             raise TypeError(f"unknown policies {sorted(policies)}")
         self.memslots: dict[int, Memslot] = {}
         self._slot_starts: list[tuple[int, int]] = []   # (gpa, slot) sorted
         self._attrs = RangeSet()                        # legacy: private GFNs
         self._shared_mem: dict[int, bytes] = {}         # legacy: separate shared memory per GFN
-        self._meta = np.zeros(K.META_SIZE, np.int64)    # VM-level counters
+        self._counts = np.zeros(NCOUNTERS, np.int64)    # VM-level counters
         self.gmems: list = []
         self.finalized = False
         self.interrupt = None      # populate's signal check: callable(pages_done) -> bool
-        self._platform = None
-        if vm_type == "snp":
-            from .platforms.snp import SnpPlatform
-            self._platform = SnpPlatform(self)
-        elif vm_type == "tdx":
-            from .platforms.tdx import TdxPlatform
-            self._platform = TdxPlatform(self)
+        self._platform = {"snp": SnpPlatform, "tdx": TdxPlatform}.get(vm_type, lambda vm: None)(self)
 
     @property
     def populate_converts(self) -> bool:
@@ -163,8 +137,7 @@ class VM:
     # ---------------------------------------------------------------- files and slots
     def create_guest_memfd(self, size, flags=0, *, page_order=0):
         """``KVM_CREATE_GUEST_MEMFD`` on this VM."""
-        from .gmem import GuestMemfd
-        g = GuestMemfd(size, flags, page_order=page_order, vm_type=self.vm_type, _vm=self,
+        g = GuestMemfd(size, flags, page_order=page_order, vm_type=self.vm_type, vm=self,
                        **self._gmem_policies)
         self.gmems.append(g)
         return g
@@ -186,7 +159,7 @@ class VM:
         if gpa % PAGE_SIZE or size % PAGE_SIZE or gpa < 0 or size < 0 or gpa + size > _MAX_GPA:
             raise GmemError(errno.EINVAL, f"memslot {slot}: gpa {gpa:#x} and size {size:#x} must be "
                                           "page aligned and inside the guest physical address space")
-        if gmem is None or gmem._vm is not self:
+        if gmem is None or gmem.vm is not self:
             raise GmemError(errno.EINVAL, f"memslot {slot}: the guest_memfd belongs to another VM")
         check_range(gmem_offset, size, gmem.size, f"memslot {slot} guest_memfd range")
         if slot in self.memslots:
@@ -227,10 +200,43 @@ class VM:
     @property
     def counters(self) -> Mapping[str, int]:
         """Work done by this VM: its own (legacy attribute store, firmware) plus its files'."""
-        total = self._meta[:NCOUNTERS].copy()
+        total = self._counts.copy()
         for g in self.gmems:
-            total += g._meta[:NCOUNTERS]
+            total += g.store.counter_values()
         return MappingProxyType(dict(zip(COUNTER_NAMES, total.tolist())))
+
+    def count_work(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the VM's own counter ``name`` (work not on any one file)."""
+        self._counts[COUNTER_INDEX[name]] += n
+
+    def set_finalized(self) -> None:
+        """The launch is finished (``SNP_LAUNCH_FINISH``, ``TDX_FINALIZE_VM``): content
+        modes that only a launching VM may use are refused from now on."""
+        self.finalized = True
+        for g in self.gmems:
+            g.store.finalized = True
+
+    def private_pages(self) -> int:
+        """Private pages of guest memory as this VM tracks them: the per-GFN attributes in
+        legacy mode (over its memslots), guest_memfd's shareability in place."""
+        total = 0
+        for ms in self.memslots.values():
+            if ms.gmem is None:
+                continue
+            if self.in_place:
+                total += ms.gmem.private_pages(ms.gmem_offset, ms.size)
+            else:
+                total += self._attrs.covered(ms.gpa >> PAGE_SHIFT, ms.end >> PAGE_SHIFT)
+        return total
+
+    def attribute_ranges(self) -> int:
+        """Entries of the legacy per-GFN store, as maximal ranges of private GFNs."""
+        return len(self._attrs)
+
+    def private_gfns(self, gpa, size) -> int:
+        """How many GFNs of ``[gpa, gpa+size)`` the per-GFN attributes mark private."""
+        g0, g1 = check_range(gpa, size, _MAX_GPA, "private_gfns")
+        return self._attrs.covered(g0, g1)
 
     def set_memory_attributes(self, gpa, size, attributes) -> None:
         """``KVM_SET_MEMORY_ATTRIBUTES`` on the VM: the legacy per-GFN store.
@@ -249,26 +255,24 @@ class VM:
                 raise GmemError(errno.EINVAL, "KVM_SET_MEMORY_ATTRIBUTES with PRIVATE on an in-place "
                                               "VM: convert through the guest_memfd instead")
             return
-        self._meta[K.C_VM_ATTR_CALLS] += 1
+        self.count_work("vm_attr_calls")
         want = bool(attributes)
         have = self._attrs.covered(g0, g1)
         if have == (g1 - g0 if want else 0):
             return
         # the legacy store writes one xarray entry per GFN of the range
-        self._meta[K.C_ATTR_WRITES_PAGE] += g1 - g0
+        self.count_work("attr_writes_page", g1 - g0)
         self._attrs.assign(g0, g1, want)
         if want:
-            self._meta[K.C_PAGES_TO_PRIVATE] += g1 - g0 - have
+            self.count_work("pages_to_private", g1 - g0 - have)
         else:
-            self._meta[K.C_PAGES_TO_SHARED] += have
+            self.count_work("pages_to_shared", have)
         for ms in self.memslots.values():
             lo = max(ms.gpa, gpa)
             hi = min(ms.end, gpa + size)
-            if lo < hi:
+            if lo < hi and ms.gmem is not None:
                 p0 = (ms.gmem_offset + lo - ms.gpa) >> PAGE_SHIFT
-                g = ms.gmem
-                n2, n1, w0, meta = g._state()
-                K.zap_guest(n2, n1, w0, meta, p0, p0 + ((hi - lo) >> PAGE_SHIFT))
+                ms.gmem.store.zap_guest(p0, p0 + ((hi - lo) >> PAGE_SHIFT))
 
     def is_private(self, gpa) -> bool:
         """Private as seen by this VM: guest_memfd's shareability in in-place mode, the
@@ -280,106 +284,6 @@ class VM:
         if ms is None:
             return False
         return ms.gmem.is_private((ms.gmem_offset + gpa - ms.gpa) & ~(PAGE_SIZE - 1))
-
-    # ---------------------------------------------------------------- populate
-    def _count(self, name: str, n: int = 1) -> None:
-        self._meta[COUNTER_INDEX[name]] += n
-
-    def _gmem_page(self, gpa: int):
-        """(memslot, page index in its guest_memfd) for a page-aligned gpa, or None."""
-        ms = self.memslot_for(gpa)
-        if ms is None:
-            return None
-        return ms, (ms.gmem_offset + gpa - ms.gpa) >> PAGE_SHIFT
-
-    def _private_for_populate(self, ms, p: int, gpa: int) -> bool:
-        if self.in_place:
-            return bool(K.get_word(ms.gmem._n2, ms.gmem._n1, ms.gmem._w0, p) & K.PRIV)
-        return (gpa >> PAGE_SHIFT) in self._attrs
-
-    def gmem_populate(self, gpa: int, nr_pages: int, source, post_populate, *, what: str) -> int:
-        """``kvm_gmem_populate``: load ``nr_pages`` private pages from ``gpa`` through the
-        platform's per-page ``post_populate(memslot, page, gpa, source_page)``.
-
-        The destination must be private (as this VM tracks it: guest_memfd in place, the
-        per-GFN store in legacy mode); populate never changes shareability, unless the
-        ``populate_converts`` policy makes it convert first. ``source`` is a bytes-like
-        buffer (separate shared memory), a :class:`GmemRange` (shared guest_memfd memory)
-        or ``None`` (in place). The count is clamped to the memslot and to the
-        ``pages_per_populate`` policy. Returns the pages done; raises if the first failed.
-        """
-        first = self._gmem_page(gpa)
-        if first is None:
-            raise GmemError(errno.EINVAL, f"{what}: no memslot with a guest_memfd covers gpa {gpa:#x}")
-        ms, p0 = first
-        nr = min(nr_pages, (ms.end - gpa) >> PAGE_SHIFT)
-        if self.pages_per_populate:
-            nr = min(nr, int(self.pages_per_populate))
-        if self.populate_converts:
-            self._populate_convert(ms, p0, nr, what)
-        err, why = 0, ""
-        done = 0
-        for k in range(nr):
-            g = gpa + (k << PAGE_SHIFT)
-            p = p0 + k
-            if not self._private_for_populate(ms, p, g):
-                err, why = errno.EINVAL, f"destination gpa {g:#x} is not private"
-                break
-            if self.interrupt is not None and self.interrupt(done):
-                err, why = errno.EINTR, f"interrupted after {done} pages"
-                break
-            try:
-                src = self._source_page(source, k, g, what)
-            except GmemError as exc:   # the source page cannot be read (GUP fails)
-                err, why = exc.errno, exc.detail
-                break
-            err = post_populate(ms, p, g, src)
-            if err:
-                why = f"gpa {g:#x}: {os.strerror(err)}"
-                break
-            done += 1
-        if done == 0 and err:
-            raise GmemError(err, f"{what}: {why}")
-        return done
-
-    def _populate_convert(self, ms, p0: int, nr: int, what: str) -> None:
-        """The design the seed argues against: populate converts shared to private
-        itself, so conversion errors surface through the platform call."""
-        if not self.in_place:
-            raise GmemError(errno.EINVAL, f"{what}: populate_converts needs an in-place VM")
-        g = ms.gmem
-        if K.walk_count(g._n2, g._n1, g._w0, p0, p0 + nr, K.PRIV, K.PRIV):
-            raise GmemError(errno.EINVAL, f"{what}: with populate_converts the destination must "
-                                          "be shared")
-        g.set_memory_attributes(p0 << PAGE_SHIFT, nr << PAGE_SHIFT, KVM_MEMORY_ATTRIBUTE_PRIVATE,
-                                1)   # PRESERVE: keep what was loaded while shared
-
-    def _source_page(self, source, k: int, gpa: int, what: str):
-        """Page ``k`` of a populate source: bytes, or None for in place."""
-        if source is None:
-            return None
-        if isinstance(source, GmemRange):
-            off = source.offset + (k << PAGE_SHIFT)
-            g = source.gmem
-            if off % PAGE_SIZE or off + PAGE_SIZE > g.size:
-                raise GmemError(errno.EFAULT, f"{what}: source guest_memfd offset {off:#x} is not a "
-                                              "page inside the file")
-            if K.get_word(g._n2, g._n1, g._w0, off >> PAGE_SHIFT) & K.PRIV:
-                raise GmemError(errno.EFAULT, f"{what}: source guest_memfd page {off:#x} is private "
-                                              "(the host cannot read it)")
-            g._fault_in(off >> PAGE_SHIFT, (off >> PAGE_SHIFT) + 1, K.HMAP)
-            return g._page_data(off >> PAGE_SHIFT)
-        mv = memoryview(source).cast("B")
-        a = k << PAGE_SHIFT
-        if a + PAGE_SIZE > len(mv):
-            raise GmemError(errno.EFAULT, f"{what}: source buffer ends at byte {len(mv)}, page {k} "
-                                          "needs more")
-        return bytes(mv[a:a + PAGE_SIZE])
-
-    def _finalize(self) -> None:
-        self.finalized = True
-        for g in self.gmems:
-            g._set_finalized()
 
     # ---------------------------------------------------------------- platforms
     def _require(self, vm_type: str, what: str):
@@ -417,20 +321,18 @@ class VM:
         """
         gpa = as_int(gpa, "gpa")
         size = as_int(size, "size")
-        chunk = as_int(chunk, "chunk")
-        if chunk not in (PAGE_SIZE, 2 << 20):
-            raise GmemError(errno.EINVAL, f"accept chunk {chunk:#x}: must be 4 KiB or 2 MiB")
+        chunk = check_accept_chunk(chunk)
         check_range(gpa, size, _MAX_GPA, "guest accept")
         if gpa % chunk or size % chunk:
             raise GmemError(errno.EINVAL, f"guest accept [{gpa:#x}, +{size:#x}) is not aligned to "
                                           f"the {chunk >> 10} KiB chunk")
         pieces = self._pieces(gpa, size)
         self._check_view(pieces, True)
-        state = {"tdx": _SEPT_MAPPED, "snp": _RMP_VALIDATED}.get(self.vm_type, 0)
+        state = _ACCEPTED_STATE.get(self.vm_type, 0)
         total = 0
         for ms, a, n in pieces:
             p0 = (ms.gmem_offset + a - ms.gpa) >> PAGE_SHIFT
-            total += ms.gmem._accept(p0, p0 + (n >> PAGE_SHIFT), chunk >> PAGE_SHIFT, state)
+            total += ms.gmem.store.accept(p0, p0 + (n >> PAGE_SHIFT), chunk >> PAGE_SHIFT, state)
         return total
 
     # ---------------------------------------------------------------- guest access
@@ -439,11 +341,10 @@ class VM:
             first = gpa & ~(PAGE_SIZE - 1)
             last = (gpa + n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
             if self.in_place:
-                g = ms.gmem
                 p0 = (ms.gmem_offset + first - ms.gpa) >> PAGE_SHIFT
                 p1 = p0 + ((last - first) >> PAGE_SHIFT)
-                cval = 0 if private else K.PRIV   # look for a page with the other view
-                bad = K.walk_first(g._n2, g._n1, g._w0, p0, p1, K.PRIV, cval)
+                cval = 0 if private else PRIV   # look for a page with the other view
+                bad = ms.gmem.store.first(p0, p1, PRIV, cval)
                 if bad >= 0:
                     raise MemoryFaultExit(ms.gpa + (bad << PAGE_SHIFT) - ms.gmem_offset, PAGE_SIZE, private)
             else:
@@ -464,8 +365,7 @@ class VM:
         out = []
         for ms, a, n in pieces:
             if private or self.in_place:
-                off = ms.gmem_offset + a - ms.gpa
-                out.append(ms.gmem._guest_read(off >> PAGE_SHIFT, off, n))
+                out.append(self._gmem_read(ms.gmem, ms.gmem_offset + a - ms.gpa, n))
             else:
                 out.append(self._shared_read(a, n))
         return b"".join(out)
@@ -483,10 +383,25 @@ class VM:
         pos = 0
         for ms, a, n in pieces:
             if private or self.in_place:
-                ms.gmem._guest_write(ms.gmem_offset + a - ms.gpa, mv[pos:pos + n])
+                self._gmem_write(ms.gmem, ms.gmem_offset + a - ms.gpa, mv[pos:pos + n])
             else:
                 self._shared_write(a, mv[pos:pos + n])
             pos += n
+
+    @staticmethod
+    def _gmem_read(g, offset: int, size: int) -> bytes:
+        """The guest reads guest_memfd bytes: the pages are faulted into its mappings."""
+        p0 = offset >> PAGE_SHIFT
+        p1 = (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        g.store.fault_in(p0, p1, GMAP)
+        return g.store.read_bytes(offset, size, p0, p1)
+
+    @staticmethod
+    def _gmem_write(g, offset: int, mv) -> None:
+        p0 = offset >> PAGE_SHIFT
+        p1 = (offset + len(mv) + PAGE_SIZE - 1) >> PAGE_SHIFT
+        g.store.fault_in(p0, p1, GMAP)
+        g.store.write_bytes(offset, mv, p0, p1)
 
     def _shared_read(self, gpa: int, n: int) -> bytes:
         out = bytearray()

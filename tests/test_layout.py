@@ -19,3 +19,29 @@ def test_counter_indices_agree():
 
 def test_counter_names_unique():
     assert len(set(L.COUNTER_NAMES)) == len(L.COUNTER_NAMES)
+
+
+def test_counted_bit_indices_agree():
+    for name in ("K_ALLOC", "K_PRIV", "K_HMAP", "K_GMAP", "K_PIN", "K_DATA", "K_DMAP_OFF", "K_HUGE"):
+        k = getattr(L, name)
+        assert getattr(K, name) == k, name
+        assert L.COUNTED_BITS[k] == getattr(L, name[2:]), name
+
+
+def test_policy_codes_agree():
+    assert L.VM_TYPE_CODES == {"sw-protected": K.VM_SW, "snp": K.VM_SNP, "tdx": K.VM_TDX}
+    assert L.DIRECT_MAP_CODES == {"keep": K.DMAP_KEEP, "no-direct-map": K.DMAP_NONE,
+                                  "on-conversion": K.DMAP_ONCONV}
+
+
+def test_invariant_numbers_agree():
+    numbers = {getattr(K, n) for n in dir(K) if n.startswith("INV_")}
+    assert numbers == set(L.INVARIANTS)
+
+
+def test_kernel_abi_literals_agree():
+    from gmemfast import uapi
+    from gmemfast.units import PAGE_SHIFT, PAGE_SIZE
+    assert (K.PAGE_SHIFT, K.PAGE_BYTES) == (PAGE_SHIFT, PAGE_SIZE)
+    assert K.COUNTED_MASK == (1 << len(L.COUNTED_BITS)) - 1
+    assert set(uapi.VM_TYPES) == set(L.VM_TYPE_CODES)

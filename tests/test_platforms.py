@@ -51,7 +51,7 @@ def snp_oracle(path, vcpus=1, vcpu_type="EPYC-v4", vmm="QEMU"):
 
 
 def plain_mrtd(pages):
-    """MRTD written out from SPEC 4.7: 128-byte blocks, SHA-384."""
+    """MRTD written out from docs/model.md §4.7: 128-byte blocks, SHA-384."""
     h = hashlib.sha384()
     for gpa, contents, measure in pages:
         h.update(b"MEM.PAGE.ADD".ljust(16, b"\0") + gpa.to_bytes(8, "little") + bytes(104))
@@ -63,7 +63,7 @@ def plain_mrtd(pages):
 
 
 def snp_page_info_digest(pages):
-    """The SNP launch digest written out from SPEC 4.7 (PAGE_INFO chain)."""
+    """The SNP launch digest written out from docs/model.md §4.7 (PAGE_INFO chain)."""
     ld = bytes(48)
     for gpa, ptype, contents in pages:
         chash = hashlib.sha384(contents).digest() if ptype in (1, 2) else bytes(48)
@@ -201,7 +201,7 @@ def test_snp_every_page_type_in_place_matches_page_info_chain():
             c = data[k * P:(k + 1) * P]
             expect.append((gpa + k * P, ptype, c if ptype == 1 else None))
         if ptype == KVM_SEV_SNP_PAGE_TYPE_ZERO:
-            assert g._page_data(gpa // P) == bytes(P)
+            assert g.store.page_bytes(gpa // P) == bytes(P)
     vmsa = page(77)
     digest = vm.snp_launch_finish([vmsa])
     chain = [(gpa, t, c if c is not None else b"") for gpa, t, c in expect]

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import hashlib
 
+from ..uapi import (KVM_SEV_SNP_PAGE_TYPE_CPUID, KVM_SEV_SNP_PAGE_TYPE_NORMAL,
+                    KVM_SEV_SNP_PAGE_TYPE_SECRETS, KVM_SEV_SNP_PAGE_TYPE_UNMEASURED,
+                    KVM_SEV_SNP_PAGE_TYPE_VMSA, KVM_SEV_SNP_PAGE_TYPE_ZERO, SNP_PAGE_TYPE_NAMES)
 from ..units import PAGE_SIZE
 
 __all__ = [
@@ -36,24 +39,6 @@ __all__ = [
     "SnpLaunchDigest",
     "TdxMrtd",
 ]
-
-# Page types of SNP_LAUNCH_UPDATE (kernel uapi names; VMSA is the firmware's type 2,
-# used by SNP_LAUNCH_FINISH and not accepted by KVM_SEV_SNP_LAUNCH_UPDATE).
-KVM_SEV_SNP_PAGE_TYPE_NORMAL = 1
-KVM_SEV_SNP_PAGE_TYPE_VMSA = 2
-KVM_SEV_SNP_PAGE_TYPE_ZERO = 3
-KVM_SEV_SNP_PAGE_TYPE_UNMEASURED = 4
-KVM_SEV_SNP_PAGE_TYPE_SECRETS = 5
-KVM_SEV_SNP_PAGE_TYPE_CPUID = 6
-
-SNP_PAGE_TYPE_NAMES = {
-    KVM_SEV_SNP_PAGE_TYPE_NORMAL: "NORMAL",
-    KVM_SEV_SNP_PAGE_TYPE_VMSA: "VMSA",
-    KVM_SEV_SNP_PAGE_TYPE_ZERO: "ZERO",
-    KVM_SEV_SNP_PAGE_TYPE_UNMEASURED: "UNMEASURED",
-    KVM_SEV_SNP_PAGE_TYPE_SECRETS: "SECRETS",
-    KVM_SEV_SNP_PAGE_TYPE_CPUID: "CPUID",
-}
 
 # The firmware records a VMSA page with GPA (u64)-1, page aligned and cut to 52 bits.
 SNP_VMSA_GPA = 0xFFFFFFFFF000

@@ -4,7 +4,7 @@ The RMP entry of each guest_memfd page is the page's trusted-entity state: hyper
 owned (``TE_NONE``) or guest-owned and validated (``RMP_VALIDATED``). It is kept apart
 from guest_memfd's shareability and from the legacy per-GFN attributes. This adapter is
 the platform's per-page ``post_populate`` callback plus the launch digest; the generic
-populate core (``VM.gmem_populate``) does the rest.
+populate loop (``populate.gmem_populate``) does the rest (docs/model.md §4.7).
 """
 from __future__ import annotations
 
@@ -13,26 +13,13 @@ from dataclasses import dataclass
 
 from .._layout import RMP_VALIDATED, TE_NONE
 from ..errors import GmemError
-from ..vm import advance_source
+from ..populate import advance_source, check_source, gmem_populate
+from ..uapi import (KVM_SEV_SNP_PAGE_TYPE_NORMAL, KVM_SEV_SNP_PAGE_TYPE_VMSA,
+                    KVM_SEV_SNP_PAGE_TYPE_ZERO, SNP_LAUNCH_UPDATE_TYPES)
 from ..units import PAGE_SHIFT, PAGE_SIZE, as_int
-from .measure import (
-    KVM_SEV_SNP_PAGE_TYPE_CPUID,
-    KVM_SEV_SNP_PAGE_TYPE_NORMAL,
-    KVM_SEV_SNP_PAGE_TYPE_SECRETS,
-    KVM_SEV_SNP_PAGE_TYPE_UNMEASURED,
-    KVM_SEV_SNP_PAGE_TYPE_VMSA,
-    KVM_SEV_SNP_PAGE_TYPE_ZERO,
-    SNP_VMSA_GPA,
-    SnpLaunchDigest,
-)
+from .measure import SNP_VMSA_GPA, SnpLaunchDigest
 
-LAUNCH_UPDATE_TYPES = {
-    KVM_SEV_SNP_PAGE_TYPE_NORMAL: "NORMAL",
-    KVM_SEV_SNP_PAGE_TYPE_ZERO: "ZERO",
-    KVM_SEV_SNP_PAGE_TYPE_UNMEASURED: "UNMEASURED",
-    KVM_SEV_SNP_PAGE_TYPE_SECRETS: "SECRETS",
-    KVM_SEV_SNP_PAGE_TYPE_CPUID: "CPUID",
-}
+LAUNCH_UPDATE_TYPES = SNP_LAUNCH_UPDATE_TYPES
 
 
 @dataclass(frozen=True)
@@ -46,15 +33,11 @@ class SnpLaunchUpdate:
 
 
 class SnpPlatform:
-    """Per-VM SNP state: the launch digest and the launch's progress."""
+    """Per-VM SNP state: the launch digest."""
 
     def __init__(self, vm):
         self.vm = vm
         self.digest = SnpLaunchDigest()
-        self.pages_measured = 0
-
-    def _count_hash(self, gmem_or_vm, before: int) -> None:
-        gmem_or_vm._count("hash_bytes", self.digest.hash_bytes - before)
 
     def launch_update(self, gfn_start, uaddr, length, page_type, flags=0) -> SnpLaunchUpdate:
         vm = self.vm
@@ -78,38 +61,32 @@ class SnpPlatform:
         if uaddr is None and page_type != KVM_SEV_SNP_PAGE_TYPE_ZERO and not vm.in_place:
             raise GmemError(errno.EINVAL, f"{what}: type {LAUNCH_UPDATE_TYPES[page_type]} needs a "
                                           "source (uaddr) when the VM is not in-place")
-        if uaddr is not None and not hasattr(uaddr, "advanced"):
-            try:
-                memoryview(uaddr)
-            except TypeError:
-                raise TypeError(f"{what}: uaddr must be bytes-like, a GmemRange or None, not "
-                                f"{type(uaddr).__name__}") from None
+        check_source(uaddr, what)
         legacy = uaddr is not None or not vm.in_place
 
         def post_populate(ms, p, gpa, src):
-            g = ms.gmem
-            if g._te_page(p) != TE_NONE:
+            store = ms.gmem.store
+            if store.te_state(p) != TE_NONE:
                 return errno.EEXIST   # RMP entry not hypervisor-owned: already in the guest
-            g._allocate(p, p + 1)
+            store.allocate(p, p + 1)
             if page_type == KVM_SEV_SNP_PAGE_TYPE_ZERO:
-                g._set_page_data(p, None)
+                store.set_page_bytes(p, None)
             elif src is not None:
                 # legacy flow: platform code copies the shared source into the private page
-                g._set_page_data(p, src)
-                g._count("bytes_copied", PAGE_SIZE)
-            g._te_set(p, p + 1, RMP_VALIDATED)
-            g._count("rmp_updates")
-            g._count("snp_fw_launch_update")
-            g._count("pages_populated_legacy" if legacy else "pages_populated_inplace")
+                store.set_page_bytes(p, src)
+                store.count_work("bytes_copied", PAGE_SIZE)
+            store.set_te(p, p + 1, RMP_VALIDATED)
+            store.count_work("rmp_updates")
+            store.count_work("snp_fw_launch_update")
+            store.count_work("pages_populated_legacy" if legacy else "pages_populated_inplace")
             before = self.digest.hash_bytes
             measured = page_type == KVM_SEV_SNP_PAGE_TYPE_NORMAL
-            self.digest.update(page_type, gpa, g._page_data(p) if measured else None)
-            self._count_hash(g, before)
-            self.pages_measured += 1
+            self.digest.update(page_type, gpa, store.page_bytes(p) if measured else None)
+            store.count_work("hash_bytes", self.digest.hash_bytes - before)
             return 0
 
-        done = vm.gmem_populate(gfn_start << PAGE_SHIFT, length >> PAGE_SHIFT, uaddr,
-                                post_populate, what=what)
+        done = gmem_populate(vm, gfn_start << PAGE_SHIFT, length >> PAGE_SHIFT, uaddr,
+                             post_populate, what=what)
         nbytes = done << PAGE_SHIFT
         new_uaddr = uaddr if page_type == KVM_SEV_SNP_PAGE_TYPE_ZERO else advance_source(uaddr, nbytes)
         return SnpLaunchUpdate(gfn_start + done, new_uaddr, length - nbytes, page_type, flags)
@@ -129,9 +106,9 @@ class SnpPlatform:
             # each vCPU's VMSA: RMPUPDATE to guest-owned, then SNP_LAUNCH_UPDATE type VMSA
             before = self.digest.hash_bytes
             self.digest.update(KVM_SEV_SNP_PAGE_TYPE_VMSA, SNP_VMSA_GPA, b)
-            self._count_hash(vm, before)
-            vm._count("rmp_updates")
-            vm._count("snp_fw_launch_update")   # a VMSA page is one more LAUNCH_UPDATE
-        vm._count("snp_fw_launch_finish")
-        vm._finalize()
+            vm.count_work("hash_bytes", self.digest.hash_bytes - before)
+            vm.count_work("rmp_updates")
+            vm.count_work("snp_fw_launch_update")   # a VMSA page is one more LAUNCH_UPDATE
+        vm.count_work("snp_fw_launch_finish")
+        vm.set_finalized()
         return self.digest.digest

@@ -4,7 +4,8 @@ Each guest_memfd page's trusted-entity state is its secure-EPT entry: none, pend
 (TDH.MEM.PAGE.AUG, not yet accepted), mapped or blocked. TDH.MEM.PAGE.ADD maps a page
 straight into the mapped state and the TDX module copies the source into it; with
 ``KVM_TDX_MEASURE_MEMORY_REGION`` sixteen TDH.MR.EXTEND calls measure its 256-byte chunks
-into MRTD. The generic populate core (``VM.gmem_populate``) runs the per-page loop.
+into MRTD. The generic populate loop (``populate.gmem_populate``) runs the per-page loop
+(docs/model.md §4.7).
 """
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ from dataclasses import dataclass
 
 from .._layout import SEPT_MAPPED, TE_NONE
 from ..errors import GmemError
-from ..vm import advance_source
+from ..populate import GmemRange, advance_source, check_source, gmem_populate
+from ..uapi import KVM_TDX_MEASURE_MEMORY_REGION
 from ..units import PAGE_SHIFT, PAGE_SIZE, as_int
 from .measure import TDX_MR_EXTEND_CHUNK, TdxMrtd
-
-KVM_TDX_MEASURE_MEMORY_REGION = 1 << 0
 
 
 @dataclass(frozen=True)
@@ -55,36 +55,31 @@ class TdxPlatform:
         if source is None:
             if not vm.in_place:
                 raise GmemError(errno.EINVAL, f"{what}: a source is needed when the TD is not in-place")
-        elif hasattr(source, "advanced"):
-            if source.offset % PAGE_SIZE:
-                raise GmemError(errno.EINVAL, f"{what}: source offset {source.offset:#x} is not page aligned")
         else:
-            try:
-                memoryview(source)
-            except TypeError:
-                raise TypeError(f"{what}: source must be bytes-like, a GmemRange or None, not "
-                                f"{type(source).__name__}") from None
+            check_source(source, what)
+            if isinstance(source, GmemRange) and source.offset % PAGE_SIZE:
+                raise GmemError(errno.EINVAL, f"{what}: source offset {source.offset:#x} is not page aligned")
         measure = bool(flags & KVM_TDX_MEASURE_MEMORY_REGION)
         legacy = source is not None or not vm.in_place
 
         def post_populate(ms, p, g_addr, src):
-            g = ms.gmem
-            if g._te_page(p) != TE_NONE:
+            store = ms.gmem.store
+            if store.te_state(p) != TE_NONE:
                 return errno.EIO    # the secure-EPT entry is already present
-            g._allocate(p, p + 1)
+            store.allocate(p, p + 1)
             if src is not None:
-                g._set_page_data(p, src)   # the TDX module copies the source page
-            g._te_set(p, p + 1, SEPT_MAPPED, guest_mapped=True)
-            g._count("tdx_seamcall_page_add")
-            g._count("pages_populated_legacy" if legacy else "pages_populated_inplace")
+                store.set_page_bytes(p, src)   # the TDX module copies the source page
+            store.set_te(p, p + 1, SEPT_MAPPED, guest_mapped=True)
+            store.count_work("tdx_seamcall_page_add")
+            store.count_work("pages_populated_legacy" if legacy else "pages_populated_inplace")
             before = self.mrtd.hash_bytes
             self.mrtd.page_add(g_addr)
             if measure:
-                data = g._page_data(p)
+                data = store.page_bytes(p)
                 for off in range(0, PAGE_SIZE, TDX_MR_EXTEND_CHUNK):
                     self.mrtd.mr_extend(g_addr + off, data[off:off + TDX_MR_EXTEND_CHUNK])
-                g._count("tdx_seamcall_mr_extend", PAGE_SIZE // TDX_MR_EXTEND_CHUNK)
-            g._count("hash_bytes", self.mrtd.hash_bytes - before)
+                store.count_work("tdx_seamcall_mr_extend", PAGE_SIZE // TDX_MR_EXTEND_CHUNK)
+            store.count_work("hash_bytes", self.mrtd.hash_bytes - before)
             return 0
 
         done = 0
@@ -92,8 +87,8 @@ class TdxPlatform:
         # the kernel loops a page at a time until done, an error or a signal
         while done < nr_pages:
             try:
-                n = vm.gmem_populate(gpa + (done << PAGE_SHIFT), nr_pages - done,
-                                     advance_source(source, done << PAGE_SHIFT), post_populate, what=what)
+                n = gmem_populate(vm, gpa + (done << PAGE_SHIFT), nr_pages - done,
+                                  advance_source(source, done << PAGE_SHIFT), post_populate, what=what)
             except GmemError as exc:
                 err = exc
                 break
@@ -109,5 +104,5 @@ class TdxPlatform:
         vm = self.vm
         if vm.finalized:
             raise GmemError(errno.EINVAL, "KVM_TDX_FINALIZE_VM: the TD is already finalized")
-        vm._finalize()
+        vm.set_finalized()
         return self.mrtd.finalize()

@@ -1,0 +1,388 @@
+"""The page store of one guest_memfd: its state arrays, their growth, and the verbs that
+``GuestMemfd``, the VM and the platform adapters call.
+
+The store owns the three-level tree of page words (``_kernels.py`` explains its shape),
+the pools behind it and their capacity guarantee (every mutating kernel finds
+``RESERVE`` free tables of each level, so it never fails half way), the bytes of pages
+that hold contents, and the work counters. It checks nothing about its callers'
+arguments: page ranges reach it validated (``units.check_range``) and inside the file.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import numpy as np
+from numba.core import types
+
+from . import _kernels as K
+from ._layout import (ALLOC, COUNTER_INDEX, COUNTER_NAMES, DATA, DIRECT_MAP_CODES, GIG, HMAP,
+                      HUGE, K_DATA, K_HUGE, MERGE_CODES, NCOUNTERS, PRIV, TE_MASK, TE_SHIFT,
+                      VM_TYPE_CODES)
+from .units import PAGE_SHIFT, PAGE_SIZE
+
+ZERO_PAGE = bytes(PAGE_SIZE)
+_POOL_FIRST_BYTES = 1 << 30   # address space first reserved per pool (see reserve)
+_GC_SLACK = 64                # stored pages beyond twice the live ones before a sweep
+
+_RC_GROW = K.RC_GROW
+_RC_SLOW = K.RC_SLOW
+# The tree arrays' numba types: (n2, n1, w0, meta).
+_TREE_TYPES = (types.int64[:, ::1], types.int64[:, ::1], types.uint16[::1], types.int64[::1])
+
+
+def _entry(kernel, *arg_types):
+    """The compiled entry point of ``kernel`` for the tree arrays and ``arg_types``: the
+    store calls its hot kernels there, without the dispatcher's per-call type matching.
+    With the JIT disabled, the plain function."""
+    if not hasattr(kernel, "overloads"):
+        return kernel
+    sig = (*_TREE_TYPES, *arg_types)
+    kernel.compile(sig)
+    return kernel.overloads[sig].entry_point
+
+
+class _HotKernels:
+    """The kernels of the per-call conversion path, resolved on first use."""
+
+    def __init__(self):
+        self.ready = False
+
+    def resolve(self):
+        self.convert_page = _entry(K.convert_page, types.int64, types.boolean, types.boolean)
+        self.convert = _entry(K.convert, types.int64, types.int64, types.boolean, types.boolean)
+        self.ready = True
+        return self
+
+
+_HOT = _HotKernels()
+
+# The arrays a store is saved as (persist.py), in this order.
+ARRAY_NAMES = ("n2", "n1", "w0", "meta", "data_pages", "data_blob")
+
+
+def word_order(w: int) -> int:
+    """Folio order of a page word: 0, 9 or 18, or -1 for a hole."""
+    if not w & ALLOC:
+        return -1
+    if w & GIG:
+        return 18
+    return 9 if w & HUGE else 0
+
+
+class PageStore:
+    """The state of every page of one file, and the work done on it.
+
+    ``nr_pages`` pages, backed by folios of ``page_order``; ``init_private`` is the
+    initial shareability. The policy arguments are the names of ``_layout``'s code
+    tables (``vm_type``: ``"snp"``; ``direct_map``: ``"on-conversion"``; ``merge``:
+    ``"eager"``); ``metadata_limit`` bounds the shareability ranges (``None``: no bound).
+    """
+
+    def __init__(self, nr_pages: int, *, page_order: int, init_private: bool, vm_type: str,
+                 direct_map: str, merge: str, hugetlb: bool, metadata_limit: int | None,
+                 content_modes: bool):
+        self.nr_pages = nr_pages
+        self.page_order = page_order
+        nl2 = -(-nr_pages // K.N2)
+        initw = PRIV if init_private else 0
+        n2 = np.zeros((nl2, K.NF), np.int64)
+        n2[:, K.F_WORD] = initw
+        n2[:, K.F_CHILD] = -1
+        n2[:, K.F_CNT + 1] = K.N2 if initw else 0
+        meta = np.zeros(K.META_SIZE, np.int64)
+        meta[K.M_FREE1] = meta[K.M_FREE0] = -1
+        meta[K.M_LIMIT] = -1 if metadata_limit is None else metadata_limit
+        meta[K.M_NPAGES] = nr_pages
+        meta[K.M_ORDER] = page_order
+        meta[K.M_DMAP] = DIRECT_MAP_CODES[direct_map]
+        meta[K.M_MERGE] = MERGE_CODES[merge]
+        meta[K.M_VMTYPE] = VM_TYPE_CODES[vm_type]
+        meta[K.M_HUGETLB] = int(hugetlb)
+        meta[K.M_CONTENT_MODES] = int(content_modes)
+        meta[K.M_TAIL] = nl2 * K.N2 - nr_pages
+        meta[K.M_INITW] = initw
+        meta[K.M_GCNT + 1] = nl2 * K.N2 if initw else 0
+        self._n2 = n2
+        self._n1 = np.zeros((0, K.NF), np.int64)
+        self._w0 = np.zeros(0, np.uint16)
+        self._meta = meta
+        self._data: dict[int, bytes] = {}    # page -> 4096 bytes; valid only with DATA set
+        self.reserve()
+
+    # ---------------------------------------------------------------- capacity
+    def reserve(self) -> None:
+        """Make sure every pool has ``RESERVE`` free tables (kernels never allocate).
+
+        The first allocation reserves room for as many tables as the file could ever
+        need, up to a bound: the pools are zero-filled with ``calloc``, so pages of them
+        that are never used cost address space, not memory, and never need copying.
+        """
+        meta = self._meta
+        f1, f0 = K.free_tables(meta)
+        if f1 < K.RESERVE:
+            cap = max(2 * int(meta[K.M_CAP1]), int(meta[K.M_USED1]) + 2 * K.RESERVE)
+            if meta[K.M_CAP1] == 0:
+                cap = max(cap, min(len(self._n2), _POOL_FIRST_BYTES // (K.N1 * K.NF * 8)) + K.RESERVE)
+            n1 = np.zeros((cap * K.N1, K.NF), np.int64)
+            n1[: len(self._n1)] = self._n1
+            self._n1 = n1
+            meta[K.M_CAP1] = cap
+        if f0 < K.RESERVE:
+            cap = max(2 * int(meta[K.M_CAP0]), int(meta[K.M_USED0]) + 2 * K.RESERVE)
+            if meta[K.M_CAP0] == 0:
+                cap = max(cap, min(-(-self.nr_pages // K.N1), _POOL_FIRST_BYTES // (K.N1 * 2)) + K.RESERVE)
+            w0 = np.zeros(cap * K.N1, np.uint16)
+            w0[: len(self._w0)] = self._w0
+            self._w0 = w0
+            meta[K.M_CAP0] = cap
+
+    def _tree(self):
+        self.reserve()
+        return self._n2, self._n1, self._w0, self._meta
+
+    # ---------------------------------------------------------------- reading
+    def word(self, p: int) -> int:
+        """The state word of page ``p`` (bits: ``_layout``)."""
+        return int(K.get_word(self._n2, self._n1, self._w0, p))
+
+    def words(self, p0: int, p1: int) -> np.ndarray:
+        """The state words of pages ``[p0, p1)``."""
+        out = np.empty(p1 - p0, np.int64)
+        K.get_words(self._n2, self._n1, self._w0, p0, p1, out)
+        return out
+
+    def count(self, p0: int, p1: int, cmask: int, cval: int) -> int:
+        """Pages of ``[p0, p1)`` whose word ``w`` has ``w & cmask == cval``."""
+        return int(K.walk_count(self._n2, self._n1, self._w0, p0, p1, cmask, cval))
+
+    def first(self, p0: int, p1: int, cmask: int, cval: int) -> int:
+        """The first such page, or -1."""
+        return int(K.walk_first(self._n2, self._n1, self._w0, p0, p1, cmask, cval))
+
+    def total(self, k: int) -> int:
+        """Pages of the file with counted bit ``k`` (``_layout.K_*``) set."""
+        return int(K.gcount(self._meta, k))
+
+    def te_state(self, p: int) -> int:
+        """Trusted-entity state of page ``p`` (``_layout.TE_*``, per the VM type)."""
+        return (self.word(p) & TE_MASK) >> TE_SHIFT
+
+    def huge_folios(self) -> int:
+        if self.page_order == 0:
+            return 0
+        return self.total(K_HUGE) >> self.page_order
+
+    def attribute_ranges(self) -> int:
+        """Maximal runs of equal shareability: the entries of the per-file store."""
+        return int(K.attribute_ranges(self._n2, self._n1, self._w0, self._meta))
+
+    def dmap_entries(self) -> tuple[int, int, int]:
+        """Kernel direct-map entries covering the file: (1 GiB, 2 MiB, 4 KiB)."""
+        e1g, e2m, e4k = K.dmap_entries(self._n2, self._n1, self.nr_pages)
+        return int(e1g), int(e2m), int(e4k)
+
+    def footprint(self) -> int:
+        """Bytes of page state held (summaries, tables in use, contents)."""
+        m = self._meta
+        return int(self._n2.nbytes + m[K.M_USED1] * K.N1 * K.NF * 8 + m[K.M_USED0] * K.N1 * 2
+                   + len(self._data) * PAGE_SIZE)
+
+    def check(self) -> tuple[int, int]:
+        """``(rule, page)`` of the first broken invariant (``_layout.INVARIANTS``), or
+        ``(0, -1)``; also that stored bytes lie inside the file."""
+        rule, page = K.check_tree(self._n2, self._n1, self._w0, self._meta)
+        if rule:
+            return int(rule), int(page)
+        for p in self._data:
+            if p >= self.nr_pages:
+                return 12, p
+        return 0, -1
+
+    # ---------------------------------------------------------------- policy state
+    @property
+    def finalized(self) -> bool:
+        return bool(self._meta[K.M_FINALIZED])
+
+    @finalized.setter
+    def finalized(self, value: bool) -> None:
+        self._meta[K.M_FINALIZED] = int(bool(value))
+
+    def inject_enomem(self, n: int) -> None:
+        """The next ``n`` metadata reservations (conversions) fail with ``ENOMEM``."""
+        self._meta[K.M_ENOMEM] = n
+
+    # ---------------------------------------------------------------- counters
+    def counter_values(self) -> np.ndarray:
+        """A copy of the counters, in ``COUNTER_NAMES`` order."""
+        return self._meta[:NCOUNTERS].copy()
+
+    def counters(self):
+        return MappingProxyType(dict(zip(COUNTER_NAMES, self._meta[:NCOUNTERS].tolist())))
+
+    def count_work(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name``: work done outside the kernels (firmware calls)."""
+        self._meta[COUNTER_INDEX[name]] += n
+
+    # ---------------------------------------------------------------- changing
+    def apply(self, p0: int, p1: int, cmask: int, cval: int, clr: int, setb: int) -> int:
+        """For pages of ``[p0, p1)`` with ``w & cmask == cval``: ``w = (w & ~clr) | setb``.
+        Returns the pages changed."""
+        return int(K.walk_apply(*self._tree(), p0, p1, cmask, cval, clr, setb))
+
+    def allocate(self, p0: int, p1: int) -> int:
+        """Allocate every hole of ``[p0, p1)``, widened to whole backing-order blocks."""
+        return int(K.allocate(*self._tree(), p0, p1))
+
+    def fault_in(self, p0: int, p1: int, bit: int) -> int:
+        """Fault ``[p0, p1)`` into the host (``HMAP``) or guest (``GMAP``) mappings,
+        allocating holes first. Returns the pages newly mapped."""
+        self.allocate(p0, p1)
+        n = self.apply(p0, p1, bit, 0, 0, bit)
+        if bit == HMAP:
+            self.count_work("host_faults", n)
+        return n
+
+    def set_te(self, p0: int, p1: int, state: int, *, guest_mapped: bool = False) -> None:
+        """Move allocated private pages of ``[p0, p1)`` to trusted-entity ``state``."""
+        setb = (state << TE_SHIFT) | (K.GMAP if guest_mapped else 0)
+        self.apply(p0, p1, 0, 0, TE_MASK, setb)
+
+    def accept(self, p0: int, p1: int, chunk_pages: int, te_state: int) -> int:
+        """The guest accepts ``[p0, p1)`` (allocated first) in chunks of ``chunk_pages``;
+        returns the chunks that did work."""
+        self.allocate(p0, p1)
+        return int(K.accept(*self._tree(), p0, p1, chunk_pages, te_state))
+
+    def zap_guest(self, p0: int, p1: int) -> int:
+        """Invalidate the guest (stage-2) mappings of ``[p0, p1)``."""
+        return int(K.zap_guest(*self._tree(), p0, p1))
+
+    def punch(self, p0: int, p1: int) -> tuple[int, int]:
+        """Punch a hole over ``[p0, p1)``: ``(0, -1)`` or ``(EAGAIN, pinned page)``."""
+        err, pg = K.punch(*self._tree(), p0, p1)
+        if not err:
+            self.gc_bytes()
+        return int(err), int(pg)
+
+    def convert(self, p0: int, p1: int, to_private: bool, zero: bool) -> tuple[int, int]:
+        """Conversion of ``[p0, p1)`` (docs/model.md §4.4, steps 2-9): ``(0, -1)``, or
+        ``(ENOMEM | EAGAIN, page)``. Nothing changes on error but zapped host mappings.
+        ``to_private`` and ``zero`` are bools, ``p0``/``p1`` ints."""
+        hot = _HOT if _HOT.ready else _HOT.resolve()
+        err = _RC_SLOW
+        if p1 - p0 == 1:
+            err, pg = hot.convert_page(self._n2, self._n1, self._w0, self._meta, p0, to_private, zero)
+        if err == _RC_SLOW:
+            err, pg = hot.convert(self._n2, self._n1, self._w0, self._meta, p0, p1, to_private, zero)
+        while err == _RC_GROW:
+            self.reserve()
+            err, pg = hot.convert(self._n2, self._n1, self._w0, self._meta, p0, p1, to_private, zero)
+        if zero and len(self._data) > _GC_SLACK:
+            self.gc_bytes()
+        return err, pg
+
+    def convert_many(self, p0s, p1s, to_private, zero, out_err, out_page) -> None:
+        """Conversions of validated page ranges in order; items whose ``out_err`` is set
+        are skipped. Fills ``out_err`` (0 = done) and ``out_page`` (-1 = none)."""
+        x, n = 0, len(p0s)
+        while x < n:
+            x = K.convert_many(*self._tree(), p0s, p1s, to_private, zero, x, out_err, out_page)
+        if len(self._data) > _GC_SLACK:
+            self.gc_bytes()
+
+    # ---------------------------------------------------------------- page bytes
+    def page_bytes(self, p: int, word: int | None = None) -> bytes:
+        """Page ``p``'s bytes as the platform (firmware, not the host) sees them."""
+        if word is None:
+            word = self.word(p)
+        if word & DATA:
+            return self._data.get(p, ZERO_PAGE)
+        return ZERO_PAGE
+
+    def set_page_bytes(self, p: int, data) -> None:
+        """Store a page's bytes (``None``: zero the page, counted as zeroing)."""
+        if data is None:
+            self.apply(p, p + 1, DATA, DATA, DATA, 0)
+            self.count_work("pages_zeroed")
+            self.count_work("bytes_zeroed_4k", PAGE_SIZE)
+            return
+        self._data[p] = bytes(data)
+        self.apply(p, p + 1, DATA, 0, 0, DATA)
+
+    def write_bytes(self, offset: int, mv, p0: int, p1: int) -> None:
+        """Store ``mv`` at byte ``offset`` (pages ``[p0, p1)``, already faulted in)."""
+        words = self.words(p0, p1)
+        pos = 0
+        end = offset + len(mv)
+        for idx in range(p1 - p0):
+            p = p0 + idx
+            start = p << PAGE_SHIFT
+            a = max(offset, start)
+            b = min(end, start + PAGE_SIZE)
+            if a == start and b == start + PAGE_SIZE:
+                self._data[p] = bytes(mv[pos:pos + PAGE_SIZE])
+            else:
+                page = bytearray(self.page_bytes(p, int(words[idx])))
+                page[a - start:b - start] = mv[pos:pos + b - a]
+                self._data[p] = bytes(page)
+            pos += b - a
+        self.apply(p0, p1, DATA, 0, 0, DATA)
+        self.gc_bytes()
+
+    def read_bytes(self, offset: int, size: int, p0: int, p1: int) -> bytes:
+        """The ``size`` bytes at ``offset`` (pages ``[p0, p1)``)."""
+        words = self.words(p0, p1)
+        if not (words & DATA).any():
+            return bytes(size)
+        buf = b"".join(self.page_bytes(p0 + i, int(words[i])) for i in range(p1 - p0))
+        s = offset - (p0 << PAGE_SHIFT)
+        return buf[s:s + size]
+
+    def data_pages(self) -> list[int]:
+        """Pages whose stored bytes are live (their DATA bit is set), in order."""
+        return sorted(p for p in self._data if self.word(p) & DATA)
+
+    def gc_bytes(self) -> None:
+        """Drop stored bytes of pages that were zeroed or freed (their DATA bit is clear)."""
+        live = self.total(K_DATA)
+        if len(self._data) <= 2 * live + _GC_SLACK:
+            return
+        for p in list(self._data):
+            if p >= self.nr_pages or not self.word(p) & DATA:
+                del self._data[p]
+
+    # ---------------------------------------------------------------- persistence
+    def to_arrays(self) -> dict:
+        """The whole state as arrays (``ARRAY_NAMES``), for saving."""
+        m = self._meta
+        pages = self.data_pages()
+        blob = np.frombuffer(b"".join(self._data[p] for p in pages), np.uint8)
+        return {
+            "n2": self._n2,
+            "n1": self._n1[: int(m[K.M_USED1]) * K.N1],
+            "w0": self._w0[: int(m[K.M_USED0]) * K.N1],
+            "meta": m,
+            "data_pages": np.array(pages, np.int64),
+            "data_blob": blob,
+        }
+
+    def load_arrays(self, arrays: dict) -> None:
+        """Replace the state with saved arrays; ``ValueError`` if they do not fit this
+        store's shape (the invariants are checked by the caller, with ``check``)."""
+        n2, n1, w0, meta = (np.array(arrays[k]) for k in ("n2", "n1", "w0", "meta"))
+        ok = (n2.shape == self._n2.shape and n2.dtype == np.int64
+              and meta.shape == self._meta.shape and meta.dtype == np.int64
+              and n1.dtype == np.int64 and n1.ndim == 2 and n1.shape[1] == K.NF
+              and n1.shape[0] == meta[K.M_USED1] * K.N1
+              and w0.dtype == np.uint16 and w0.shape[0] == meta[K.M_USED0] * K.N1)
+        if not ok:
+            raise ValueError("state arrays do not match the header (damaged file)")
+        blob = bytes(np.asarray(arrays["data_blob"], np.uint8))
+        pages = np.asarray(arrays["data_pages"]).tolist()
+        if len(blob) != len(pages) * PAGE_SIZE:
+            raise ValueError("stored contents do not match their page list (damaged file)")
+        meta[K.M_CAP1] = meta[K.M_USED1]
+        meta[K.M_CAP0] = meta[K.M_USED0]
+        self._n2, self._n1, self._w0, self._meta = n2, n1, w0, meta
+        self._data = {p: blob[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i, p in enumerate(pages)}
+        self.reserve()
