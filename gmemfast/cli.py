@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .report import format_compare, format_ns, format_result, format_scenarios
+
 __all__ = ["COMMANDS", "Command", "Progress", "main", "register_command", "build_parser"]
 
 
@@ -77,177 +79,6 @@ class Progress:
             self.stream.write("\r" + " " * self._shown + "\r")
             self.stream.flush()
             self._shown = 0
-
-
-# ============================================================================ formatting
-
-def _fmt_ns(ns):
-    from .cost import format_ns
-    return format_ns(ns)
-
-
-def _fmt_size(n):
-    """Bytes in binary units: exact when short ('4T', '1536M'), else three digits ('19.5M')."""
-    from .units import format_size
-    if not n:
-        return "0"
-    exact = format_size(n)
-    if len(exact) <= 5:            # up to four digits and a unit
-        return exact
-    for unit, mult in (("P", 1 << 50), ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= mult:
-            v = n / mult
-            return (f"{v:.0f}" if v >= 100 else f"{v:#.3g}".rstrip(".")) + unit
-    return exact
-
-
-def _table(rows, header=None, align=None) -> str:
-    """Aligned columns: first column left, the others right (or per ``align``)."""
-    rows = [[str(c) for c in r] for r in rows]
-    allr = ([list(header)] if header else []) + rows
-    if not allr:
-        return ""
-    ncol = max(len(r) for r in allr)
-    allr = [r + [""] * (ncol - len(r)) for r in allr]
-    widths = [max(len(r[i]) for r in allr) for i in range(ncol)]
-    align = align or ("l" + "r" * (ncol - 1))
-
-    def line(r):
-        cells = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align)]
-        return "  ".join(cells).rstrip()
-
-    out = []
-    if header:
-        out.append(line(allr[0]))
-        out.append("  ".join("-" * w for w in widths))
-        allr = allr[1:]
-    out.extend(line(r) for r in allr)
-    return "\n".join(out)
-
-
-def _describe_params(res) -> str:
-    p = res.params
-    order = {0: "4K", 9: "2M", 18: "1G"}.get(p.get("page_order"), p.get("page_order"))
-    parts = [p.get("platform"), _fmt_size(p.get("size", 0)), f"{order} pages",
-             f"direct map {p.get('direct_map')}", f"tracking {p.get('tracking')}",
-             f"flow {p.get('flow')}"]
-    if p.get("merge") != "eager":
-        parts.append(f"merge {p.get('merge')}")
-    return ", ".join(str(x) for x in parts)
-
-
-def format_result(res, *, top: int = 15) -> str:
-    """The readable report of one ScenarioResult."""
-    est = res.estimate
-    total = est.total_ns
-    share = (lambda ns: f"{100 * ns / total:.1f}%") if total else (lambda ns: "-")
-    out = [f"scenario {res.name}: {res.description}",
-           f"guest: {_describe_params(res)}",
-           f"cost profile: {est.profile}    model run time: {res.wall_seconds:.2f} s", ""]
-    from .scenarios import COMMON_PARAMS, SCENARIOS
-    spec = SCENARIOS[res.name].all_params() if res.name in SCENARIOS else COMMON_PARAMS
-    extra_params = {k: (spec[k].show(v) if k in spec else v) for k, v in res.params.items()
-                    if k not in ("size", "platform", "page_order", "direct_map", "tracking", "flow",
-                                 "merge")}
-    if extra_params:
-        out.insert(2, "parameters: " + ", ".join(f"{k}={v}" for k, v in extra_params.items()))
-    rows = []
-    for op, e in est.by_operation.items():
-        topc = next(iter(e.by_counter), "")
-        rows.append([op, _fmt_ns(e.total_ns), share(e.total_ns), topc])
-    rows.append(["total", _fmt_ns(total), share(total) if total else "-", ""])
-    out.append("estimated time by operation")
-    out.append(_table(rows, ["operation", "time", "share", "largest cost"], "lrrl"))
-    out.append("")
-    crow = []
-    items = list(est.by_counter.items())
-    for name, ns in items[:top]:
-        each = est.ns_each.get(name)
-        crow.append([name, f"{est.counts[name]:,}", _fmt_ns(each) if each is not None else "unpriced",
-                     _fmt_ns(ns), share(ns)])
-    out.append("counters")
-    out.append(_table(crow, ["counter", "count", "each", "time", "share"]) if crow else "(no work counted)")
-    if len(items) > top:
-        rest = items[top:]
-        out.append(f"... and {len(rest)} more counters costing {_fmt_ns(sum(ns for _, ns in rest))} "
-                   "(--json lists all)")
-    if est.unpriced:
-        out.append("unpriced (counted as 0): " + ", ".join(est.unpriced))
-    s = res.summary
-    dm = s["direct_map"]
-    hp = (f"{s['huge_pages_left']:,} of {s['huge_pages_max']:,}" if s["huge_pages_max"]
-          else "- (4K backing)")
-    srows = [
-        ["private pages", f"{s['private_pages']:,}", _fmt_size(s["private_pages"] * 4096)],
-        ["shared pages", f"{s['shared_pages']:,}", _fmt_size(s["shared_pages"] * 4096)],
-        ["allocated pages", f"{s['allocated_pages']:,}", _fmt_size(s["allocated_pages"] * 4096)],
-        ["huge pages left", hp, ""],
-        ["direct-map entries", f"{s['direct_map_entries']:,}",
-         f"1G {dm['1G']:,} / 2M {dm['2M']:,} / 4K {dm['4K']:,}"],
-        ["mapped at 4K", _fmt_size(s["direct_map_4k_bytes"]),
-         f"{100 * s['direct_map_4k_bytes'] / s['guest_size']:.2f}% of memory"],
-        ["attribute ranges", f"{s['attribute_ranges']:,}", ""],
-        ["operations", f"{s['operations']:,}", ""],
-        ["errors", ", ".join(f"{k} {v:,}" for k, v in s["errors"].items()) or "none", ""],
-    ]
-    out.append("")
-    out.append("final state")
-    out.append(_table(srows, align="lrl"))
-    if "measurement" in res.extra:
-        out.append("")
-        out.append(f"{res.extra['measurement_kind']}: {res.extra['measurement']}")
-    return "\n".join(out)
-
-
-def format_compare(results, labels, *, top: int = 12) -> str:
-    """Results side by side: one column per configuration."""
-    header = ["", *labels]
-    rows = [["estimated total", *[_fmt_ns(r.total_ns) for r in results]]]
-    ops: list[str] = []
-    for r in results:                  # every run's operations, each in its run's order
-        prev = -1
-        for op in r.estimate.by_operation:
-            if op in ops:
-                prev = ops.index(op)
-            else:
-                prev += 1
-                ops.insert(prev, op)
-    for op in ops:
-        rows.append([f"  {op}", *[_fmt_ns(r.estimate.by_operation[op].total_ns)
-                                  if op in r.estimate.by_operation else "-" for r in results]])
-    base = results[0].total_ns
-    if base:
-        rows.append(["relative", *[f"{r.total_ns / base:.2f}x" for r in results]])
-    for key, label in (("huge_pages_left", "huge pages left"), ("private_pages", "private pages"),
-                       ("allocated_pages", "allocated pages"), ("direct_map_entries", "direct-map entries"),
-                       ("attribute_ranges", "attribute ranges"), ("operations", "operations")):
-        rows.append([label, *[f"{r.summary[key]:,}" for r in results]])
-    rows.append(["direct map 1G/2M/4K", *["/".join(f"{r.summary['direct_map'][k]:,}" for k in ("1G", "2M", "4K"))
-                                          for r in results]])
-    rows.append(["errors", *[", ".join(f"{k} {v:,}" for k, v in r.summary["errors"].items()) or "none"
-                             for r in results]])
-    rows.append(["model run time", *[f"{r.wall_seconds:.2f} s" for r in results]])
-    out = [f"scenario {results[0].name}: {results[0].description}", _table(rows, header), ""]
-    # the counters that cost the most anywhere, where the configurations differ
-    worst: dict[str, float] = {}
-    for r in results:
-        for name, ns in r.estimate.by_counter.items():
-            worst[name] = max(worst.get(name, 0.0), ns)
-    names = [n for n in sorted(worst, key=lambda n: -worst[n])
-             if len({r.counters.get(n, 0) for r in results}) > 1][:top]
-    if names:
-        crow = [[n, *[f"{r.counters.get(n, 0):,}" for r in results]] for n in names]
-        out.append("counters that differ (most expensive first)")
-        out.append(_table(crow, ["counter", *labels]))
-    measured = [r.extra.get("measurement") for r in results]
-    if any(measured):
-        out.append("")
-        if len(set(measured)) == 1:
-            out.append(f"measurement: identical in every configuration: {measured[0]}")
-        else:
-            out.append("measurements differ: " + ", ".join(f"{lab}: {(m or '-')[:16]}..."
-                                                          for lab, m in zip(labels, measured)))
-    return "\n".join(out)
 
 
 # ============================================================================ options
@@ -545,7 +376,7 @@ def _cmd_launch(args) -> int:
     print(f"{kind}: {res.digest.hex()}")
     print(f"firmware: {ovmf_name}   flow: {args.flow}   pages measured: {res.pages:,}"
           + (f"   vCPUs: {args.vcpus}" if args.platform == "snp" else ""))
-    print(f"estimated launch cost: {_fmt_ns(est.total_ns)}   (model run time {wall:.2f} s)")
+    print(f"estimated launch cost: {format_ns(est.total_ns)}   (model run time {wall:.2f} s)")
     print()
     print(est.table())
     return 0
@@ -566,23 +397,7 @@ def _cmd_scenarios(args) -> int:
                                        "common": k in COMMON_PARAMS} for k in ps}})
         print(json.dumps({"command": "scenarios", "scenarios": out}, indent=1))
         return 0
-    print(_table([[s.name, s.description] for s in SCENARIOS.values()], ["scenario", "what it does"],
-                 "ll"))
-    print()
-    print("common parameters (options of run and compare):")
-    print(_table([["--" + k.replace("_", "-"), p.show(p.default), p.help] for k, p in COMMON_PARAMS.items()],
-                 ["option", "default", ""], "lll"))
-    for s in SCENARIOS.values():
-        print()
-        print(f"{s.name}: {s.description}")
-        rows = [["--" + k.replace("_", "-"), s.all_params()[k].show(v), "(default override)"]
-                for k, v in s.defaults.items()]
-        rows += [["--" + k.replace("_", "-"), p.show(p.default), p.help] for k, p in s.params.items()]
-        if rows:
-            print(_table(rows, align="lll"))
-    print()
-    print("A .toml scenario file or a .csv/.jsonl trace can stand in for a scenario name "
-          "(formats: examples/README.md).")
+    print(format_scenarios(list(SCENARIOS.values()), COMMON_PARAMS))
     return 0
 
 
@@ -645,7 +460,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
     parser = _Parser(prog="gmemfast", description="A fast model of KVM guest_memfd for confidential "
                                                   "VMs (SEV-SNP, TDX): scenarios, costs, launches.")
     parser.add_argument("--version", action="version", version=f"gmemfast {__version__}")
@@ -654,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
         _resolve(cmd.configure)(p)
-        p.set_defaults(_run=cmd.run)
+        p.set_defaults(run_command=cmd.run)
     return parser
 
 
@@ -663,7 +478,7 @@ def main(argv=None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        return int(_resolve(args._run)(args) or 0)
+        return int(_resolve(args.run_command)(args) or 0)
     except KeyboardInterrupt:
         print("\ngmemfast: interrupted", file=sys.stderr)
         return 130

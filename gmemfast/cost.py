@@ -43,6 +43,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ._layout import COUNTER_NAMES
+from .report import estimate_table, format_ns
 
 __all__ = [
     "BUILTIN_PROFILES",
@@ -138,7 +139,7 @@ def _unknown_counters_message(names, what: str) -> str:
     for name in sorted(names, key=str):
         close = difflib.get_close_matches(str(name), COUNTER_NAMES, n=1)
         parts.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
-    return f"{what}: unknown counter name(s) {', '.join(parts)}; the counters are listed in gmemfast._layout.COUNTER_NAMES"
+    return f"{what}: unknown counter name(s) {', '.join(parts)}; `gmemfast counters` lists them with their figures and sources"
 
 
 def _check_ns(value, what: str) -> float:
@@ -149,20 +150,6 @@ def _check_ns(value, what: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{what}: a figure must be a finite number of nanoseconds >= 0, not {value!r}")
     return value
-
-
-def format_ns(ns: float) -> str:
-    """A duration in human units with three significant digits: '812 ns', '3.40 µs', '26.0 s'."""
-    if ns == 0:
-        return "0 ns"
-    # pick the unit after rounding, so that 999.7 ns reads '1.00 µs', not '1.00e+03 ns'
-    scale, unit = next(
-        ((s, u) for s, u in ((1e9, "s"), (1e6, "ms"), (1e3, "µs")) if abs(ns) >= 0.9995 * s), (1.0, "ns")
-    )
-    value = ns / scale
-    if abs(value) >= 999.5:  # only seconds get this large
-        return f"{value:,.0f} {unit}"
-    return f"{value:#.3g}".rstrip(".") + f" {unit}"
 
 
 def _clean_counts(counters, what: str) -> dict[str, int]:
@@ -208,50 +195,7 @@ class Estimate:
         Unpriced counters appear with ``unpriced`` in the ns-each column and are named
         again below the total; a per-operation summary follows when there is one.
         """
-        def share(ns: float) -> str:
-            return f"{100.0 * ns / self.total_ns:.1f}%" if self.total_ns else "-"
-
-        header = ("counter", "count", "ns each", "total", "share")
-        rows = [
-            (
-                name,
-                f"{self.counts[name]:,}",
-                format_ns(self.ns_each[name]) if name in self.ns_each else "unpriced",
-                format_ns(ns),
-                share(ns),
-            )
-            for name, ns in self.by_counter.items()
-        ]
-        total_row = ("total", "", "", format_ns(self.total_ns), share(self.total_ns))
-        widths = [max(len(row[i]) for row in (header, *rows, total_row)) for i in range(5)]
-
-        def line(row) -> str:
-            # counter name left-aligned, numbers right-aligned
-            cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
-            return "  ".join(cells).rstrip()
-
-        out = [f"cost profile: {self.profile}", line(header)]
-        out.append("  ".join("-" * w for w in widths))
-        if rows:
-            out.extend(line(row) for row in rows)
-        else:
-            out.append("(no work counted)")
-        out.append("  ".join("-" * w for w in widths))
-        out.append(line(total_row))
-        if self.unpriced:
-            out.append(
-                f"unpriced (no figure in profile {self.profile!r}, counted as 0): " + ", ".join(self.unpriced)
-            )
-        if self.by_operation:
-            ops = [(op, format_ns(est.total_ns), share(est.total_ns)) for op, est in self.by_operation.items()]
-            op_header = ("operation", "total", "share")
-            op_widths = [max(len(r[i]) for r in (op_header, *ops)) for i in range(3)]
-            out.append("")
-            for row in (op_header, *ops):
-                out.append(
-                    "  ".join([row[0].ljust(op_widths[0])] + [c.rjust(w) for c, w in zip(row[1:], op_widths[1:])])
-                )
-        return "\n".join(out)
+        return estimate_table(self)
 
     def __str__(self) -> str:
         return self.table()

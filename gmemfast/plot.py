@@ -28,10 +28,6 @@ def require_matplotlib():
     return plt
 
 
-def _seconds(ns):
-    return ns / 1e9
-
-
 def _time_unit(max_ns):
     for scale, unit in ((1e9, "s"), (1e6, "ms"), (1e3, "µs")):
         if max_ns >= scale:

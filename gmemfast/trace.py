@@ -82,6 +82,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .uapi import (KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE,
+                   KVM_SET_MEMORY_ATTRIBUTES2_ZERO)
 from .units import PAGE_SIZE, format_size, parse_size
 
 __all__ = [
@@ -266,16 +268,16 @@ def parse_attrs(value) -> int:
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ("private", "p", "priv"):
-            return 8
+            return KVM_MEMORY_ATTRIBUTE_PRIVATE
         if text in ("shared", "s", "share"):
             return 0
     try:
         n = parse_number(value, "attrs", sizes=False)
     except ValueError:
         n = None
-    if n not in (0, 8):
-        raise ValueError(f"attrs: {value!r} is not 'private', 'shared', 8 "
-                         "(KVM_MEMORY_ATTRIBUTE_PRIVATE) or 0")
+    if n not in (0, KVM_MEMORY_ATTRIBUTE_PRIVATE):
+        raise ValueError(f"attrs: {value!r} is not 'private', 'shared', "
+                         f"{KVM_MEMORY_ATTRIBUTE_PRIVATE} (KVM_MEMORY_ATTRIBUTE_PRIVATE) or 0")
     return n
 
 
@@ -285,7 +287,8 @@ def parse_flags(value) -> int:
         return 0
     if isinstance(value, str):
         text = value.strip().lower()
-        named = {"": 0, "none": 0, "preserve": 1, "zero": 2}
+        named = {"": 0, "none": 0, "preserve": KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE,
+                 "zero": KVM_SET_MEMORY_ATTRIBUTES2_ZERO}
         if text in named:
             return named[text]
     try:

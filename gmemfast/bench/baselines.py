@@ -22,7 +22,7 @@ range is pinned, with ``last_error_page`` set); nothing changes on error.  Neith
 takes shortcuts a real implementation could not take: they are checked against each
 other and against the engine in ``tests/test_baselines.py``.
 
-Model rules (SPEC 4.2-4.4, restricted to what the benchmarks use: no punch hole):
+Model rules (docs/model.md §4.2-4.4, restricted to what the benchmarks use: no punch hole):
 - allocating any page of a huge block allocates the whole block, as one huge folio if
   the block was a hole and is wholly private, else as 4 KiB folios (counted as a split);
 - to shared: huge folios touching the range split to 4 KiB;

@@ -372,8 +372,8 @@ def target4(quick):
         "MiB peak RSS (whole process)", {"64T": mib(e64["process_peak"]), "1T split": mib(e1["process_peak"])},
         {"64T": mib(cases["roaring_64t"]["process_peak"]), "1T split": mib(cases["roaring_1t_split"]["process_peak"])},
         "pyroaring model (same process layout)", None,
-        [_req("64 TiB allocated peak RSS", mib(e64["process_peak"]), "<=", 256.0, "MiB"),
-         _req("1 TiB split to 4 KiB peak RSS", mib(e1["process_peak"]), "<=", 1536.0, "MiB")],
+        [_req("64 TiB allocated peak RSS", mib(e64["process_peak"]), "<=", mib(TARGET_64T_BYTES), "MiB"),
+         _req("1 TiB split to 4 KiB peak RSS", mib(e1["process_peak"]), "<=", mib(TARGET_1T_SPLIT_BYTES), "MiB")],
         {"cases": {c: {k: (mib(v) if k in ("rss_before", "warmup_peak", "peak_since_start", "process_peak", "rss_after")
                            and v is not None else v) for k, v in r.items()} for c, r in cases.items()},
          "note": "process_peak is the peak RSS (VmHWM) of a fresh process (imports, numba, kernels included); "

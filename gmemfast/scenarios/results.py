@@ -1,0 +1,83 @@
+"""What a scenario run returns: counters per phase, their estimate, timeline, summary."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..cost import Estimate
+from .params import show_value
+
+__all__ = ["ScenarioResult", "json_safe"]
+
+
+@dataclass
+class ScenarioResult:
+    """What a scenario did and what it would cost.
+
+    ``phases`` maps each operation (phase) to its counter deltas; ``counters`` is the
+    total; ``estimate`` prices both (``estimate.by_operation`` per phase). ``timeline``
+    is a list of samples (dicts: step, phase, huge_pages, dmap_1g, dmap_2m, dmap_4k,
+    private_pages, allocated_pages, est_ns, wall_s); ``summary`` holds the final state;
+    ``extra`` what a scenario adds (a launch measurement, say). ``ops`` holds the
+    operations applied to the guest memory when the run was recorded.
+    """
+    name: str
+    description: str
+    params: dict
+    phases: dict
+    counters: dict
+    estimate: Estimate
+    timeline: list
+    summary: dict
+    extra: dict = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    ops: Any = None
+    params_shown: dict = field(default_factory=dict)   # parameter -> text, as a person types it
+
+    @property
+    def total_ns(self) -> float:
+        return self.estimate.total_ns
+
+    def params_json(self) -> dict:
+        out = {}
+        for k, v in self.params.items():
+            out[k] = v if isinstance(v, (bool, int, str, type(None))) else show_value(v)
+        return out
+
+    def to_dict(self) -> dict:
+        """Plain JSON-safe data (``json.dumps`` works on it as is)."""
+        est = self.estimate.to_dict()
+        phases = {}
+        for name, counts in self.phases.items():
+            op = self.estimate.by_operation.get(name)
+            phases[name] = {"ns": op.total_ns if op else 0.0, "counters": dict(counts)}
+        return {
+            "scenario": self.name,
+            "description": self.description,
+            "params": self.params_json(),
+            "profile": self.estimate.profile,
+            "total_ns": self.estimate.total_ns,
+            "phases": phases,
+            "counters": dict(self.counters),
+            "estimate": est,
+            "summary": json_safe(self.summary),
+            "timeline": [json_safe(s) for s in self.timeline],
+            "extra": json_safe(self.extra),
+            "wall_seconds": self.wall_seconds,
+        }
+
+
+def json_safe(v):
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, bytes):
+        return v.hex()
+    return v

@@ -1,0 +1,475 @@
+"""The runner: the guest a scenario runs on, its operations, and the bookkeeping around
+them (phases, timeline samples, errors, recording)."""
+from __future__ import annotations
+
+import errno
+import time
+from collections import Counter
+
+import numpy as np
+
+from .. import trace as T
+from .._layout import COUNTER_NAMES, RMP_VALIDATED, SEPT_MAPPED
+from ..cost import CostModel
+from ..errors import GmemError, MemoryFaultExit, MmioExit
+from ..uapi import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_HUGETLB,
+                    GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+from ..units import PAGE_SHIFT, PAGE_SIZE, check_range, format_size
+from ..vm import VM
+from .params import ScenarioError, guest_record
+from .results import ScenarioResult
+
+__all__ = ["Runner", "BATCH", "FOUR_GIB", "TWO_MIB", "ONE_GIB", "PRIVATE"]
+
+FOUR_GIB = 1 << 32
+TWO_MIB = 2 << 20
+ONE_GIB = 1 << 30
+PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
+BATCH = 1 << 16                 # conversions per batched call (progress granularity)
+
+
+class Runner:
+    """The guest a scenario runs on, and the bookkeeping around its operations.
+
+    Memory: one guest_memfd of ``size`` bytes (``gmem``), its first ``low`` bytes at GPA
+    0 (memslot 0) and the rest at 4 GiB (memslot 1), as QEMU's q35 lays out RAM. All
+    operation methods take byte offsets in that file. Operations that fail are counted
+    by errno in ``errors`` (``strict`` raises instead).
+    """
+
+    def __init__(self, params: dict, cost_model: CostModel, *, progress=None, record=False,
+                 strict=False):
+        self.p = params
+        self.cost = cost_model
+        self.progress_cb = progress
+        self.strict = strict
+        self.in_place = params["tracking"] == "in-place"
+        self.platform = params["platform"]
+        self.size = params["size"]
+        self.order = params["page_order"]
+        self.vm = VM(self.platform, in_place=self.in_place, direct_map=params["direct_map"],
+                     merge=params["merge"])
+        flags = GUEST_MEMFD_FLAG_MMAP if (self.in_place or self.platform == "sw-protected") else 0
+        if self.order:
+            flags |= GUEST_MEMFD_FLAG_HUGETLB
+        if params["direct_map"] == "no-direct-map":
+            flags |= GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+        self.gmem = self.vm.create_guest_memfd(self.size, flags, page_order=self.order)
+        self.low = self.size if self.size <= 0xB0000000 else 2 << 30
+        self.vm.set_user_memory_region(0, 0, self.low, self.gmem, 0)
+        if self.size > self.low:
+            self.vm.set_user_memory_region(1, FOUR_GIB, self.size - self.low, self.gmem, self.low)
+        self.rng = np.random.default_rng(params["seed"])
+        self.errors: Counter = Counter()
+        self.steps = 0
+        self.timeline: list[dict] = []
+        self.extra: dict = {}
+        self.phase_name: str | None = None
+        self._phase_counts: dict[str, np.ndarray] = {}
+        self._extra_counts = np.zeros(len(COUNTER_NAMES), np.int64)
+        self._ns = np.array([cost_model.ns_per_unit.get(n, 0.0) for n in COUNTER_NAMES])
+        self._phase_start = self._snap()
+        self._t0 = time.perf_counter()
+        self.ops = T.OpList("<scenario>") if record else None
+        self._pins: dict[str, list] = {}
+        self.phase("setup")
+
+    # ------------------------------------------------------------ bookkeeping
+    def _snap(self) -> np.ndarray:
+        return np.fromiter(self.vm.counters.values(), np.int64, len(COUNTER_NAMES)) + self._extra_counts
+
+    def count(self, counter: str, n: int = 1) -> None:
+        """Add work the scenario does outside the model's API (a guest exit, say)."""
+        self._extra_counts[COUNTER_NAMES.index(counter)] += n
+
+    def phase(self, name: str) -> None:
+        """Report the work that follows under operation ``name``."""
+        if name == self.phase_name:
+            return
+        now = self._snap()
+        if self.phase_name is not None:
+            d = now - self._phase_start
+            acc = self._phase_counts.get(self.phase_name)
+            self._phase_counts[self.phase_name] = d if acc is None else acc + d
+        self._phase_start = now
+        self.phase_name = name
+        if self.ops is not None:
+            self.ops.add(T.PHASE, a=self.ops.name(name))
+
+    def progress(self, label: str, done: int, total: int) -> None:
+        if self.progress_cb is not None:
+            self.progress_cb(label, done, total)
+
+    def sample(self) -> None:
+        """Append a timeline sample of the current state."""
+        g = self.gmem
+        dm = g.direct_map_entries()
+        snap = self._snap()
+        self.timeline.append({
+            "step": self.steps,
+            "phase": self.phase_name,
+            "huge_pages": g.huge_folios(),
+            "dmap_1g": dm["1G"], "dmap_2m": dm["2M"], "dmap_4k": dm["4K"],
+            "private_pages": self.private_pages(),
+            "allocated_pages": g.allocated_pages(),
+            "est_ns": float(snap @ self._ns),
+            "wall_s": time.perf_counter() - self._t0,
+        })
+
+    def is_private(self, off: int, size: int) -> bool:
+        """Every page of the file range is private (per the mode's source of truth)."""
+        if self.in_place:
+            return self.gmem.is_private(off, size)
+        return all(self.vm.private_gfns(g, n) == n >> PAGE_SHIFT for g, n in self._gpa_pieces(off, size))
+
+    def private_pages(self) -> int:
+        """Private pages of guest memory per the mode's source of truth."""
+        if self.in_place:
+            return self.gmem.private_pages()
+        return sum(self.vm.private_gfns(gpa, size) for gpa, _off, size in self._slots())
+
+    def _fail(self, exc: Exception, what: str, line: int = 0) -> None:
+        name = errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__)
+        if self.strict:
+            where = f"line {line}: " if line else ""
+            raise ScenarioError(f"{where}{what} failed: {exc}") from exc
+        self.errors[name] += 1
+
+    # ------------------------------------------------------------ address layout
+    def _slots(self):
+        """(gpa, file offset, size) of the guest memory's memslots."""
+        out = [(0, 0, self.low)]
+        if self.size > self.low:
+            out.append((FOUR_GIB, self.low, self.size - self.low))
+        return out
+
+    def gpa(self, off: int) -> int:
+        return off if off < self.low else FOUR_GIB + off - self.low
+
+    def offset_of(self, gpa: int) -> int:
+        return gpa if gpa < self.low else gpa - FOUR_GIB + self.low
+
+    def _gpa_pieces(self, off: int, size: int):
+        """(gpa, size) pieces of the file range [off, off+size)."""
+        out = []
+        for gpa, o, n in self._slots():
+            a, b = max(off, o), min(off + size, o + n)
+            if a < b:
+                out.append((gpa + a - o, b - a))
+        return out
+
+    def resolve(self, off: int, size: int) -> int:
+        return self.size - off if size == T.ALL else size
+
+    # ------------------------------------------------------------ operations
+    def convert_many(self, offs, sizes, attrs, flags=0, *, exits=False, lines=None,
+                     label="converting") -> np.ndarray:
+        """Conversions in order (batched); returns the errno per item.
+
+        ``exits``: each is a guest request and costs one guest exit.
+        """
+        offs = np.ascontiguousarray(offs, np.int64)
+        n = len(offs)
+        sizes = np.broadcast_to(np.asarray(sizes, np.int64), (n,))
+        if (sizes == T.ALL).any():
+            sizes = np.where(sizes == T.ALL, self.size - offs, sizes)
+        attrs = np.broadcast_to(np.asarray(attrs, np.int64), (n,))
+        flags = np.broadcast_to(np.asarray(flags, np.int64), (n,))
+        if self.ops is not None:
+            self.ops.add_many(T.CONVERT, offs, sizes, attrs, flags)
+        if exits:
+            self.count("guest_exits", n)
+        errs = np.zeros(n, np.int32)
+        if not self.in_place:
+            return self._legacy_convert_many(offs, sizes, attrs, lines, label)
+        step = BATCH
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            res = self.gmem.set_memory_attributes_many(offs[s:e], np.ascontiguousarray(sizes[s:e]),
+                                                       np.ascontiguousarray(attrs[s:e]),
+                                                       np.ascontiguousarray(flags[s:e]))
+            errs[s:e] = res.errno
+            self.steps += e - s
+            if n > step:
+                self.progress(label, e, n)
+        bad = np.flatnonzero(errs)
+        if len(bad):
+            if self.strict:
+                i = int(bad[0])
+                line = int(lines[i]) if lines is not None else 0
+                raise ScenarioError(
+                    (f"line {line}: " if line else "")
+                    + f"convert [{int(offs[i]):#x}, +{int(sizes[i]):#x}) to "
+                    f"{'private' if attrs[i] else 'shared'} failed: "
+                    f"{errno.errorcode.get(int(errs[i]), errs[i])}")
+            for code, c in zip(*np.unique(errs[bad], return_counts=True)):
+                self.errors[errno.errorcode.get(int(code), str(code))] += int(c)
+        return errs
+
+    def _legacy_convert_many(self, offs, sizes, attrs, lines, label) -> np.ndarray:
+        """Legacy tracking: KVM_SET_MEMORY_ATTRIBUTES on the VM, per request; converting to
+        shared, the VMM also discards the guest_memfd range (QEMU's
+        ram_block_discard_guest_memfd_range). Content flags do not exist there."""
+        n = len(offs)
+        errs = np.zeros(n, np.int32)
+        vm, g = self.vm, self.gmem
+        every = max(1, n // 200)
+        for i, (off, size, a) in enumerate(zip(offs.tolist(), sizes.tolist(), attrs.tolist())):
+            try:
+                check_range(off, size, self.size, "convert")
+                for gpa, sz in self._gpa_pieces(off, size):
+                    vm.set_memory_attributes(gpa, sz, a)
+                if not a:
+                    g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, off, size)
+            except GmemError as exc:
+                errs[i] = exc.errno
+                self._fail(exc, f"convert [{off:#x}, +{size:#x})",
+                           int(lines[i]) if lines is not None else 0)
+            self.steps += 1
+            if n > 1000 and i % every == 0:
+                self.progress(label, i, n)
+        if n > 1000:
+            self.progress(label, n, n)
+        return errs
+
+    def convert(self, off: int, size: int, attrs: int, flags: int = 0, *, exits=False) -> int:
+        return int(self.convert_many([off], size, attrs, flags, exits=exits)[0])
+
+    def set_private_all(self) -> None:
+        """Legacy tracking: the VMM marks all guest memory private at startup (QEMU's
+        kvm_set_memory_attributes_private for each guest_memfd RAM block)."""
+        for gpa, _off, size in self._slots():
+            self.vm.set_memory_attributes(gpa, size, PRIVATE)
+            self.steps += 1
+
+    def allocate(self, off: int, size: int, line: int = 0) -> None:
+        size = self.resolve(off, size)
+        if self.ops is not None:
+            self.ops.add(T.ALLOCATE, off, size)
+        self.steps += 1
+        try:
+            self.gmem.fallocate(FALLOC_FL_KEEP_SIZE, off, size)
+        except GmemError as exc:
+            self._fail(exc, f"allocate [{off:#x}, +{size:#x})", line)
+
+    def punch(self, off: int, size: int, line: int = 0) -> None:
+        size = self.resolve(off, size)
+        if self.ops is not None:
+            self.ops.add(T.PUNCH, off, size)
+        self.steps += 1
+        try:
+            self.gmem.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, off, size)
+        except GmemError as exc:
+            self._fail(exc, f"punch [{off:#x}, +{size:#x})", line)
+
+    def write(self, off: int, size: int, fill: int = T.DEFAULT_FILL, line: int = 0, data=None) -> None:
+        """The host writes through its mmap (``data``, or ``size`` bytes of ``fill``)."""
+        size = self.resolve(off, size)
+        if self.ops is not None:
+            self.ops.add(T.WRITE, off, size, fill)
+        self.steps += 1
+        try:
+            if data is None:
+                if size > (256 << 20):
+                    raise GmemError(errno.EINVAL, f"host write of {format_size(size)}: the model keeps "
+                                                  "written bytes; write at most 256M at once")
+                data = bytes([fill]) * size
+            self.gmem.host_write(off, data)
+        except GmemError as exc:
+            self._fail(exc, f"host write [{off:#x}, +{size:#x})", line)
+
+    def read(self, off: int, size: int, line: int = 0) -> None:
+        size = self.resolve(off, size)
+        if self.ops is not None:
+            self.ops.add(T.READ, off, size)
+        self.steps += 1
+        try:
+            if size > (256 << 20):
+                raise GmemError(errno.EINVAL, f"host read of {format_size(size)}: read at most 256M at once")
+            self.gmem.host_read(off, size)
+        except GmemError as exc:
+            self._fail(exc, f"host read [{off:#x}, +{size:#x})", line)
+
+    def pin(self, off: int, size: int, pin_id: str, line: int = 0) -> None:
+        if self.ops is not None:
+            self.ops.add(T.PIN, off, size, self.ops.name(pin_id))
+        self.steps += 1
+        try:
+            self._pins.setdefault(pin_id, []).append(self.gmem.pin(off, size))
+        except GmemError as exc:
+            self._fail(exc, f"pin [{off:#x}, +{size:#x})", line)
+
+    def unpin(self, pin_id: str, line: int = 0) -> None:
+        if self.ops is not None:
+            self.ops.add(T.UNPIN, a=self.ops.name(pin_id), b=1)
+        self.steps += 1
+        held = self._pins.get(pin_id)
+        if not held:
+            self._fail(GmemError(errno.EINVAL, f"unpin: no pin {pin_id!r} is held"), "unpin", line)
+            return
+        held.pop().release()
+
+    def accept(self, off: int, size: int, chunk: int = TWO_MIB, *, line: int = 0, slices: int = 1,
+               label: str = "accepting") -> int:
+        """The guest accepts (TDX) / validates (SNP) private memory, ``chunk`` at a time.
+
+        An unaligned head or tail is accepted at 4 KiB, as a guest does. ``slices`` splits
+        the work into that many calls (for progress and the timeline).
+        """
+        size = self.resolve(off, size)
+        try:
+            check_range(off, size, self.size, "accept")
+        except GmemError as exc:
+            if self.ops is not None:
+                self.ops.add(T.ACCEPT, off, size, chunk)
+            self._fail(exc, "accept", line)
+            return 0
+        pieces = []
+        for gpa, n in self._gpa_pieces(off, size):
+            a, b = gpa, gpa + n
+            ca, cb = -(-a // chunk) * chunk, b // chunk * chunk
+            if ca >= cb:
+                pieces.append((a, b - a, PAGE_SIZE))
+                continue
+            if a < ca:
+                pieces.append((a, ca - a, PAGE_SIZE))
+            step = max(chunk, -(-(cb - ca) // max(1, slices)) // chunk * chunk)
+            for s in range(ca, cb, step):
+                pieces.append((s, min(step, cb - s), chunk))
+            if cb < b:
+                pieces.append((cb, b - cb, PAGE_SIZE))
+        done = 0
+        total = sum(n for _g, n, _c in pieces)
+        for gpa, n, c in pieces:
+            if self.ops is not None:       # one record per call made, so a replay does the same
+                self.ops.add(T.ACCEPT, self.offset_of(gpa), n, c)
+            try:
+                self.vm.guest_accept(gpa, n, chunk=c)
+            except (GmemError, MemoryFaultExit, MmioExit) as exc:
+                self._fail(exc, f"accept gpa [{gpa:#x}, +{n:#x})", line)
+            self.steps += n // c
+            done += n
+            if slices > 1:
+                self.progress(label, done, total)
+                self.sample()
+        return done
+
+    def accept_many(self, offs, size: int, chunk: int = PAGE_SIZE, *, label="accepting",
+                    just_converted=False) -> None:
+        """The guest accepts many small ranges (after converting them back to private).
+
+        ``just_converted``: every range was converted to private without error right
+        before, so VM.guest_accept's checks (memslot, private view, alignment) hold and
+        are skipped: its per-call Python overhead (~40 us) would dominate churns.
+        """
+        offs = np.asarray(offs, np.int64)
+        if self.ops is not None:
+            self.ops.add_many(T.ACCEPT, offs, size, chunk, 0)
+        n = len(offs)
+        every = max(1, n // 200)
+        fast = (just_converted and self.in_place and size % chunk == 0
+                and not (offs % chunk).any())
+        if fast:
+            state = {"tdx": SEPT_MAPPED, "snp": RMP_VALIDATED}.get(self.platform, 0)
+            acc, cp, npg = self.gmem.store.accept, chunk >> PAGE_SHIFT, size >> PAGE_SHIFT
+            for i, p in enumerate((offs >> PAGE_SHIFT).tolist()):
+                acc(p, p + npg, cp, state)
+                if n > 5000 and i % every == 0:
+                    self.progress(label, i, n)
+        else:
+            for i, off in enumerate(offs.tolist()):
+                try:
+                    self.vm.guest_accept(self.gpa(off), size, chunk=chunk)
+                except (GmemError, MemoryFaultExit, MmioExit) as exc:
+                    self._fail(exc, f"accept [{off:#x}, +{size:#x})")
+                if n > 5000 and i % every == 0:
+                    self.progress(label, i, n)
+        self.steps += n
+
+    # ------------------------------------------------------------ trace replay
+    def apply(self, ops: T.TraceOps, *, label="replaying") -> None:
+        """Apply recorded operations in order; runs of conversions go in one batch."""
+        kind = ops.kind
+        n = len(kind)
+        conv = kind == T.CONVERT
+        i = 0
+        src = ops.source
+        while i < n:
+            k = int(kind[i])
+            line = int(ops.line[i])
+            try:
+                if k == T.CONVERT:
+                    # the run of consecutive conversions starting here
+                    rest = np.flatnonzero(~conv[i:])
+                    j = i + (int(rest[0]) if len(rest) else n - i)
+                    j = min(j, i + BATCH)
+                    self.convert_many(ops.offset[i:j], ops.size[i:j], ops.a[i:j], ops.b[i:j],
+                                      lines=ops.line[i:j], label=label)
+                    self.progress(label, j, n)
+                    i = j
+                    continue
+                off, size, a = int(ops.offset[i]), int(ops.size[i]), int(ops.a[i])
+                if k == T.PHASE:
+                    self.phase(ops.names[a])
+                elif k == T.ALLOCATE:
+                    self.allocate(off, size, line)
+                elif k == T.PUNCH:
+                    self.punch(off, size, line)
+                elif k == T.WRITE:
+                    self.write(off, size, a, line)
+                elif k == T.READ:
+                    self.read(off, size, line)
+                elif k == T.PIN:
+                    self.pin(off, size, ops.names[a], line)
+                elif k == T.UNPIN:
+                    self.unpin(ops.names[a], line)
+                elif k == T.ACCEPT:
+                    self.accept(off, size, a, line=line)
+            except ScenarioError as exc:
+                raise ScenarioError(f"{src}: {exc}") from None
+            i += 1
+            if i % 4096 == 0:
+                self.progress(label, i, n)
+                if i % (1 << 16) == 0:
+                    self.sample()
+        self.progress(label, n, n)
+
+    # ------------------------------------------------------------ the result
+    def finish(self, scn_name: str, description: str) -> ScenarioResult:
+        self.phase("(end)")          # closes the last phase
+        self.sample()
+        total = self._snap()
+        names = COUNTER_NAMES
+        phases = {}
+        for ph, d in self._phase_counts.items():
+            counts = {names[i]: int(d[i]) for i in np.flatnonzero(d)}
+            if counts:
+                phases[ph] = counts
+        totals = {names[i]: int(total[i]) for i in np.flatnonzero(total)}
+        est = self.cost.estimate(totals, by_operation=phases) if phases else self.cost.estimate(totals)
+        g = self.gmem
+        dm = g.direct_map_entries()
+        blocks = self.size >> (PAGE_SHIFT + self.order) if self.order else 0
+        private = self.private_pages()
+        summary = {
+            "guest_size": self.size,
+            "guest_pages": g.nr_pages,
+            "private_pages": private,
+            "shared_pages": g.nr_pages - private,
+            "allocated_pages": g.allocated_pages(),
+            "huge_pages_left": g.huge_folios(),
+            "huge_pages_max": blocks,
+            "direct_map": dm,
+            "direct_map_entries": dm["1G"] + dm["2M"] + dm["4K"],
+            "direct_map_4k_bytes": dm["4K"] * PAGE_SIZE,
+            "attribute_ranges": g.attribute_ranges if self.in_place else self.vm.attribute_ranges(),
+            "operations": self.steps,
+            "errors": dict(self.errors),
+            "state_bytes": g.memory_footprint(),
+        }
+        wall = time.perf_counter() - self._t0
+        if self.ops is not None:
+            self.ops.guest = guest_record(self.p)
+        return ScenarioResult(scn_name, description, dict(self.p), phases, totals, est,
+                              self.timeline, summary, self.extra, wall,
+                              self.ops.build() if self.ops is not None else None)

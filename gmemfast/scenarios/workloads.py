@@ -1,0 +1,231 @@
+"""The building blocks scenarios are made of: launch, accept everything, SWIOTLB, random
+conversions in a window, balloon rounds."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import trace as T
+from ..launch import LaunchRun, Loader, launch_runs, load_image
+from ..uapi import (GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
+                    KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+from ..units import PAGE_SHIFT, PAGE_SIZE, format_size
+from .params import ScenarioError
+from .runner import BATCH, ONE_GIB, PRIVATE, TWO_MIB, Runner
+
+__all__ = ["KERNEL_GPA", "TIMELINE_POINTS", "batches", "do_accept_all", "do_balloon", "do_launch",
+           "do_swiotlb", "do_window", "swiotlb_default", "swiotlb_region"]
+
+TIMELINE_POINTS = 100           # about this many samples per long phase
+KERNEL_GPA = 16 << 20           # LOAD_PHYSICAL_ADDR of x86-64 kernels
+
+
+def batches(n: int, batch: int):
+    for s in range(0, n, batch):
+        yield s, min(n, s + batch)
+
+
+def swiotlb_default(size: int) -> int:
+    """Linux's SWIOTLB size for a confidential guest: 6% of memory, clamped to
+    [64 MiB, 1 GiB] (mem_encrypt_setup_arch), 2 MiB aligned; at most a quarter of a
+    tiny guest."""
+    s = min(max(size * 6 // 100, 64 << 20), ONE_GIB)
+    s = min(s, size // 4)
+    return max(PAGE_SIZE, s // TWO_MIB * TWO_MIB or s // PAGE_SIZE * PAGE_SIZE)
+
+
+def swiotlb_region(run: Runner, size) -> tuple[int, int]:
+    """(offset, size) of the SWIOTLB pool: memblock puts it at the top of low memory."""
+    nbytes = swiotlb_default(run.size) if size in ("auto", None) else (
+        run.size if size == "all" else size)
+    if nbytes <= 0 or nbytes > run.low:
+        raise ScenarioError(f"SWIOTLB size {format_size(nbytes)} does not fit the guest's low "
+                            f"memory ({format_size(run.low)})")
+    top = run.low
+    off = (top - nbytes) // TWO_MIB * TWO_MIB
+    if off < 0:
+        off = 0
+    return off, nbytes
+
+
+class _RunnerLoader(Loader):
+    """The launch loader, with the main guest memory's conversions and writes going
+    through the runner (counted as its operations and recorded in traces)."""
+
+    def __init__(self, run: Runner):
+        super().__init__(run.vm, run.p["flow"], mark_private=False, share_first=True)
+        self.run = run
+
+    def convert(self, gmem, offset, size, attributes, flags=0):
+        if gmem is self.run.gmem:
+            self.run.convert(offset, size, attributes, flags)
+        else:
+            super().convert(gmem, offset, size, attributes, flags)
+
+    def write(self, gmem, offset, data):
+        if gmem is self.run.gmem:
+            self.run.write(offset, len(data), data=data)
+        else:
+            super().write(gmem, offset, data)
+
+    def populate(self, run: LaunchRun, source) -> None:
+        r = self.run
+        ms = self.vm.memslot_for(run.gpa)
+        if ms is not None and ms.gmem is r.gmem and r.ops is not None:
+            # populate faults the pages in, one by one
+            off = ms.gmem_offset + run.gpa - ms.gpa
+            r.ops.add_many(T.ALLOCATE, np.arange(off, off + (run.nr_pages << PAGE_SHIFT), PAGE_SIZE),
+                           PAGE_SIZE, 0, 0)
+        super().populate(run, source)
+
+
+def do_launch(run: Runner, ovmf="synthetic", kernel: int = 16 << 20, vcpus: int = 1) -> None:
+    """Launch: the firmware image below 4 GiB and a kernel image at 16 MiB, loaded by the
+    run's flow and measured by the platform (SNP launch digest / TDX MRTD)."""
+    try:
+        image = load_image(ovmf)
+    except (OSError, ValueError) as exc:
+        raise ScenarioError(f"ovmf: {exc}") from None
+    vm, flow, platform = run.vm, run.p["flow"], run.platform
+    if KERNEL_GPA + kernel > run.low:
+        raise ScenarioError(f"kernel image of {format_size(kernel)} at 16M does not fit the guest's "
+                            f"low memory ({format_size(run.low)})")
+    if run.low < 0x1000000:
+        raise ScenarioError(f"boot needs at least 16M of guest memory (firmware data sits at 8M), "
+                            f"not {format_size(run.size)}")
+    # The flash: its own guest_memfd ending at 4 GiB (memslot 2).
+    fw_flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED if flow == "in-place" else (
+        GUEST_MEMFD_FLAG_MMAP if platform == "sw-protected" else 0)
+    fw = vm.create_guest_memfd(image.size, fw_flags)
+    vm.set_user_memory_region(2, image.gpa, image.size, fw)
+    if not run.in_place:
+        vm.set_memory_attributes(image.gpa, image.size, PRIVATE)
+    runs, vmsas = launch_runs(platform, image, vcpus)
+    if kernel:
+        data = np.random.default_rng(run.p["seed"]).integers(0, 256, kernel, np.uint8).tobytes()
+        runs.append(LaunchRun(KERNEL_GPA, kernel >> PAGE_SHIFT, data,
+                              KVM_SEV_SNP_PAGE_TYPE_NORMAL if platform == "snp" else True))
+    loader = _RunnerLoader(run)
+    total = sum(r.nr_pages for r in runs)
+    done = 0
+    for r in runs:
+        loader.load_run(r)
+        done += r.nr_pages
+        run.steps += 1
+        run.progress("launching", done, total)
+    digest = loader.finish(vmsas)
+    if digest is not None:
+        run.extra["measurement"] = digest.hex()
+        run.extra["measurement_kind"] = "SNP launch digest" if platform == "snp" else "TDX MRTD"
+    run.extra["launch_pages"] = total
+    run.extra["firmware_bytes"] = image.size
+    run.extra["kernel_bytes"] = kernel
+
+
+def do_accept_all(run: Runner, chunk: int, skip=(), points: int = 10) -> None:
+    """The guest accepts all its memory (except ``skip`` ranges, already accepted)."""
+    ranges = [(0, run.size)]
+    for s_off, s_len in sorted(skip):
+        out = []
+        for a, b in ranges:
+            if s_off >= b or s_off + s_len <= a:
+                out.append((a, b))
+                continue
+            if a < s_off:
+                out.append((a, s_off))
+            if s_off + s_len < b:
+                out.append((s_off + s_len, b))
+        ranges = out
+    total = sum(b - a for a, b in ranges)
+    for a, b in ranges:
+        slices = max(1, round(points * (b - a) / total)) if total else 1
+        run.accept(a, b - a, chunk, slices=slices)
+
+
+def do_swiotlb(run: Runner, size="auto", chunk: int = TWO_MIB) -> tuple[int, int]:
+    """The guest converts its SWIOTLB pool to shared, ``chunk`` per request."""
+    off, nbytes = swiotlb_region(run, size)
+    chunk = nbytes if chunk in (0, None) else chunk
+    offs = np.arange(off, off + nbytes, chunk, dtype=np.int64)
+    sizes = np.minimum(chunk, off + nbytes - offs)
+    run.convert_many(offs, sizes, 0, exits=True, label="swiotlb")
+    run.extra["swiotlb_offset"] = off
+    run.extra["swiotlb_bytes"] = nbytes
+    return off, nbytes
+
+
+def do_window(run: Runner, region_off: int, region_size: int, count: int, *, window: int,
+              granule: int = PAGE_SIZE, reaccept: bool = True, exits: bool = True,
+              pages=None, shared_phase="to-shared", private_phase="to-private") -> None:
+    """``count`` guest conversions of random ``granule`` pieces of a region to shared;
+    each piece goes back to private (and is accepted again) ``window`` conversions
+    later. The last ``window`` pieces stay shared. Batched; one sample per batch."""
+    nslots = region_size // granule
+    if nslots <= 0:
+        raise ScenarioError(f"region of {format_size(region_size)} holds no {format_size(granule)} piece")
+    if pages is None:
+        pages = run.rng.integers(0, nslots, count, dtype=np.int64)
+    offs = region_off + pages * granule
+    window = max(1, window)
+    every = max(1, -(-count // TIMELINE_POINTS))
+    batch = max(1, min(window, every, BATCH))
+    back = 0
+    next_sample = every
+    for s, e in batches(count, batch):
+        run.phase(shared_phase)
+        run.convert_many(offs[s:e], granule, 0, exits=exits)
+        upto = max(0, e - window)
+        if upto > back:
+            run.phase(private_phase)
+            errs = run.convert_many(offs[back:upto], granule, PRIVATE, exits=exits)
+            if reaccept:
+                run.accept_many(offs[back:upto], granule, PAGE_SIZE if granule < TWO_MIB else TWO_MIB,
+                                just_converted=not errs.any())
+            back = upto
+        run.progress("converting", e, count)
+        if e >= next_sample or e == count:
+            run.sample()
+            next_sample = e + every
+
+
+def do_balloon(run: Runner, nbytes: int, granule: int, rounds: int, *, chunk: int = TWO_MIB) -> None:
+    """Balloon rounds: inflate (punch random ``granule`` blocks) then deflate (the guest
+    accepts them again)."""
+    nblocks = run.size // granule
+    want = nbytes // granule
+    if want <= 0:
+        raise ScenarioError(f"balloon of {format_size(nbytes)} holds no {format_size(granule)} block")
+    if want > nblocks:
+        raise ScenarioError(f"balloon of {format_size(nbytes)} is larger than the guest")
+    chunk = chunk if granule % chunk == 0 else PAGE_SIZE
+    for r in range(rounds):
+        if run.private_pages() == run.gmem.nr_pages:
+            blocks = np.sort(run.rng.choice(nblocks, want, replace=False)) * granule
+        else:
+            # the guest balloons out private memory only: take random wholly private blocks
+            picked = []
+            for b in run.rng.permutation(nblocks).tolist():
+                if run.is_private(b * granule, granule):
+                    picked.append(b)
+                    if len(picked) == want:
+                        break
+            if len(picked) < want:
+                raise ScenarioError(f"balloon of {format_size(nbytes)}: only {len(picked)} wholly "
+                                    f"private {format_size(granule)} blocks left")
+            blocks = np.sort(np.array(picked, np.int64)) * granule
+        run.phase("inflate")
+        every = max(1, want // 50)
+        for i, off in enumerate(blocks.tolist()):
+            run.punch(off, granule)
+            if i % every == 0:
+                run.progress(f"inflating (round {r + 1}/{rounds})", i, want)
+                if want >= 200:
+                    run.sample()
+        run.sample()
+        run.phase("deflate")
+        for i, off in enumerate(blocks.tolist()):
+            run.accept(off, granule, chunk)
+            if i % every == 0:
+                run.progress(f"deflating (round {r + 1}/{rounds})", i, want)
+                if want >= 200:
+                    run.sample()
+        run.sample()
