@@ -5,13 +5,13 @@ from ``gmemfast`` except the error classes (so that ``pytest.raises`` and except
 class comparisons work on both sides). It exists to be obviously correct, not fast: the
 property tests run it side by side with the engine and compare complete state.
 
-Semantics: SPEC.md sections 1-4.6 and 5, plus the engine's documented decisions where
-the SPEC is silent (allocation widening, punch clamping, direct-map granularity, the
+Semantics: docs/model.md sections 1-5, including the model decisions where
+the kernel is silent (allocation widening, punch clamping, direct-map granularity, the
 metadata limit, merge on to-private, the counters below). Each decision is written out
 next to the code that makes it.
 
 Only bulk *assignments* use list slices (``a[i:j] = [v] * n``); every decision is made
-page by page or block by block, in the order the SPEC lists the steps.
+page by page or block by block, in the order docs/model.md lists the steps.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ try:  # the public package; fall back to the errors module while __init__ is mis
 except ImportError:  # pragma: no cover - only before the package exports exist
     from gmemfast.errors import GmemError, SigBusError
 
-# Constants: values from the kernel uapi / API.md, written out again on purpose.
+# Constants: values from the kernel uapi, written out again on purpose.
 PAGE_SIZE = 4096
 GUEST_MEMFD_FLAG_MMAP = 1 << 0
 GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
@@ -80,7 +80,7 @@ def _parse_size(value):
 
 
 def _page_range(offset, size, nr_pages, what):
-    """SPEC section 1 range rule: EINVAL for size 0, unaligned, overflow, past the end."""
+    """The range rule (docs/model.md §1): EINVAL for size 0, unaligned, overflow, past the end."""
     if size == 0:
         raise _einval(f"{what}: size is 0")
     if offset < 0 or size < 0:

@@ -1,4 +1,4 @@
-"""Calibration: the published end-to-end figures of SPEC section 6, reproduced within a
+"""Calibration: the published end-to-end figures of docs/model.md §9, reproduced within a
 factor of 2 by running the matching workload through the engine and pricing its
 counters with the default profiles."""
 import pytest

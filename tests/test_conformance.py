@@ -1,4 +1,4 @@
-"""Kernel selftest behaviours (CONFORMANCE.md), one test per case, named after it.
+"""Kernel selftest behaviours, one test per case, named after the selftest it mirrors.
 
 File-level cases (guest_memfd_test.c) run against the engine AND the naive reference
 (so the reference is itself checked against the kernel's behaviour); the conversion cases

@@ -1,7 +1,7 @@
 """Cost profiles and the arithmetic that turns counters into time (gmemfast.cost).
 
 The calibration tests check each profile's figures against the published end-to-end
-numbers of SPEC section 6; end-to-end calibration through the engine's scenarios is
+numbers of docs/model.md §9; end-to-end calibration through the engine's scenarios is
 tested elsewhere.
 """
 import json
@@ -105,7 +105,7 @@ def test_describe_lists_every_figure_with_unit_and_source(snp):
     assert snp.sources()["attr_writes_page"] in text
 
 
-# -- calibration against the published figures (SPEC section 6) -------------------------
+# -- calibration against the published figures (docs/model.md §9) -------------------------
 
 def test_calibration_per_gfn_attribute_store_for_1tib_takes_about_26s(snp):
     seconds = snp.estimate({"attr_writes_page": 2**28}).total_ns / 1e9
@@ -113,7 +113,7 @@ def test_calibration_per_gfn_attribute_store_for_1tib_takes_about_26s(snp):
 
 
 def test_per_file_range_store_is_far_cheaper_than_per_page_stores(model):
-    # SPEC 4.5: converting one 2 MiB range is 512 legacy stores but one range store
+    # docs/model.md §4.5: converting one 2 MiB range is 512 legacy stores but one range store
     assert model.ns_per_unit["attr_writes_range"] < 512 * model.ns_per_unit["attr_writes_page"] / 10
 
 

@@ -81,7 +81,7 @@ def oracle_snp_digest(path: str, vcpus: int = 1, vcpu_type: str = "EPYC-v4", vmm
 
 
 def reference_mrtd(pages) -> bytes:
-    """MRTD over (gpa, contents, measure) pages, written out plainly from SPEC 4.7."""
+    """MRTD over (gpa, contents, measure) pages, written out plainly from docs/model.md §4.7."""
     stream = bytearray()
     for gpa, contents, measure in pages:
         stream += b"MEM.PAGE.ADD" + bytes(4) + gpa.to_bytes(8, "little") + bytes(104)
@@ -139,7 +139,7 @@ def test_snp_digest_every_page_type_matches_gctx():
 
 
 def test_snp_page_info_layout_written_out():
-    """One PAGE_INFO built by hand, field by field, as SPEC 4.7 lists them."""
+    """One PAGE_INFO built by hand, field by field, as docs/model.md §4.7 lists them."""
     page = bytes(range(256)) * 16
     gpa = 0x1234_5000
     page_info = (bytes(48) + hashlib.sha384(page).digest() + b"\x70\x00" + b"\x01" + b"\x00"

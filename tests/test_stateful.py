@@ -564,7 +564,7 @@ def test_engine_matches_reference_across_1g(dmap):
 
 
 # ------------------------------------------------------------ worked examples
-# A few sequences with the expected numbers worked out by hand from the SPEC and the
+# A few sequences with the expected numbers worked out by hand from docs/model.md and the
 # engine's documented decisions, run on BOTH models: if the two ever agreed on a
 # misreading, these would still catch it.
 @pytest.fixture(params=["engine", "naive"])
