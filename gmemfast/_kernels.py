@@ -185,6 +185,7 @@ C_HASH_BYTES = 54
 C_PAGES_POPULATED_INPLACE = 55
 C_PAGES_POPULATED_LEGACY = 56
 C_SNP_FW_LAUNCH_FINISH = 57
+C_CONVERT_EOPNOTSUPP = 58
 
 
 # ======================================================================================
@@ -1328,9 +1329,11 @@ def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, start, out_err, o
 def punch(n2, n1, w0, meta, p0, p1):
     """Punch a hole over ``[p0, p1)`` (already clamped to the file).
 
-    Returns ``(errno, error_page)``.
+    Returns ``(errno, error_page)``. With hugetlb backing a pinned page fails the whole
+    punch (``EAGAIN`` at that page); with 4 KiB backing a punch is a plain truncate and
+    pinned pages leave the file like the others (the caller orphans their pins).
     """
-    if gcount(meta, K_PIN) > 0:
+    if meta[M_ORDER] and gcount(meta, K_PIN) > 0:
         f = walk_first(n2, n1, w0, p0, p1, PIN, PIN)
         if f >= 0:
             meta[C_PUNCH_EAGAIN] += 1
@@ -1352,7 +1355,7 @@ def punch(n2, n1, w0, meta, p0, p1):
     if gcount(meta, K_DMAP_OFF) > 0:
         dmap_change(n2, n1, w0, meta, p0, p1, DMAP_OFF, DMAP_OFF, False)
     ch = walk_apply(n2, n1, w0, meta, p0, p1, ALLOC, ALLOC,
-                    ALLOC | ORDER_MASK | HMAP | GMAP | DATA | DMAP_OFF | TE_MASK, 0)
+                    ALLOC | ORDER_MASK | HMAP | GMAP | PIN | DATA | DMAP_OFF | TE_MASK, 0)
     meta[C_PAGES_FREED] += ch
     return 0, -1
 

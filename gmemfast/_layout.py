@@ -118,6 +118,7 @@ COUNTER_NAMES = (
     "pages_populated_inplace",
     "pages_populated_legacy",
     "snp_fw_launch_finish",
+    "convert_eopnotsupp",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 NCOUNTERS = len(COUNTER_NAMES)

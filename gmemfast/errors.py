@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import errno as _errno
 
-__all__ = ["GmemError", "SigBusError", "MemoryFaultExit", "MmioExit"]
+__all__ = ["GmemError", "SigBusError", "MemoryFaultExit", "MmioExit", "errno_name"]
+
+
+def errno_name(err: int) -> str:
+    """The kernel's name of an errno value: ``EAGAIN``, ``EOPNOTSUPP`` (the name the kernel
+    uses for 95, where Python's table says ``ENOTSUP``)."""
+    if err == _errno.EOPNOTSUPP:
+        return "EOPNOTSUPP"
+    return _errno.errorcode.get(err, str(err))
 
 
 class GmemError(OSError):
@@ -19,8 +27,7 @@ class GmemError(OSError):
     """
 
     def __init__(self, err: int, message: str, error_offset: int | None = None):
-        name = _errno.errorcode.get(err, str(err))
-        text = f"{name}: {message}"
+        text = f"{errno_name(err)}: {message}"
         if error_offset is not None:
             text += f" (error_offset={error_offset:#x})"
         super().__init__(err, text)

@@ -120,14 +120,15 @@ def conversion_errnos(offsets, sizes, attributes, flags, *, file_size: int, coco
     """The errno of each conversion's arguments (docs/model.md §4.4 step 1), 0 = valid:
     the vectorised form of :meth:`GuestMemfd.set_memory_attributes`'s checks."""
     o, s, a, f = offsets, sizes, attributes, flags
-    bad = ((a & ~_PRIVATE) != 0) | ((f & ~KVM_SET_MEMORY_ATTRIBUTES2_KNOWN_FLAGS) != 0)
-    bad |= f == (_PRESERVE | _ZERO)
+    einval = ((a & ~_PRIVATE) != 0) | ((f & ~KVM_SET_MEMORY_ATTRIBUTES2_KNOWN_FLAGS) != 0)
+    einval |= f == (_PRESERVE | _ZERO)
+    einval |= (s <= 0) | (o < 0) | (((o | s) & _PAGE_MASK) != 0) | (o >= file_size) | (s > file_size - o)
+    unsupported = (f == _ZERO) & (a != 0)
     if not content_modes:
-        bad |= f != 0
-    bad |= (s <= 0) | (o < 0) | (((o | s) & _PAGE_MASK) != 0) | (o >= file_size) | (s > file_size - o)
+        unsupported |= f != 0
     if coco:
-        bad |= (f == _PRESERVE) & ((a == 0) | finalized)
-    return np.where(bad, errno.EINVAL, 0).astype(np.int32)
+        unsupported |= (f == _PRESERVE) & ((a == 0) | finalized)
+    return np.where(einval, errno.EINVAL, np.where(unsupported, errno.EOPNOTSUPP, 0)).astype(np.int32)
 
 
 class GuestMemfd:
@@ -165,10 +166,6 @@ class GuestMemfd:
         if size <= 0 or size % unit or size > _MAX_SIZE:
             raise GmemError(errno.EINVAL, f"size {size:#x} is not a positive multiple of {format_size(unit)}"
                             + (" (the huge page size)" if hugetlb else ""))
-        if flags & GUEST_MEMFD_FLAG_INIT_SHARED and not flags & GUEST_MEMFD_FLAG_MMAP:
-            raise GmemError(errno.EINVAL, "GUEST_MEMFD_FLAG_INIT_SHARED needs GUEST_MEMFD_FLAG_MMAP")
-        if hugetlb and flags & GUEST_MEMFD_FLAG_INIT_SHARED:
-            raise GmemError(errno.EINVAL, "GUEST_MEMFD_FLAG_HUGETLB cannot be INIT_SHARED: huge folios are private")
         if direct_map is None:
             direct_map = "no-direct-map" if flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP else "keep"
         _choice(direct_map, DIRECT_MAP_POLICIES, "direct_map policy")
@@ -183,8 +180,13 @@ class GuestMemfd:
         if unknown or (vm is not None and vm_policies):
             raise TypeError(f"unexpected policies {unknown or sorted(vm_policies)}"
                             + (": set them on the VM" if vm is not None else ""))
-        if vm is not None and not vm.in_place and flags & GUEST_MEMFD_FLAG_MMAP and vm_type != "sw-protected":
-            raise GmemError(errno.EINVAL, "a CoCo VM in legacy (not in-place) mode cannot mmap guest_memfd")
+        if vm is not None and not vm.in_place and vm_type != "sw-protected":
+            # docs/model.md §4.1: in legacy mode shared memory is separate host memory
+            if flags & GUEST_MEMFD_FLAG_MMAP:
+                raise GmemError(errno.EINVAL, "a CoCo VM in legacy (not in-place) mode cannot mmap guest_memfd")
+            if flags & GUEST_MEMFD_FLAG_INIT_SHARED:
+                raise GmemError(errno.EINVAL, "a CoCo VM in legacy (not in-place) mode cannot create a "
+                                              "shared guest_memfd (GUEST_MEMFD_FLAG_INIT_SHARED)")
 
         self.size = size
         self.flags = flags
@@ -200,8 +202,9 @@ class GuestMemfd:
                                 vm_type=vm_type, direct_map=direct_map, merge=merge,
                                 hugetlb=hugetlb, metadata_limit=metadata_limit,
                                 content_modes=bool(content_modes))
-        self._pins: dict[int, int] = {}       # page -> long-term pins
-        self._pin_handles: list[Pin] = []
+        self._pins: dict[int, int] = {}       # page -> long-term pins on the file's page
+        # pin -> the pages it still holds in the file (a 4 KiB punch orphans pinned pages)
+        self._pin_handles: dict[Pin, list[int]] = {}
         if vm is None:
             self._binding.gmems.append(self)
 
@@ -320,8 +323,8 @@ class GuestMemfd:
             raise AssertionError(f"page-state invariant {rule} ({INVARIANTS.get(rule, '?')}) "
                                  f"broken at page {page} (offset {page << PAGE_SHIFT:#x})")
         held: dict[int, int] = {}
-        for pin in self._pin_handles:
-            for p in range(pin.offset >> PAGE_SHIFT, (pin.offset + pin.size) >> PAGE_SHIFT):
+        for pages in self._pin_handles.values():
+            for p in pages:
                 held[p] = held.get(p, 0) + 1
         if held != self._pins:
             raise AssertionError("page-state invariant: pin handles disagree with the pin counts")
@@ -358,6 +361,8 @@ class GuestMemfd:
             if err:
                 raise GmemError(err, f"punch hole [{offset:#x}, {offset + size:#x}): page at "
                                      f"{pg << PAGE_SHIFT:#x} is pinned", pg << PAGE_SHIFT)
+            if self._pins and self.page_order == 0:
+                self._orphan_pins(p0, p1)
             return
         if p1 > self.nr_pages:
             raise GmemError(errno.EINVAL, f"fallocate [{offset:#x}, {offset + size:#x}) goes past "
@@ -372,7 +377,13 @@ class GuestMemfd:
                                           "no host access")
 
     def _host_fault(self, offset: int, nbytes: int, what: str):
-        """Check then fault in the pages of a host access; return its page range."""
+        """Fault in the pages of a host access up to the first page it may not touch.
+
+        Like ``memset``/``memcpy`` on the mapping (docs/model.md §4.3): the pages before
+        the first private page or the end of the file are faulted in; returns
+        ``(first_page, end_page, fault)`` where ``fault`` is the ``SigBusError`` to raise
+        once the bytes before it are done, or ``None``.
+        """
         self._require_mmap()
         offset = as_int(offset, "offset")
         if offset < 0 or nbytes < 0:
@@ -380,37 +391,46 @@ class GuestMemfd:
         p0 = offset >> PAGE_SHIFT
         p1 = (offset + nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
         inside = min(p1, self.nr_pages)
-        if p0 < inside:
-            f = self._store.first(p0, inside, PRIV, PRIV)
-            if f >= 0:
-                raise SigBusError(f"{what} at {offset:#x}: page {f << PAGE_SHIFT:#x} is private",
-                                  f << PAGE_SHIFT)
-        if p1 > self.nr_pages:
-            bad = max(p0, self.nr_pages) << PAGE_SHIFT
-            raise SigBusError(f"{what} at {offset:#x}: page {bad:#x} is at or past the end "
-                              f"({self.size:#x})", bad)
-        self._store.fault_in(p0, p1, HMAP)
-        return p0, p1
+        fault = None
+        f = self._store.first(p0, inside, PRIV, PRIV) if p0 < inside else -1
+        if f >= 0:
+            fault = SigBusError(f"{what} at {offset:#x}: page {f << PAGE_SHIFT:#x} is private",
+                                f << PAGE_SHIFT)
+        elif p1 > self.nr_pages:
+            f = max(p0, self.nr_pages)
+            fault = SigBusError(f"{what} at {offset:#x}: page {f << PAGE_SHIFT:#x} is at or past "
+                                f"the end ({self.size:#x})", f << PAGE_SHIFT)
+        end = f if fault is not None else p1
+        if end > p0:
+            self._store.fault_in(p0, end, HMAP)
+        return p0, end, fault
 
     def host_write(self, offset, data) -> None:
-        """Write through the host mapping; ``SigBusError`` if any page is private or past
-        the end (then nothing is written)."""
+        """Write through the host mapping. ``SigBusError`` at the first private page or
+        past the end; the pages before it hold what was written (like ``memset``)."""
         mv = memoryview(data).cast("B")
         n = len(mv)
         if n == 0:
             self._require_mmap()
             return
-        p0, p1 = self._host_fault(offset, n, "host write")
-        self._store.write_bytes(offset, mv, p0, p1)
+        p0, end, fault = self._host_fault(offset, n, "host write")
+        done = min(n, (end << PAGE_SHIFT) - offset)
+        if done > 0:
+            self._store.write_bytes(offset, mv[:done], p0, end)
+        if fault is not None:
+            raise fault
 
     def host_read(self, offset, size) -> bytes:
-        """Read through the host mapping; ``SigBusError`` on a private page or past the end."""
+        """Read through the host mapping; ``SigBusError`` at the first private page or past
+        the end (the pages before it were faulted in)."""
         size = as_int(size, "size")
         if size == 0:
             self._require_mmap()
             return b""
-        p0, p1 = self._host_fault(offset, size, "host read")
-        return self._store.read_bytes(offset, size, p0, p1)
+        p0, end, fault = self._host_fault(offset, size, "host read")
+        if fault is not None:
+            raise fault
+        return self._store.read_bytes(offset, size, p0, end)
 
     def mmap(self) -> HostMapping:
         """A new host mapping of the file (another process, e.g. a forked child)."""
@@ -440,23 +460,31 @@ class GuestMemfd:
         self._store.apply(p0, p1, PIN, 0, 0, PIN)
         self._store.count_work("pins", p1 - p0)
         pin = Pin(self, offset, size, self._unpin)
-        self._pin_handles.append(pin)
+        self._pin_handles[pin] = list(range(p0, p1))
         return pin
 
     def _unpin(self, pin: Pin):
         if pin.released:
             raise GmemError(errno.EINVAL, f"pin [{pin.offset:#x}, +{pin.size:#x}) was already released")
         pin.released = True
-        self._pin_handles.remove(pin)
-        p0, p1 = pin.offset >> PAGE_SHIFT, (pin.offset + pin.size) >> PAGE_SHIFT
-        for p in range(p0, p1):
+        for p in self._pin_handles.pop(pin):
             c = self._pins[p] - 1
             if c:
                 self._pins[p] = c
             else:
                 del self._pins[p]
                 self._store.apply(p, p + 1, PIN, PIN, PIN, 0)
-        self._store.count_work("unpins", p1 - p0)
+        self._store.count_work("unpins", pin.size >> PAGE_SHIFT)
+
+    def _orphan_pins(self, p0: int, p1: int) -> None:
+        """A 4 KiB punch took pinned pages of ``[p0, p1)`` out of the file: their pins keep
+        the orphaned pages alive, and releasing them later changes nothing in the file
+        (docs/model.md §4.2)."""
+        for pin, pages in self._pin_handles.items():
+            if pin.offset >> PAGE_SHIFT < p1 and (pin.offset + pin.size) >> PAGE_SHIFT > p0:
+                self._pin_handles[pin] = [p for p in pages if not p0 <= p < p1]
+        for p in [p for p in self._pins if p0 <= p < p1]:
+            del self._pins[p]
 
     @property
     def pins(self) -> tuple:
@@ -485,16 +513,18 @@ class GuestMemfd:
                                           f"{flags & ~KVM_SET_MEMORY_ATTRIBUTES2_KNOWN_FLAGS:#x}")
         if flags == _PRESERVE | _ZERO:
             raise GmemError(errno.EINVAL, "PRESERVE and ZERO together: at most one content mode")
-        if flags and not self._policies["content_modes"]:
-            raise GmemError(errno.EINVAL, f"content mode flags {flags:#x} are disabled by policy")
         p0, p1 = check_range(offset, size, self.size, "set_memory_attributes")
-        if flags == _PRESERVE and self._coco:
-            if not attributes:
-                raise GmemError(errno.EINVAL, f"PRESERVE to shared is not allowed on {self.vm_type}: "
-                                              "the host may never see guest plaintext")
-            if self._store.finalized:
-                raise GmemError(errno.EINVAL, f"PRESERVE on {self.vm_type} is allowed only before "
-                                              "the VM is finalized")
+        why = None
+        if flags and not self._policies["content_modes"]:
+            why = f"content mode flags {flags:#x} are disabled by policy"
+        elif flags == _ZERO and attributes:
+            why = "ZERO is not supported on conversion to private"
+        elif flags == _PRESERVE and self._coco and not attributes:
+            why = f"PRESERVE to shared is not supported on {self.vm_type}: the host may never see guest plaintext"
+        elif flags == _PRESERVE and self._coco and self._store.finalized:
+            why = f"PRESERVE on {self.vm_type} is supported only before the VM is finalized"
+        if why is not None:
+            raise GmemError(errno.EOPNOTSUPP, why, offset)
         return p0, p1, flags == _ZERO or (flags == 0 and self._coco)
 
     def set_memory_attributes(self, offset, size, attributes, flags=0) -> None:
@@ -506,8 +536,8 @@ class GuestMemfd:
         """
         try:
             p0, p1, zero = self._check_conversion(offset, size, attributes, flags)
-        except GmemError:
-            self._store.count_work("convert_einval")
+        except GmemError as exc:
+            self._count_refused(exc.errno, 1)
             raise
         err, pg = self._store.convert(p0, p1, attributes != 0, zero)
         if err:
@@ -532,19 +562,28 @@ class GuestMemfd:
                                                      (attributes, "attributes"), (flags, "flags")))
         out_off = np.full(n, -1, np.int64)
         if not self._binding.in_place:
-            self._store.count_work("convert_einval", n)
+            self._count_refused(errno.ENOTTY, n)
             return BatchResult(np.full(n, errno.ENOTTY, np.int32), out_off)
         out_err = conversion_errnos(offs, sizes, attrs, flags, file_size=self.size, coco=self._coco,
                                     finalized=self._store.finalized,
                                     content_modes=self._policies["content_modes"])
-        nbad = int(np.count_nonzero(out_err))
-        if nbad:
-            self._store.count_work("convert_einval", nbad)
+        if out_err.any():
+            for code in (errno.EINVAL, errno.EOPNOTSUPP):
+                self._count_refused(code, int(np.count_nonzero(out_err == code)))
+            unsupported = out_err == errno.EOPNOTSUPP
+            out_off[unsupported] = offs[unsupported]     # EOPNOTSUPP reports the range's start
         zero = (flags == _ZERO) | ((flags == 0) & self._coco)
         self._store.convert_many(offs >> PAGE_SHIFT, (offs + sizes) >> PAGE_SHIFT, attrs, zero,
                                  out_err, out_off)
-        np.left_shift(out_off, PAGE_SHIFT, out=out_off, where=out_off >= 0)
+        done = out_err != errno.EOPNOTSUPP
+        np.left_shift(out_off, PAGE_SHIFT, out=out_off, where=done & (out_off >= 0))
         return BatchResult(out_err, out_off)
+
+    def _count_refused(self, err: int, n: int) -> None:
+        """Conversion calls refused before any work: each is still an ioctl call."""
+        if n:
+            self._store.count_work("convert_calls", n)
+            self._store.count_work("convert_eopnotsupp" if err == errno.EOPNOTSUPP else "convert_einval", n)
 
     # ---------------------------------------------------------------- persistence
     def _header(self) -> dict:
@@ -554,8 +593,14 @@ class GuestMemfd:
 
     def _arrays(self) -> dict:
         arrays = self._store.to_arrays()
-        arrays["pins"] = np.array([[h.offset, h.size] for h in self._pin_handles],
-                                  np.int64).reshape(-1, 2)
+        rows = []
+        for pages in self._pin_handles.values():       # each run of held pages, in order
+            for k, p in enumerate(pages):
+                if k and p == pages[k - 1] + 1:
+                    rows[-1][1] += PAGE_SIZE
+                else:
+                    rows.append([p << PAGE_SHIFT, PAGE_SIZE])
+        arrays["pins"] = np.array(rows, np.int64).reshape(-1, 2)
         return arrays
 
     def __getstate__(self):
@@ -593,11 +638,11 @@ class GuestMemfd:
             self._binding.gmems[:] = [self]
         self._store.load_arrays(arrays)
         self._pins = {}
-        self._pin_handles = []
+        self._pin_handles = {}
         for off, sz in np.asarray(arrays["pins"]).reshape(-1, 2).tolist():
-            pin = Pin(self, off, sz, self._unpin)
-            self._pin_handles.append(pin)
-            for p in range(off >> PAGE_SHIFT, (off + sz) >> PAGE_SHIFT):
+            pages = list(range(off >> PAGE_SHIFT, (off + sz) >> PAGE_SHIFT))
+            self._pin_handles[Pin(self, off, sz, self._unpin)] = pages
+            for p in pages:
                 self._pins[p] = self._pins.get(p, 0) + 1
         try:
             self.check()

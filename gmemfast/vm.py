@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import bisect
 import errno
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
@@ -22,6 +23,7 @@ from .units import PAGE_SHIFT, PAGE_SIZE, as_int, check_accept_chunk, check_rang
 __all__ = ["VM", "Memslot", "RangeSet", "GmemRange", "advance_source"]
 
 _MAX_GPA = 1 << 52
+_MAX_SLOTS = 1 << 15
 _ACCEPTED_STATE = {"tdx": SEPT_MAPPED, "snp": RMP_VALIDATED}
 _GMEM_POLICIES = ("direct_map", "merge", "metadata_limit", "content_modes")
 _PLATFORM_POLICIES = ("populate_converts", "pages_per_populate")
@@ -29,11 +31,15 @@ _PLATFORM_POLICIES = ("populate_converts", "pages_per_populate")
 
 @dataclass(frozen=True)
 class Memslot:
+    """One memslot: ``[gpa, gpa+size)`` backed by ``[gmem_offset, ...)`` of ``gmem`` for
+    private memory, and by host memory (``host``: page within the slot -> bytes) for
+    shared memory where shared memory is separate (legacy mode, ordinary memslots)."""
     slot: int
     gpa: int
     size: int
     gmem: object
     gmem_offset: int
+    host: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def end(self) -> int:
@@ -116,10 +122,17 @@ class VM:
         self._platform_policies = {k: policies.pop(k) for k in _PLATFORM_POLICIES if k in policies}
         if policies:
             raise TypeError(f"unknown policies {sorted(policies)}")
+        ppp = self._platform_policies.get("pages_per_populate")
+        if ppp is not None:
+            if isinstance(ppp, bool) or not isinstance(ppp, numbers.Integral):
+                raise ValueError(f"pages_per_populate must be an integer of at least 1 (or None), "
+                                 f"not {ppp!r}")
+            if ppp < 1:
+                raise ValueError(f"pages_per_populate must be at least 1 (or None), not {ppp}")
+            self._platform_policies["pages_per_populate"] = int(ppp)
         self.memslots: dict[int, Memslot] = {}
         self._slot_starts: list[tuple[int, int]] = []   # (gpa, slot) sorted
         self._attrs = RangeSet()                        # legacy: private GFNs
-        self._shared_mem: dict[int, bytes] = {}         # legacy: separate shared memory per GFN
         self._counts = np.zeros(NCOUNTERS, np.int64)    # VM-level counters
         self.gmems: list = []
         self.finalized = False
@@ -143,55 +156,93 @@ class VM:
         return g
 
     def set_user_memory_region(self, slot, gpa, size, gmem, gmem_offset=0) -> None:
-        """``KVM_SET_USER_MEMORY_REGION2`` with a guest_memfd; size 0 deletes the slot."""
+        """``KVM_SET_USER_MEMORY_REGION2`` (docs/model.md §4.8): bind ``[gmem_offset,
+        gmem_offset+size)`` of a guest_memfd to ``[gpa, gpa+size)``; ``gmem=None`` makes an
+        ordinary memslot of host memory; size 0 deletes the slot and unbinds its range.
+
+        As KVM checks it: unaligned values, a slot id out of range, a range past the file,
+        a file of another VM, a file range bound by another memslot, and changing a slot
+        that has a guest_memfd (memslots with one can only be deleted) are ``EINVAL``; a
+        GPA range overlapping another memslot is ``EEXIST``. Re-issuing an ordinary
+        memslot unchanged does nothing; with another GPA it moves it.
+        """
         slot = as_int(slot, "slot")
         gpa = as_int(gpa, "gpa")
         size = as_int(size, "size")
         gmem_offset = as_int(gmem_offset, "gmem_offset")
-        if slot < 0 or slot >= 1 << 15:
-            raise GmemError(errno.EINVAL, f"memslot id {slot} is out of range")
-        if size == 0:
-            if slot not in self.memslots:
-                raise GmemError(errno.EINVAL, f"memslot {slot} does not exist (size 0 deletes a slot)")
-            old = self.memslots.pop(slot)
-            self._slot_starts.remove((old.gpa, slot))
-            return
+        what = f"memslot {slot}"
+        if slot < 0 or slot >= _MAX_SLOTS:
+            raise GmemError(errno.EINVAL, f"memslot id {slot} is out of range (0 to {_MAX_SLOTS - 1})")
         if gpa % PAGE_SIZE or size % PAGE_SIZE or gpa < 0 or size < 0 or gpa + size > _MAX_GPA:
-            raise GmemError(errno.EINVAL, f"memslot {slot}: gpa {gpa:#x} and size {size:#x} must be "
-                                          "page aligned and inside the guest physical address space")
-        if gmem is None or gmem.vm is not self:
-            raise GmemError(errno.EINVAL, f"memslot {slot}: the guest_memfd belongs to another VM")
-        check_range(gmem_offset, size, gmem.size, f"memslot {slot} guest_memfd range")
-        if slot in self.memslots:
-            raise GmemError(errno.EEXIST, f"memslot {slot} already exists (delete it first)")
-        for other in self.memslots.values():
-            if gpa < other.end and other.gpa < gpa + size:
-                raise GmemError(errno.EEXIST, f"memslot {slot} [{gpa:#x}, {gpa + size:#x}) overlaps "
-                                              f"memslot {other.slot}")
-            if other.gmem is gmem and gmem_offset < other.gmem_offset + other.size \
-                    and other.gmem_offset < gmem_offset + size:
-                raise GmemError(errno.EBUSY, f"memslot {slot}: guest_memfd range is already bound "
-                                             f"to memslot {other.slot}")
-        ms = Memslot(slot, gpa, size, gmem, gmem_offset)
-        self.memslots[slot] = ms
+            raise GmemError(errno.EINVAL, f"{what}: gpa {gpa:#x} and size {size:#x} must be page "
+                                          "aligned and inside the guest physical address space")
+        old = self.memslots.get(slot)
+        if size == 0:
+            if old is None:
+                raise GmemError(errno.EINVAL, f"{what} does not exist (size 0 deletes a slot)")
+            self._remove_slot(old)
+            return
+        if old is not None:
+            if gmem is not None or old.gmem is not None:
+                raise GmemError(errno.EINVAL, f"{what} has a guest_memfd: such memslots cannot be "
+                                              "moved, resized or changed, only deleted")
+            if size != old.size:
+                raise GmemError(errno.EINVAL, f"{what}: resizing a memslot ({old.size:#x} to "
+                                              f"{size:#x}) is not supported; delete it first")
+            if gpa == old.gpa:
+                return                                   # nothing to change
+        self._check_overlap(slot, gpa, size)
+        if gmem is not None:
+            self._check_bind(what, gmem, gmem_offset, size)
+        host = {}
+        if old is not None:
+            self._remove_slot(old)                       # an ordinary memslot moves, its memory too
+            host = old.host
+        self.memslots[slot] = Memslot(slot, gpa, size, gmem, gmem_offset if gmem is not None else 0,
+                                      host)
         bisect.insort(self._slot_starts, (gpa, slot))
 
+    def _remove_slot(self, ms: "Memslot") -> None:
+        del self.memslots[ms.slot]
+        self._slot_starts.remove((ms.gpa, ms.slot))
+
+    def _check_overlap(self, slot: int, gpa: int, size: int) -> None:
+        for other in self.memslots.values():
+            if other.slot != slot and gpa < other.end and other.gpa < gpa + size:
+                raise GmemError(errno.EEXIST, f"memslot {slot} [{gpa:#x}, {gpa + size:#x}) overlaps "
+                                              f"memslot {other.slot} [{other.gpa:#x}, {other.end:#x})")
+
+    def _check_bind(self, what: str, gmem, gmem_offset: int, size: int) -> None:
+        """``kvm_gmem_bind``: the file is this VM's and the range is in it and unbound."""
+        if not isinstance(gmem, GuestMemfd) or gmem.vm is not self:
+            raise GmemError(errno.EINVAL, f"{what}: the guest_memfd belongs to another VM")
+        check_range(gmem_offset, size, gmem.size, f"{what} guest_memfd range")
+        for other in self.memslots.values():
+            if other.gmem is gmem and gmem_offset < other.gmem_offset + other.size \
+                    and other.gmem_offset < gmem_offset + size:
+                raise GmemError(errno.EINVAL, f"{what}: guest_memfd range [{gmem_offset:#x}, "
+                                              f"{gmem_offset + size:#x}) is already bound to memslot "
+                                              f"{other.slot}")
+
     def memslot_for(self, gpa: int) -> Memslot | None:
-        i = bisect.bisect_right(self._slot_starts, (gpa, 1 << 16)) - 1
+        i = bisect.bisect_right(self._slot_starts, (gpa, _MAX_SLOTS)) - 1
         if i < 0:
             return None
         ms = self.memslots[self._slot_starts[i][1]]
         return ms if gpa < ms.end else None
 
     def _pieces(self, gpa: int, size: int):
-        """Split a guest access into (memslot, gpa, size) pieces; MmioExit on a gap."""
+        """Split a guest access into (memslot or None for a gap, gpa, size) pieces."""
         out = []
         end = gpa + size
         while gpa < end:
             ms = self.memslot_for(gpa)
             if ms is None:
-                raise MmioExit(gpa)
-            n = min(end, ms.end) - gpa
+                i = bisect.bisect_right(self._slot_starts, (gpa, _MAX_SLOTS))
+                nxt = self._slot_starts[i][0] if i < len(self._slot_starts) else end
+                n = min(end, nxt) - gpa
+            else:
+                n = min(end, ms.end) - gpa
             out.append((ms, gpa, n))
             gpa += n
         return out
@@ -276,12 +327,12 @@ class VM:
 
     def is_private(self, gpa) -> bool:
         """Private as seen by this VM: guest_memfd's shareability in in-place mode, the
-        per-GFN attribute in legacy mode."""
+        per-GFN attribute in legacy mode. Ordinary memory and gaps are shared in place."""
         gpa = as_int(gpa, "gpa")
         if not self.in_place:
             return (gpa >> PAGE_SHIFT) in self._attrs
         ms = self.memslot_for(gpa)
-        if ms is None:
+        if ms is None or ms.gmem is None:
             return False
         return ms.gmem.is_private((ms.gmem_offset + gpa - ms.gpa) & ~(PAGE_SIZE - 1))
 
@@ -337,9 +388,26 @@ class VM:
 
     # ---------------------------------------------------------------- guest access
     def _check_view(self, pieces, private: bool):
+        """The guest's access, page by page in order: the first page that cannot be
+        accessed as asked ends it with a VM exit (docs/model.md §4.6)."""
         for ms, gpa, n in pieces:
             first = gpa & ~(PAGE_SIZE - 1)
             last = (gpa + n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+            if ms is None:
+                # no memslot: emulated MMIO, except on a GFN the VM's attributes make
+                # private (MMIO on private memory is not allowed)
+                if not self.in_place and (first >> PAGE_SHIFT) in self._attrs:
+                    raise MemoryFaultExit(first, PAGE_SIZE, True)
+                raise MmioExit(gpa)
+            if ms.gmem is None:
+                # ordinary host memory: shared only
+                if private:
+                    raise MemoryFaultExit(first, PAGE_SIZE, True)
+                if not self.in_place:
+                    bad = self._attrs.first(first >> PAGE_SHIFT, last >> PAGE_SHIFT, True)
+                    if bad >= 0:
+                        raise MemoryFaultExit(bad << PAGE_SHIFT, PAGE_SIZE, False)
+                continue
             if self.in_place:
                 p0 = (ms.gmem_offset + first - ms.gpa) >> PAGE_SHIFT
                 p1 = p0 + ((last - first) >> PAGE_SHIFT)
@@ -364,10 +432,10 @@ class VM:
         self._check_view(pieces, bool(private))
         out = []
         for ms, a, n in pieces:
-            if private or self.in_place:
+            if ms.gmem is not None and (private or self.in_place):
                 out.append(self._gmem_read(ms.gmem, ms.gmem_offset + a - ms.gpa, n))
             else:
-                out.append(self._shared_read(a, n))
+                out.append(self._host_read(ms, a, n))
         return b"".join(out)
 
     def guest_write(self, gpa, data, *, private) -> None:
@@ -382,10 +450,10 @@ class VM:
         self._check_view(pieces, bool(private))
         pos = 0
         for ms, a, n in pieces:
-            if private or self.in_place:
+            if ms.gmem is not None and (private or self.in_place):
                 self._gmem_write(ms.gmem, ms.gmem_offset + a - ms.gpa, mv[pos:pos + n])
             else:
-                self._shared_write(a, mv[pos:pos + n])
+                self._host_write(ms, a, mv[pos:pos + n])
             pos += n
 
     @staticmethod
@@ -403,28 +471,31 @@ class VM:
         g.store.fault_in(p0, p1, GMAP)
         g.store.write_bytes(offset, mv, p0, p1)
 
-    def _shared_read(self, gpa: int, n: int) -> bytes:
+    @staticmethod
+    def _host_read(ms: Memslot, gpa: int, n: int) -> bytes:
+        """The guest reads the memslot's host memory (shared, separate from guest_memfd)."""
         out = bytearray()
         end = gpa + n
         while gpa < end:
-            gfn = gpa >> PAGE_SHIFT
+            q = (gpa - ms.gpa) >> PAGE_SHIFT
             s = gpa & (PAGE_SIZE - 1)
             k = min(end - gpa, PAGE_SIZE - s)
-            page = self._shared_mem.get(gfn)
+            page = ms.host.get(q)
             out += page[s:s + k] if page is not None else bytes(k)
             gpa += k
         return bytes(out)
 
-    def _shared_write(self, gpa: int, mv) -> None:
+    @staticmethod
+    def _host_write(ms: Memslot, gpa: int, mv) -> None:
         end = gpa + len(mv)
         pos = 0
         while gpa < end:
-            gfn = gpa >> PAGE_SHIFT
+            q = (gpa - ms.gpa) >> PAGE_SHIFT
             s = gpa & (PAGE_SIZE - 1)
             k = min(end - gpa, PAGE_SIZE - s)
-            page = bytearray(self._shared_mem.get(gfn, bytes(PAGE_SIZE)))
+            page = bytearray(ms.host.get(q, bytes(PAGE_SIZE)))
             page[s:s + k] = mv[pos:pos + k]
-            self._shared_mem[gfn] = bytes(page)
+            ms.host[q] = bytes(page)
             gpa += k
             pos += k
 

@@ -118,6 +118,9 @@ class Pin:
         self.first = first
         self.end = end
         self.released = False
+        # pages whose folio this pin still holds in the file: a punch with 4 KiB backing
+        # removes pinned pages from the file anyway, and the pin then holds an orphan
+        self.in_file = set(range(first, end))
 
     @property
     def offset(self):
@@ -131,9 +134,11 @@ class Pin:
         if self.released:
             raise _einval(f"pin of offset {self.offset:#x} (+{self.size:#x}) already released")
         for p in range(self.first, self.end):
-            assert self.gmem.pins[p] > 0
-            self.gmem.pins[p] -= 1
+            if p in self.in_file:
+                assert self.gmem.pins[p] > 0
+                self.gmem.pins[p] -= 1
         self.released = True
+        self.gmem.live_pins.remove(self)
 
 
 class BatchResult:
@@ -146,7 +151,7 @@ class GuestMemfd:
     """The reference guest_memfd. Same public names as the engine's GuestMemfd."""
 
     def __init__(self, size, flags=0, *, page_order=0, vm_type="sw-protected",
-                 direct_map=None, metadata_limit=None, merge="eager"):
+                 direct_map=None, metadata_limit=None, merge="eager", content_modes=True):
         size = _parse_size(size)
         flags = _int(flags, "flags")
         page_order = _int(page_order, "page_order")
@@ -162,10 +167,6 @@ class GuestMemfd:
             unit = PAGE_SIZE
         if size <= 0 or size % unit:
             raise _einval(f"size {size:#x} is not a positive multiple of {unit:#x}")
-        if flags & GUEST_MEMFD_FLAG_INIT_SHARED and not flags & GUEST_MEMFD_FLAG_MMAP:
-            raise _einval(f"flags {flags:#x}: INIT_SHARED needs MMAP")
-        if flags & GUEST_MEMFD_FLAG_INIT_SHARED and flags & GUEST_MEMFD_FLAG_HUGETLB:
-            raise _einval(f"flags {flags:#x}: HUGETLB with INIT_SHARED")
         if vm_type not in VM_TYPES:
             raise ValueError(f"unknown vm_type {vm_type!r}")
         if direct_map is None:
@@ -184,6 +185,8 @@ class GuestMemfd:
         self.direct_map = direct_map
         self.metadata_limit = metadata_limit
         self.merge = merge
+        self.content_modes = bool(content_modes)
+        self.finalized = False      # the launch is finished (VM-level; tests set it)
         n = self.nr_pages = size // PAGE_SIZE
 
         shared = bool(flags & GUEST_MEMFD_FLAG_INIT_SHARED)
@@ -197,6 +200,7 @@ class GuestMemfd:
         self.split_1g = set()       # 1 GiB blocks whose 1G direct-map entry is split
         self.split_2m = set()       # 2 MiB blocks whose 2M direct-map entry is split
         self.enomem = 0             # armed injected ENOMEM faults
+        self.live_pins = []         # Pin objects not yet released
         self.counters = {name: 0 for name in COUNTERS}
 
     # ------------------------------------------------------------------ helpers
@@ -342,11 +346,19 @@ class GuestMemfd:
     def _punch(self, first, end):
         if first >= end:
             return                       # clamped to the file: nothing to do
-        if any(self.pins[first:end]):
-            for p in range(first, end):
-                if self.pins[p]:
-                    raise GmemError(errno.EAGAIN, f"page {p} is pinned", p * PAGE_SIZE)
         k = self.page_order
+        if any(self.pins[first:end]):
+            if k > 0:
+                # hugetlb: the folio must be restructured, and it is pinned
+                for p in range(first, end):
+                    if self.pins[p]:
+                        raise GmemError(errno.EAGAIN, f"page {p} is pinned", p * PAGE_SIZE)
+            else:
+                # 4 KiB backing: a plain truncate; the pinned pages leave the file and the
+                # pins hold orphans from now on
+                for pin in self.live_pins:
+                    pin.in_file -= set(range(first, end))
+                self.pins[first:end] = [0] * (end - first)
         if k > 0:
             for bs in self._blocks_touching(first, end):
                 inside = first <= bs and bs + self.block_pages <= end
@@ -370,17 +382,29 @@ class GuestMemfd:
             raise GmemError(errno.ENODEV, "guest_memfd created without GUEST_MEMFD_FLAG_MMAP")
 
     def _fault_in(self, first, end):
-        """Host access to pages [first, end): SIGBUS check first, then fault in."""
+        """Fault pages [first, end) into the host mapping (allocating holes)."""
+        self._allocate(first, end)
+        for p in range(first, end):
+            self.host_mapped[p] = True
+
+    def _host_access(self, first, end):
+        """A host access touches pages first..end-1 in order, like memset/memcpy: every
+        page before the first private page or the end of the file is faulted in. Returns
+        the page where it stops and the SIGBUS to raise there (or None)."""
         if first < 0:
             raise _einval(f"negative offset {first * PAGE_SIZE}")
         for p in range(first, end):
             if p >= self.nr_pages:
-                raise SigBusError(f"offset {p * PAGE_SIZE:#x} is at or past the end", p * PAGE_SIZE)
-            if self.private[p]:
-                raise SigBusError(f"page at offset {p * PAGE_SIZE:#x} is private", p * PAGE_SIZE)
-        self._allocate(first, end)
-        for p in range(first, end):
-            self.host_mapped[p] = True
+                bus = SigBusError(f"offset {p * PAGE_SIZE:#x} is at or past the end", p * PAGE_SIZE)
+            elif self.private[p]:
+                bus = SigBusError(f"page at offset {p * PAGE_SIZE:#x} is private", p * PAGE_SIZE)
+            else:
+                continue
+            if p > first:
+                self._fault_in(first, p)
+            return p, bus
+        self._fault_in(first, end)
+        return end, None
 
     def host_write(self, offset, data):
         offset = _int(offset, "offset")
@@ -390,15 +414,19 @@ class GuestMemfd:
             return None
         first = offset // PAGE_SIZE
         end = (offset + len(data) - 1) // PAGE_SIZE + 1
-        self._fault_in(first, end)
+        stop, bus = self._host_access(first, end)
         pos = 0
         while pos < len(data):
             p, within = divmod(offset + pos, PAGE_SIZE)
+            if p >= stop:
+                break                    # the bytes from the faulting page on are not written
             chunk = min(PAGE_SIZE - within, len(data) - pos)
             page = bytearray(self.contents.get(p, ZERO_PAGE))
             page[within:within + chunk] = data[pos:pos + chunk]
             self.contents[p] = bytes(page)
             pos += chunk
+        if bus is not None:
+            raise bus
         return None
 
     def host_read(self, offset, size):
@@ -409,7 +437,9 @@ class GuestMemfd:
             return b""
         first = offset // PAGE_SIZE
         end = (offset + size - 1) // PAGE_SIZE + 1
-        self._fault_in(first, end)
+        stop, bus = self._host_access(first, end)
+        if bus is not None:
+            raise bus
         out = bytearray()
         for p in range(first, end):
             out += self.contents.get(p, ZERO_PAGE)
@@ -429,16 +459,21 @@ class GuestMemfd:
             if p >= self.nr_pages or self.private[p]:
                 raise GmemError(errno.EFAULT, f"pin: page at offset {p * PAGE_SIZE:#x} is "
                                 f"{'past the end' if p >= self.nr_pages else 'private'}")
-        self._fault_in(first, end)
+        self._fault_in(first, end)       # GUP pins all or nothing
         for p in range(first, end):
             self.pins[p] += 1
-        return Pin(self, first, end)
+        pin = Pin(self, first, end)
+        self.live_pins.append(pin)
+        return pin
 
     # --------------------------------------------------------------- conversion
     def inject_enomem(self, n=1):
         self.enomem = _int(n, "n")
 
     def _validate_conversion(self, offset, size, attributes, flags):
+        vm = getattr(self, "vm", None)
+        if vm is not None and not vm.in_place:
+            raise GmemError(errno.ENOTTY, "conversion on the file needs an in-place VM")
         offset = _int(offset, "offset")
         size = _int(size, "size")
         attributes = _int(attributes, "attributes")
@@ -450,9 +485,17 @@ class GuestMemfd:
         if flags & KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE and flags & KVM_SET_MEMORY_ATTRIBUTES2_ZERO:
             raise _einval(f"flags {flags:#x}: PRESERVE and ZERO together")
         first, end = _page_range(offset, size, self.nr_pages, "set_memory_attributes")
-        if (flags & KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE and self.vm_type != "sw-protected"
-                and not attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE):
-            raise _einval(f"PRESERVE to shared on {self.vm_type}")
+        # content modes a platform does not support: EOPNOTSUPP at the range's start
+        to_private = bool(attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        unsupported = False
+        if flags and not self.content_modes:
+            unsupported = True               # the policy turns content modes off
+        elif flags == KVM_SET_MEMORY_ATTRIBUTES2_ZERO and to_private:
+            unsupported = True               # ZERO on conversion to private: never
+        elif flags == KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE and self.vm_type != "sw-protected":
+            unsupported = not to_private or self.finalized   # only to private, while launching
+        if unsupported:
+            raise GmemError(errno.EOPNOTSUPP, f"flags {flags:#x} not supported here", offset)
         return offset, first, end, bool(attributes), flags
 
     def set_memory_attributes(self, offset, size, attributes, flags=0):
@@ -609,3 +652,185 @@ class GuestMemfd:
                 if k in orders:
                     assert orders == {k}, f"partial huge folio at block {bs}"
                     assert all(self.private[bs:bs + self.block_pages])
+
+
+# ============================================================================ the VM
+class MemoryFault(Exception):
+    """Stand-in for the engine's exit classes in comparisons (kind, gpa, size, private)."""
+
+
+class VM:
+    """The reference VM: memslots (``KVM_SET_USER_MEMORY_REGION2``), the legacy per-GFN
+    attributes, and guest reads and writes, page by page. No trusted entity: populate and
+    acceptance are not modelled here."""
+
+    MAX_SLOTS = 1 << 15
+    MAX_GPA = 1 << 52
+
+    def __init__(self, vm_type="sw-protected", *, in_place=True):
+        if vm_type not in VM_TYPES:
+            raise ValueError(f"unknown vm_type {vm_type!r}")
+        self.vm_type = vm_type
+        self.in_place = bool(in_place)
+        self.slots = {}              # id -> {"gpa", "size", "gmem", "offset", "host": {page: bytes}}
+        self.private_gfns = set()    # legacy mode: GFNs with the private attribute
+        self.gmems = []
+
+    def create_guest_memfd(self, size, flags=0, *, page_order=0):
+        if not self.in_place and self.vm_type != "sw-protected":
+            if flags & GUEST_MEMFD_FLAG_MMAP:
+                raise _einval("a CoCo VM in legacy mode cannot mmap guest_memfd")
+            if flags & GUEST_MEMFD_FLAG_INIT_SHARED:
+                raise _einval("a CoCo VM in legacy mode cannot create a shared guest_memfd")
+        g = GuestMemfd(size, flags, page_order=page_order, vm_type=self.vm_type)
+        g.vm = self
+        self.gmems.append(g)
+        return g
+
+    # ------------------------------------------------------------------ memslots
+    def set_user_memory_region(self, slot, gpa, size, gmem, gmem_offset=0):
+        """In the kernel's order (kvm_set_memory_region, then kvm_gmem_bind)."""
+        slot, gpa, size, gmem_offset = (_int(v, n) for v, n in ((slot, "slot"), (gpa, "gpa"),
+                                                                (size, "size"), (gmem_offset, "gmem_offset")))
+        if not 0 <= slot < self.MAX_SLOTS:
+            raise _einval(f"slot {slot} out of range")
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or gpa < 0 or size < 0 or gpa + size > self.MAX_GPA:
+            raise _einval(f"gpa {gpa:#x} size {size:#x}: unaligned or outside the address space")
+        old = self.slots.get(slot)
+        if size == 0:                                   # delete
+            if old is None:
+                raise _einval(f"slot {slot} does not exist")
+            del self.slots[slot]
+            return None
+        if old is not None:                             # modify an existing slot
+            if gmem is not None or old["gmem"] is not None:
+                raise _einval("a memslot with a guest_memfd can only be deleted")
+            if size != old["size"]:
+                raise _einval("resizing a memslot")
+            if gpa == old["gpa"]:
+                return None                             # nothing to change
+        for other_id, other in self.slots.items():
+            if other_id != slot and gpa < other["gpa"] + other["size"] and other["gpa"] < gpa + size:
+                raise GmemError(errno.EEXIST, f"overlaps slot {other_id}")
+        if gmem is not None:                            # kvm_gmem_bind
+            if getattr(gmem, "vm", None) is not self:
+                raise _einval("the guest_memfd belongs to another VM")
+            if gmem_offset < 0 or gmem_offset % PAGE_SIZE or gmem_offset + size > gmem.size:
+                raise _einval(f"guest_memfd range {gmem_offset:#x}+{size:#x} is not inside the file")
+            for other_id, other in self.slots.items():
+                if other["gmem"] is gmem and gmem_offset < other["offset"] + other["size"] \
+                        and other["offset"] < gmem_offset + size:
+                    raise _einval(f"the guest_memfd range is already bound to slot {other_id}")
+        host = old["host"] if old is not None else {}   # a moved ordinary slot keeps its memory
+        self.slots[slot] = {"gpa": gpa, "size": size, "gmem": gmem,
+                            "offset": gmem_offset if gmem is not None else 0, "host": host}
+        return None
+
+    def memslot_list(self):
+        return sorted((i, s["gpa"], s["size"], s["offset"]) for i, s in self.slots.items())
+
+    def _slot_of(self, gpa):
+        for i, s in self.slots.items():
+            if s["gpa"] <= gpa < s["gpa"] + s["size"]:
+                return s
+        return None
+
+    # ---------------------------------------------------------------- attributes
+    def set_memory_attributes(self, gpa, size, attributes):
+        attributes = _int(attributes, "attributes")
+        gpa, size = _int(gpa, "gpa"), _int(size, "size")
+        if attributes & ~KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            raise _einval(f"unknown attributes {attributes:#x}")
+        first, end = _page_range(gpa, size, self.MAX_GPA // PAGE_SIZE, "KVM_SET_MEMORY_ATTRIBUTES")
+        if self.in_place:
+            if attributes:
+                raise _einval("PRIVATE on an in-place VM")
+            return None
+        for gfn in range(first, end):
+            if attributes:
+                self.private_gfns.add(gfn)
+            else:
+                self.private_gfns.discard(gfn)
+        return None
+
+    def is_private(self, gpa):
+        gpa = _int(gpa, "gpa")
+        if not self.in_place:
+            return gpa // PAGE_SIZE in self.private_gfns
+        s = self._slot_of(gpa)
+        if s is None or s["gmem"] is None:
+            return False
+        return s["gmem"].private[(s["offset"] + gpa - s["gpa"]) // PAGE_SIZE]
+
+    # -------------------------------------------------------------- guest access
+    def _page_exit(self, page, access_start, private):
+        """The exit the guest's access to ``page`` causes, or None if it goes through."""
+        gfn = page // PAGE_SIZE
+        s = self._slot_of(page)
+        if s is None:
+            if not self.in_place and gfn in self.private_gfns:
+                return ("memory_fault", page, PAGE_SIZE, True)
+            return ("mmio", max(page, access_start))
+        if s["gmem"] is None:
+            if private:
+                return ("memory_fault", page, PAGE_SIZE, True)
+            if not self.in_place and gfn in self.private_gfns:
+                return ("memory_fault", page, PAGE_SIZE, False)
+            return None
+        if self.in_place:
+            is_private = s["gmem"].private[(s["offset"] + page - s["gpa"]) // PAGE_SIZE]
+        else:
+            is_private = gfn in self.private_gfns
+        if is_private != private:
+            return ("memory_fault", page, PAGE_SIZE, private)
+        return None
+
+    def _check_access(self, gpa, size, private):
+        if gpa < 0 or size < 0:
+            raise _einval(f"guest access at {gpa:#x} of {size} bytes")
+        page = gpa - gpa % PAGE_SIZE
+        while page < gpa + size:
+            ex = self._page_exit(page, gpa, bool(private))
+            if ex is not None:
+                raise MemoryFault(*ex)
+            page += PAGE_SIZE
+
+    def _page_bytes(self, page, private):
+        s = self._slot_of(page)
+        if s["gmem"] is not None and (private or self.in_place):
+            g = s["gmem"]
+            p = (s["offset"] + page - s["gpa"]) // PAGE_SIZE
+            g._allocate(p, p + 1)            # the guest's fault allocates a hole
+            return g, p
+        return s["host"], (page - s["gpa"]) // PAGE_SIZE
+
+    def guest_read(self, gpa, size, *, private):
+        gpa, size = _int(gpa, "gpa"), _int(size, "size")
+        self._check_access(gpa, size, private)
+        out = bytearray()
+        pos = gpa
+        while pos < gpa + size:
+            page = pos - pos % PAGE_SIZE
+            where, key = self._page_bytes(page, private)
+            data = where.contents.get(key, ZERO_PAGE) if isinstance(where, GuestMemfd) \
+                else where.get(key, ZERO_PAGE)
+            chunk = min(page + PAGE_SIZE, gpa + size) - pos
+            out += data[pos - page:pos - page + chunk]
+            pos += chunk
+        return bytes(out)
+
+    def guest_write(self, gpa, data, *, private):
+        gpa = _int(gpa, "gpa")
+        data = bytes(data)
+        self._check_access(gpa, len(data), private)
+        pos = gpa
+        while pos < gpa + len(data):
+            page = pos - pos % PAGE_SIZE
+            where, key = self._page_bytes(page, private)
+            store = where.contents if isinstance(where, GuestMemfd) else where
+            chunk = min(page + PAGE_SIZE, gpa + len(data)) - pos
+            buf = bytearray(store.get(key, ZERO_PAGE))
+            buf[pos - page:pos - page + chunk] = data[pos - gpa:pos - gpa + chunk]
+            store[key] = bytes(buf)
+            pos += chunk
+        return None

@@ -50,20 +50,41 @@ def expect_sigbus(fn, *args):
 
 # ---------------------------------------------------------------- creation / file
 def test_flags(GM):
-    supported = {MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP}
+    """Every known flag alone is valid (HUGETLB with its page order); unknown bits are EINVAL."""
+    known = {MMAP, SHARED, GUEST_MEMFD_FLAG_NO_DIRECT_MAP}
     for bit in range(64):
         flag = 1 << bit
-        if flag in supported:
+        if flag in known:
             g = GM(PS, flag)
             assert g.flags == flag
-        elif flag == SHARED:
-            expect_errno(errno.EINVAL, GM, PS, flag)           # needs MMAP
-            assert GM(PS, flag | MMAP).flags == flag | MMAP
         elif flag == GUEST_MEMFD_FLAG_HUGETLB:
             expect_errno(errno.EINVAL, GM, PS, flag)           # needs page_order 9 or 18
             assert GM(2 << 20, flag, page_order=9).page_order == 9
         else:
             expect_errno(errno.EINVAL, GM, PS, flag)
+
+
+def test_flags_in_any_combination(GM):
+    """Every combination of the known flags creates a file; INIT_SHARED starts it shared,
+    with or without MMAP; HUGETLB | INIT_SHARED blocks split when allocated."""
+    import itertools
+    flags = (MMAP, SHARED, GUEST_MEMFD_FLAG_NO_DIRECT_MAP, GUEST_MEMFD_FLAG_HUGETLB)
+    for n in range(len(flags) + 1):
+        for combo in itertools.combinations(flags, n):
+            f = sum(combo)
+            order = 9 if f & GUEST_MEMFD_FLAG_HUGETLB else 0
+            g = GM(2 << 20, f, page_order=order)
+            assert g.flags == f
+            assert g.private_pages() == (0 if f & SHARED else 512)
+    g = GM(2 << 20, GUEST_MEMFD_FLAG_HUGETLB | SHARED, page_order=9)
+    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 2 << 20)
+    assert g.folio_order(0) == 0                  # a shared block is split at once
+    g.set_memory_attributes(0, 2 << 20, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    assert g.folio_order(0) == 9                  # and merges when wholly private
+    g = GM(PS, SHARED)                            # shared, but the host cannot map it
+    with pytest.raises(GmemError) as info:
+        g.host_read(0, 1)
+    assert info.value.errno == errno.ENODEV
 
 
 def test_invalid_sizes(GM):
@@ -362,3 +383,96 @@ def test_memory_fault_exits():
     assert t.vm.guest_read(GPA, 1, private=False) == b"S"
     t.vm.guest_write(GPA + 2 * PS, b"P", private=True)
     assert t.vm.guest_read(GPA + 2 * PS, 1, private=True) == b"P"
+
+
+# ------------------------------------------------------------------ memslots and exits
+@pytest.mark.parametrize("in_place", [True, False])
+def test_private_access_memslot_deleted(in_place):
+    """private_mem_kvm_exits_test: the guest's private page loses its memslot. In place
+    the GPA is plain MMIO; in legacy mode the GFN is still private in the VM's attributes,
+    and emulated MMIO on private memory is not allowed: a memory-fault exit."""
+    vm = VM("sw-protected", in_place=in_place)
+    g = vm.create_guest_memfd(4 * PS, MMAP)
+    vm.set_user_memory_region(0, GPA, 4 * PS, g)
+    if not in_place:
+        vm.set_memory_attributes(GPA, 4 * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    vm.guest_write(GPA + PS, b"p", private=True)
+    vm.set_user_memory_region(0, GPA, 0, None)            # delete the slot
+    if in_place:
+        with pytest.raises(MmioExit) as info:
+            vm.guest_read(GPA + PS + 8, 1, private=True)
+        assert info.value.gpa == GPA + PS + 8
+    else:
+        with pytest.raises(MemoryFaultExit) as info:
+            vm.guest_read(GPA + PS + 8, 1, private=True)
+        assert (info.value.gpa, info.value.size, info.value.private) == (GPA + PS, PS, True)
+        with pytest.raises(MemoryFaultExit) as info:       # whatever the guest asked for
+            vm.guest_read(GPA + PS, 1, private=False)
+        assert info.value.private
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_private_access_memslot_not_private(in_place):
+    """private_mem_kvm_exits_test: a memslot without a guest_memfd is host memory, always
+    shared; a private access there is a memory-fault exit, even when (legacy mode) the VM's
+    attributes call the GFN private."""
+    vm = VM("sw-protected", in_place=in_place)
+    vm.set_user_memory_region(1, GPA, 2 * PS, None)
+    vm.guest_write(GPA, b"shared", private=False)
+    assert vm.guest_read(GPA, 6, private=False) == b"shared"
+    with pytest.raises(MemoryFaultExit) as info:
+        vm.guest_read(GPA + 10, 1, private=True)
+    assert (info.value.gpa, info.value.size, info.value.private) == (GPA, PS, True)
+    if not in_place:
+        vm.set_memory_attributes(GPA, 2 * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)   # allowed
+        with pytest.raises(MemoryFaultExit) as info:
+            vm.guest_read(GPA, 1, private=True)
+        assert info.value.private
+        with pytest.raises(MemoryFaultExit) as info:
+            vm.guest_read(GPA, 1, private=False)
+        assert not info.value.private
+    else:
+        with pytest.raises(GmemError) as info:
+            vm.set_memory_attributes(GPA, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        assert info.value.errno == errno.EINVAL
+
+
+def test_set_user_memory_region_rules():
+    """KVM_SET_USER_MEMORY_REGION2 as KVM checks it (kvm_set_memory_region, kvm_gmem_bind)."""
+    vm = VM("sw-protected")
+    g = vm.create_guest_memfd(16 * PS, MMAP | SHARED)
+    other = VM("sw-protected").create_guest_memfd(16 * PS, MMAP)
+    einval = [
+        (1 << 15, GPA, PS, g, 0),                # slot id out of range
+        (0, GPA + 1, PS, g, 0),                  # unaligned gpa
+        (0, GPA, PS + 1, g, 0),                  # unaligned size
+        (0, GPA, PS, g, 100),                    # unaligned file offset
+        (0, GPA, 17 * PS, g, 0),                 # past the end of the file
+        (0, GPA, 2 * PS, g, 15 * PS),
+        (0, GPA, PS, other, 0),                  # another VM's file
+        (0, GPA, 0, None, 0),                    # deleting a slot that does not exist
+    ]
+    for args in einval:
+        expect_errno(errno.EINVAL, vm.set_user_memory_region, *args)
+    assert vm.memslots == {}
+    vm.set_user_memory_region(0, GPA, 8 * PS, g, 0)
+    expect_errno(errno.EINVAL, vm.set_user_memory_region, 1, 2 * GPA, 4 * PS, g, 4 * PS)  # bound twice
+    expect_errno(errno.EEXIST, vm.set_user_memory_region, 1, GPA + 4 * PS, 8 * PS, g, 8 * PS)  # overlap
+    expect_errno(errno.EINVAL, vm.set_user_memory_region, 0, 2 * GPA, 8 * PS, g, 0)   # move
+    expect_errno(errno.EINVAL, vm.set_user_memory_region, 0, GPA, 4 * PS, g, 0)       # resize
+    expect_errno(errno.EINVAL, vm.set_user_memory_region, 0, GPA, 8 * PS, g, 0)       # re-issue
+    expect_errno(errno.EINVAL, vm.set_user_memory_region, 0, GPA, 8 * PS, None, 0)    # drop the file
+    vm.set_user_memory_region(1, 2 * GPA, 8 * PS, g, 8 * PS)    # the rest of the file: fine
+    # an ordinary memslot: re-issued unchanged it stays, with another GPA it moves with its memory
+    vm.set_user_memory_region(2, 0, 2 * PS, None)
+    vm.guest_write(PS, b"host", private=False)
+    vm.set_user_memory_region(2, 0, 2 * PS, None)
+    vm.set_user_memory_region(2, 16 * PS, 2 * PS, None)
+    assert vm.guest_read(17 * PS, 4, private=False) == b"host"
+    expect_errno(errno.EINVAL, vm.set_user_memory_region, 2, 16 * PS, 4 * PS, None)   # resize
+    expect_errno(errno.EEXIST, vm.set_user_memory_region, 2, GPA, 2 * PS, None)       # onto slot 0
+    # size 0 deletes the slot and unbinds its range, which can then be bound again
+    vm.set_user_memory_region(0, 0, 0, None)
+    assert 0 not in vm.memslots
+    vm.set_user_memory_region(3, 3 * GPA, 8 * PS, g, 0)
+    assert sorted(vm.memslots) == [1, 2, 3]

@@ -128,8 +128,6 @@ CREATE_EINVAL = [
     (2 << 20, HUGETLB, {"page_order": 12}, [12]),
     (2 << 20, HUGETLB, {"page_order": 0}, ["page_order", "order"]),
     (PS, 0, {"page_order": 18}, ["page_order", "HUGETLB"]),
-    (PS, SHARED, {}, ["INIT_SHARED", "MMAP"]),
-    (2 << 20, HUGETLB | MMAP | SHARED, {"page_order": 9}, ["INIT_SHARED", "HUGETLB"]),
     (PS, GUEST_MEMFD_FLAG_NO_DIRECT_MAP, {"direct_map": "keep"}, ["keep", "NO_DIRECT_MAP"]),
 ]
 
@@ -176,9 +174,6 @@ FALLOC_CASES = [
     (KEEP, SIZE + PS, PS, errno.EINVAL, None, [SIZE + PS, SIZE]),
     (KEEP, SIZE - PS, 2 * PS, errno.EINVAL, None, [SIZE + PS, SIZE, 2 * PS]),
     (KEEP, (1 << 64) - PS, 2 * PS, errno.EINVAL, None, [(1 << 64) - PS, (1 << 64) + PS, 2 * PS]),
-    (KEEP | PUNCH, 0, SIZE, errno.EAGAIN, 3 * PS, [3 * PS]),      # page 3 is pinned
-    (KEEP | PUNCH, 3 * PS, PS, errno.EAGAIN, 3 * PS, [3 * PS]),
-    (KEEP | PUNCH, 2 * PS, 1 << 40, errno.EAGAIN, 3 * PS, [3 * PS]),  # clamped, still pinned
 ]
 
 
@@ -187,6 +182,47 @@ def test_fallocate_errors(GM, mode, offset, size, err, error_offset, names):
     g = prepared(GM)
     check_error(g, g.fallocate, (mode, offset, size), err, error_offset=error_offset,
                 names=names)
+
+
+HUGE_PS = 512 * PS
+
+
+@pytest.mark.parametrize("offset,size", [(0, 4 * HUGE_PS), (3 * PS, PS), (3 * PS, 1 << 40),
+                                         (2 * PS, 1 << 40)])
+def test_punch_pinned_hugetlb_eagain(GM, offset, size):
+    """With hugetlb backing a pinned page fails the whole punch at that page (clamped
+    ranges included), nothing changed; after the release the punch succeeds."""
+    g = GM(4 * HUGE_PS, HUGETLB | MMAP, page_order=9)
+    g.set_memory_attributes(0, HUGE_PS, 0)
+    g.host_write(0, b"\x33" * (4 * PS))
+    pin = g.pin(3 * PS)
+    check_error(g, g.fallocate, (KEEP | PUNCH, offset, size), errno.EAGAIN, error_offset=3 * PS,
+                names=[3 * PS])
+    pin.release()
+    g.fallocate(KEEP | PUNCH, offset, size)
+    assert g.folio_order(3 * PS) == -1
+
+
+def test_punch_pinned_4k_is_a_truncate(GM):
+    """With 4 KiB backing a punch removes pinned pages anyway: the range reads as zeroes,
+    the page is a hole, and releasing the orphaned pin later changes nothing."""
+    g = prepared(GM)
+    pin = PINS.pop(id(g))
+    g.host_write(3 * PS, b"\x77" * 16)
+    g.fallocate(KEEP | PUNCH, 2 * PS, 3 * PS)
+    assert g.folio_order(3 * PS) == -1
+    assert g.host_read(3 * PS, 16) == bytes(16)              # faults a new page in
+    d = normalize_dump(g.dump())
+    assert d["pins"][3] == 0 and d["refcount"][3] == 1
+    second = g.pin(3 * PS)                                    # a pin on the new page
+    before = normalize_dump(g.dump())
+    pin.release()                                             # the orphan: nothing changes
+    assert normalize_dump(g.dump()) == before
+    with pytest.raises(GmemError) as info:
+        pin.release()
+    assert info.value.errno == errno.EINVAL
+    second.release()
+    g.set_memory_attributes(0, SIZE, PRIVATE)                 # no pin left anywhere
 
 
 def test_fallocate_types(GM):
@@ -210,15 +246,11 @@ def test_host_access_without_mmap(GM):
 
 
 SIGBUS_CASES = [
-    # (fn name, offset, length, error_offset)
+    # (fn name, offset, length, error_offset): the first page touched faults, nothing changes
     ("host_read", 6 * PS, 1, 6 * PS),                 # private
     ("host_write", 6 * PS + 123, 10, 6 * PS),
-    ("host_write", 5 * PS + 4000, 200, 6 * PS),       # shared page, then private page
-    ("host_read", 4 * PS, 3 * PS, 6 * PS),            # spans into the private page
     ("host_read", SIZE, 1, SIZE),                     # past the end
     ("host_write", SIZE + 5 * PS + 3, 1, SIZE + 5 * PS),
-    ("host_write", SIZE - 1, 2, SIZE),                # straddles the end
-    ("host_read", 7 * PS, 2 * PS, SIZE),
 ]
 
 
@@ -229,6 +261,44 @@ def test_host_access_sigbus(GM, name, offset, length, error_offset):
     arg = b"\xee" * length if name == "host_write" else length
     check_error(g, fn, (offset, arg), errno.EFAULT, error_offset=error_offset,
                 names=[error_offset], cls=SigBusError)
+
+
+PARTIAL_CASES = [
+    # (fn name, offset, length, error_offset): pages before the faulting one are touched
+    ("host_write", 5 * PS + 4000, 200, 6 * PS),       # shared page, then private page
+    ("host_read", 4 * PS, 3 * PS, 6 * PS),            # spans into the private page
+    ("host_write", SIZE - 1, 2, SIZE),                # straddles the end
+    ("host_read", 7 * PS, 2 * PS, SIZE),
+    ("host_write", 7 * PS, 3 * PS, SIZE),
+]
+
+
+@pytest.mark.parametrize("name,offset,length,error_offset", PARTIAL_CASES)
+def test_host_access_partial(GM, name, offset, length, error_offset):
+    """Like memset/memcpy on the mapping: SIGBUS at the faulting page's offset, the pages
+    before it faulted in (and, for a write, holding what was written), the rest untouched."""
+    g = prepared(GM)
+    before = normalize_dump(g.dump())
+    fn = getattr(g, name)
+    with pytest.raises(SigBusError) as info:
+        fn(offset, b"\xee" * length if name == "host_write" else length)
+    assert info.value.errno == errno.EFAULT and info.value.error_offset == error_offset
+    assert_names(info.value, error_offset)
+    after = normalize_dump(g.dump())
+    touched = range(offset // PS, error_offset // PS)
+    assert touched, "a partial case must touch a page before the fault"
+    for p in range(NPAGES):
+        if p in touched:
+            assert after["host_mapped"][p] and after["allocated"][p], p
+        else:
+            for key in ("host_mapped", "allocated", "private", "pins"):
+                assert after[key][p] == before[key][p], (key, p)
+    if name == "host_write":
+        written = g.host_read(offset, error_offset - offset)
+        assert written == b"\xee" * (error_offset - offset)
+    for p, c in before["contents"].items():
+        if p not in touched or name == "host_read":
+            assert after["contents"].get(p) == c, p
 
 
 def test_sigbus_through_mmap_object():
@@ -309,8 +379,8 @@ def test_convert_einval(GM, offset, size, attributes, flags, names):
 def test_convert_preserve_to_shared_on_coco(GM, vm_type):
     g = GM(SIZE, MMAP, vm_type=vm_type)
     g.set_memory_attributes(0, PS, 0, 0)
-    check_error(g, g.set_memory_attributes, (PS, PS, 0, PRESERVE), errno.EINVAL,
-                names=["PRESERVE", PRESERVE])
+    check_error(g, g.set_memory_attributes, (PS, PS, 0, PRESERVE), errno.EOPNOTSUPP,
+                error_offset=PS, names=["PRESERVE", PRESERVE])
     g.set_memory_attributes(PS, PS, PRIVATE, PRESERVE)   # to private: allowed before launch
 
 
@@ -431,8 +501,8 @@ def test_convert_preserve_after_finalize(vm_type):
         vm.tdx_finalize()
     else:
         vm.snp_launch_finish()
-    check_error(g, g.set_memory_attributes, (0, PS, PRIVATE, PRESERVE), errno.EINVAL,
-                names=["PRESERVE", "finalized"])     # step 1: nothing zapped
+    check_error(g, g.set_memory_attributes, (0, PS, PRIVATE, PRESERVE), errno.EOPNOTSUPP,
+                error_offset=0, names=["PRESERVE", "finalized"])     # step 1: nothing zapped
     g.set_memory_attributes(0, PS, PRIVATE, 0)               # without PRESERVE: fine
 
 
@@ -496,3 +566,12 @@ def test_load_foreign(tmp_path):
     npz = tmp_path / "arrays.npz"
     np.savez(npz, state=np.zeros(16, dtype=np.uint16))
     _expect_value_error(npz)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "2", True])
+def test_pages_per_populate_refused(value):
+    """A populate limit that would loop forever or is not a count is refused up front."""
+    with pytest.raises((ValueError, TypeError)) as info:
+        VM("snp", pages_per_populate=value)
+    assert "pages_per_populate" in str(info.value)
+    assert VM("snp", pages_per_populate=3).pages_per_populate == 3

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import naive
+from gmemfast.errors import errno_name
 from conftest import DUMP_KEYS, SMALL, dump_diff, normalize_dump
 from gmemfast import GmemError, scenarios as S
 from gmemfast import trace as T
@@ -40,7 +41,7 @@ def replay_on_naive(ops: T.TraceOps, ref, tracking: str) -> dict:
     pins = {}
 
     def fail(exc):
-        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        name = errno_name(exc.errno)
         errors[name] = errors.get(name, 0) + 1
 
     for i in range(len(ops)):
@@ -90,7 +91,8 @@ def assert_matches_naive(res, run_gmem, *, tracking="in-place", errors_too=True)
                                     if run_gmem.page_order else 0)
     assert s["direct_map"] == r["direct_map_entries"]
     if errors_too:
-        engine_errors = {k: v for k, v in s["errors"].items() if k in errno.errorcode.values()}
+        names = {errno_name(code) for code in errno.errorcode}
+        engine_errors = {k: v for k, v in s["errors"].items() if k in names}
         assert engine_errors == ref_errors
 
 
@@ -348,12 +350,12 @@ phase = "dma"
 offset = "2M"
 size = "8K"
 attrs = "private"
-flags = "zero"
 [[steps]]
 op = "convert"
 offset = "900M"
 size = "4K"
 attrs = "shared"
+flags = "zero"
 [[steps]]
 op = "random"
 offset = "64M"

@@ -353,6 +353,25 @@ class GmemComparison(RuleBasedStateMachine):
             e, r = res
             assert bytes(e) == r, f"host_read({off:#x}, {length}) returned different bytes"
 
+    @enabled("host_access_partial")
+    @rule(i=st.integers(0, 1 << 16), back=st.sampled_from([0, 1, 2]), into=st.sampled_from([1, 2, 5]),
+          delta=_byte_delta, write=st.booleans(), fill=_fill)
+    def host_access_partial(self, i, back, into, delta, write, fill):
+        """An access from the last pages of a shared run into the private pages after it
+        (or past the end): the pages before the fault are touched, like memset/memcpy."""
+        runs = runs_where(self.ref.private, False)
+        if not runs:
+            return
+        a, b = runs[i % len(runs)]
+        start = max(a, b - 1 - back)
+        off = start * PAGE_SIZE + delta
+        length = (b - start + into) * PAGE_SIZE - delta
+        _event("partial host access " + ("to the end" if b == self.n else "into private"))
+        if write:
+            self.both("host_write", off, bytes([fill]) * length)
+        else:
+            self.host_read_at(off, length)
+
     @enabled("pin")
     @rule(where=_where_shared, npages=st.sampled_from([1, 1, 1, 2, 3, 65]), anywhere=_point,
           past=st.sampled_from([False, False, False, True]))

@@ -28,7 +28,7 @@ def test_examples_csv_and_jsonl_agree():
     assert b.guest["page_order"] == 9
     assert records(a)[0] == {"op": "phase", "name": "boot"}
     assert records(a)[2] == {"op": "phase", "name": "dma"}
-    assert {"op": "convert", "offset": 0x200000, "size": 4096, "attrs": "private", "flags": "zero"} in records(a)
+    assert {"op": "convert", "offset": 0x200000, "size": 4096, "attrs": "private"} in records(a)
     # line numbers point at the source lines (comments and header count)
     assert int(a.line[0]) == 4 and int(b.line[0]) == 2
 

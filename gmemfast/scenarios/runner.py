@@ -11,7 +11,7 @@ import numpy as np
 from .. import trace as T
 from .._layout import COUNTER_NAMES, RMP_VALIDATED, SEPT_MAPPED
 from ..cost import CostModel
-from ..errors import GmemError, MemoryFaultExit, MmioExit
+from ..errors import GmemError, MemoryFaultExit, MmioExit, errno_name
 from ..uapi import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_HUGETLB,
                     GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_MEMORY_ATTRIBUTE_PRIVATE)
 from ..units import PAGE_SHIFT, PAGE_SIZE, check_range, format_size
@@ -129,7 +129,8 @@ class Runner:
         return sum(self.vm.private_gfns(gpa, size) for gpa, _off, size in self._slots())
 
     def _fail(self, exc: Exception, what: str, line: int = 0) -> None:
-        name = errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__)
+        code = getattr(exc, "errno", None)
+        name = errno_name(code) if code else type(exc).__name__
         if self.strict:
             where = f"line {line}: " if line else ""
             raise ScenarioError(f"{where}{what} failed: {exc}") from exc
@@ -201,9 +202,9 @@ class Runner:
                     (f"line {line}: " if line else "")
                     + f"convert [{int(offs[i]):#x}, +{int(sizes[i]):#x}) to "
                     f"{'private' if attrs[i] else 'shared'} failed: "
-                    f"{errno.errorcode.get(int(errs[i]), errs[i])}")
+                    f"{errno_name(int(errs[i]))}")
             for code, c in zip(*np.unique(errs[bad], return_counts=True)):
-                self.errors[errno.errorcode.get(int(code), str(code))] += int(c)
+                self.errors[errno_name(int(code))] += int(c)
         return errs
 
     def _legacy_convert_many(self, offs, sizes, attrs, lines, label) -> np.ndarray:
