@@ -1091,7 +1091,8 @@ def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state):
 @njit(cache=True, nogil=True)
 def _te_release(n2, n1, w0, meta, p0, p1):
     """The trusted entity gives pages of ``[p0, p1)`` back to the host: SNP RMP entries
-    become hypervisor-owned, TDX secure-EPT entries are removed."""
+    become hypervisor-owned (an RMPUPDATE each), TDX secure-EPT entries are removed (a
+    BLOCK, a TRACK and a PAGE.REMOVE each)."""
     vt = meta[M_VMTYPE]
     if vt == VM_SW:
         return 0
@@ -1101,8 +1102,9 @@ def _te_release(n2, n1, w0, meta, p0, p1):
     if vt == VM_SNP:
         meta[C_RMP_UPDATES] += ch
     else:
+        # tdx_sept_remove_private_spte(): BLOCK, TRACK and PAGE.REMOVE for each page
         meta[C_TDX_SEAMCALL_BLOCK] += ch
-        meta[C_TDX_SEAMCALL_TRACK] += 1
+        meta[C_TDX_SEAMCALL_TRACK] += ch
         meta[C_TDX_SEAMCALL_PAGE_REMOVE] += ch
     return ch
 
@@ -1338,7 +1340,6 @@ def punch(n2, n1, w0, meta, p0, p1):
         if f >= 0:
             meta[C_PUNCH_EAGAIN] += 1
             return EAGAIN, f
-    meta[C_PUNCH_CALLS] += 1
     if gcount(meta, K_ALLOC) == 0:
         return 0, -1
     zap_host(n2, n1, w0, meta, p0, p1)

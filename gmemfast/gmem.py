@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from . import persist
-from ._layout import (ALLOC, DATA, DMAP_OFF, GIG, HMAP, HUGE, INVARIANTS, K_PIN, PIN,
+from ._layout import (ALLOC, DATA, DMAP_OFF, GIG, GMAP, HMAP, HUGE, INVARIANTS, K_PIN, PIN,
                       PRIV, TE_MASK, TE_SHIFT)
 from ._store import ARRAY_NAMES, PageStore, word_order
 from .errors import GmemError, SigBusError
@@ -307,10 +307,12 @@ class GuestMemfd:
             "private": (w & PRIV) != 0,
             "allocated": alloc,
             "host_mapped": (w & HMAP) != 0,
+            "guest_mapped": (w & GMAP) != 0,
             "pins": pins,
             "folio_order": order,
             "refcount": refcount,
             "direct_map_removed": (w & DMAP_OFF) != 0,
+            "te_state": (w & TE_MASK) >> TE_SHIFT,
             "contents": contents,
             "direct_map_entries": self.direct_map_entries(),
             "attribute_ranges": self.attribute_ranges,
@@ -345,8 +347,13 @@ class GuestMemfd:
 
     # ---------------------------------------------------------------- fallocate
     def fallocate(self, mode, offset, size) -> None:
-        """``fallocate(2)``: allocate (``KEEP_SIZE``) or punch a hole (``KEEP_SIZE|PUNCH_HOLE``)."""
+        """``fallocate(2)``: allocate (``KEEP_SIZE``) or punch a hole (``KEEP_SIZE|PUNCH_HOLE``).
+
+        Every call is counted (``fallocate_calls``), refused ones included, and every punch
+        that passes the checks (``punch_calls``), whatever its outcome."""
         mode = as_int(mode, "mode")
+        offset, size = as_int(offset, "offset"), as_int(size, "size")
+        self._store.count_work("fallocate_calls")
         if not mode & FALLOC_FL_KEEP_SIZE:
             raise GmemError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} lacks FALLOC_FL_KEEP_SIZE")
         if mode & ~FALLOC_KNOWN_MODES:
@@ -354,6 +361,7 @@ class GuestMemfd:
                                               f"{mode & ~FALLOC_KNOWN_MODES:#x}")
         p0, p1 = check_range(offset, size, self.size, "fallocate", allow_past_end=True)
         if mode & FALLOC_FL_PUNCH_HOLE:
+            self._store.count_work("punch_calls")
             p1 = min(p1, self.nr_pages)
             if p0 >= p1:
                 return
@@ -367,7 +375,6 @@ class GuestMemfd:
         if p1 > self.nr_pages:
             raise GmemError(errno.EINVAL, f"fallocate [{offset:#x}, {offset + size:#x}) goes past "
                                           f"the end ({self.size:#x})")
-        self._store.count_work("fallocate_calls")
         self._store.allocate(p0, p1)
 
     # ---------------------------------------------------------------- host access

@@ -22,8 +22,8 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gmemfast"))
 
-PER_PAGE_KEYS = ("private", "allocated", "host_mapped", "pins", "folio_order", "refcount",
-                 "direct_map_removed")
+PER_PAGE_KEYS = ("private", "allocated", "host_mapped", "guest_mapped", "pins", "folio_order",
+                 "refcount", "direct_map_removed", "te_state")
 DUMP_KEYS = ("size", "page_order") + PER_PAGE_KEYS + (
     "contents", "direct_map_entries", "attribute_ranges")
 

@@ -1,14 +1,16 @@
-"""A deliberately naive reference model of one guest_memfd.
+"""A deliberately naive reference model of guest_memfd files and the VM around them.
 
 Plain Python lists indexed by page, per-page loops, no numpy, no numba, and nothing
 from ``gmemfast`` except the error classes (so that ``pytest.raises`` and exception
 class comparisons work on both sides). It exists to be obviously correct, not fast: the
-property tests run it side by side with the engine and compare complete state.
+property tests run it side by side with the engine and compare complete state and every
+counter after every step.
 
-Semantics: docs/model.md sections 1-5, including the model decisions where
-the kernel is silent (allocation widening, punch clamping, direct-map granularity, the
-metadata limit, merge on to-private, the counters below). Each decision is written out
-next to the code that makes it.
+Semantics: docs/model.md sections 1-6, including the model decisions where the kernel is
+silent (allocation widening, punch clamping, direct-map granularity, the metadata limit,
+merge on to-private). Counters follow the kernel steps of docs/model.md §4 and §6, each
+written out next to the step that does the work. The launch counters (populate and the
+firmware, ``NOT_MODELLED``) are left to tests with hand-derived expectations.
 
 Only bulk *assignments* use list slices (``a[i:j] = [v] * n``); every decision is made
 page by page or block by block, in the order docs/model.md lists the steps.
@@ -44,19 +46,39 @@ HUGE_BYTES = {9: 2 << 20, 18: 1 << 30}
 VM_TYPES = ("sw-protected", "snp", "tdx")
 DIRECT_MAP_POLICIES = ("keep", "no-direct-map", "on-conversion")
 ZERO_PAGE = bytes(PAGE_SIZE)
+TLB_SINGLE_PAGE_FLUSH_CEILING = 33      # arch/x86/mm/tlb.c
+HVO_FREED = {9: 7, 18: 4095}            # vmemmap pages HVO frees per huge folio
+TE_ACCEPTED = {"snp": 5, "tdx": 2}      # RMP validated / secure EPT mapped (0: none)
 
-# The counters the reference computes; the engine's ``counters`` must agree on these.
+# Every counter the reference keeps, in no particular order: the state machines compare
+# each of them with the engine's after every step.
 COUNTERS = (
-    "pages_allocated",
-    "pages_freed",
-    "pages_to_private",
-    "pages_to_shared",
-    "folio_splits_2m",
-    "folio_splits_1g",
-    "folio_merges_2m",
-    "folio_merges_1g",
-    "host_ptes_zapped",
+    "host_faults", "host_ptes_zapped", "tlb_invlpg", "tlb_flush_full", "tlb_shootdowns",
+    "guest_invalidations", "guest_ptes_zapped",
+    "folios_checked", "lru_drains", "folio_splits_2m", "folio_splits_1g", "folio_merges_2m",
+    "folio_merges_1g", "vmemmap_pages_restored", "vmemmap_pages_freed", "pages_allocated",
+    "pages_freed", "pins", "unpins",
+    "pages_zeroed", "bytes_zeroed_4k", "bytes_zeroed_2m", "bytes_zeroed_1g",
+    "dmap_entries_changed", "dmap_splits_1g", "dmap_splits_2m",
+    "attr_writes_page", "attr_writes_range", "pages_to_private", "pages_to_shared",
+    "convert_calls", "convert_noop", "convert_einval", "convert_enomem", "convert_eagain",
+    "convert_eopnotsupp", "fallocate_calls", "punch_calls", "punch_eagain", "vm_attr_calls",
+    "rmp_updates", "psmash", "snp_pvalidate_4k", "snp_pvalidate_2m",
+    "tdx_seamcall_page_aug", "tdx_seamcall_block", "tdx_seamcall_track",
+    "tdx_seamcall_demote", "tdx_seamcall_page_remove", "tdx_accepts", "guest_exits",
 )
+# Counters of the launch path, which the reference does not model; each is checked by
+# tests with expectations derived by hand (tests/test_counters.py).
+NOT_MODELLED = {
+    "bytes_copied": "legacy-flow populate copies the source (SNP platform code)",
+    "snp_fw_launch_update": "one SNP_LAUNCH_UPDATE per populated page and per VMSA",
+    "snp_fw_launch_finish": "one SNP_LAUNCH_FINISH per launch",
+    "tdx_seamcall_page_add": "one TDH.MEM.PAGE.ADD per populated page",
+    "tdx_seamcall_mr_extend": "sixteen TDH.MR.EXTEND per measured populated page",
+    "hash_bytes": "bytes fed to SHA-384 by the launch measurement",
+    "pages_populated_inplace": "pages populated with no source (in-place flow)",
+    "pages_populated_legacy": "pages populated from a separate source (legacy flow)",
+}
 
 
 def _int(value, name):
@@ -137,6 +159,7 @@ class Pin:
             if p in self.in_file:
                 assert self.gmem.pins[p] > 0
                 self.gmem.pins[p] -= 1
+        self.gmem.counters["unpins"] += self.end - self.first
         self.released = True
         self.gmem.live_pins.remove(self)
 
@@ -186,22 +209,48 @@ class GuestMemfd:
         self.metadata_limit = metadata_limit
         self.merge = merge
         self.content_modes = bool(content_modes)
-        self.finalized = False      # the launch is finished (VM-level; tests set it)
+        self.finalized = False      # the launch is finished (set by the VM)
+        self.vm = None              # the reference VM that made the file, if any
         n = self.nr_pages = size // PAGE_SIZE
 
         shared = bool(flags & GUEST_MEMFD_FLAG_INIT_SHARED)
         self.private = [not shared] * n
         self.allocated = [False] * n
         self.host_mapped = [False] * n
+        self.guest_mapped = [False] * n
         self.pins = [0] * n
         self.order = [-1] * n
         self.dmap_removed = [False] * n
+        self.te = [0] * n           # trusted-entity state: 0 none, else TE_ACCEPTED[vm_type]
         self.contents = {}          # page -> bytes (4096); absent means zero
         self.split_1g = set()       # 1 GiB blocks whose 1G direct-map entry is split
         self.split_2m = set()       # 2 MiB blocks whose 2M direct-map entry is split
         self.enomem = 0             # armed injected ENOMEM faults
         self.live_pins = []         # Pin objects not yet released
         self.counters = {name: 0 for name in COUNTERS}
+
+    # ------------------------------------------------------------------ counting
+    def _count(self, name, n=1):
+        self.counters[name] += n
+
+    def _tlb_flush(self, npages):
+        """One flush of ``npages`` pages: INVLPG each up to the ceiling, else a full flush;
+        either way one shootdown of the other CPUs."""
+        if npages <= 0:
+            return
+        if npages <= TLB_SINGLE_PAGE_FLUSH_CEILING:
+            self._count("tlb_invlpg", npages)
+        else:
+            self._count("tlb_flush_full")
+        self._count("tlb_shootdowns")
+
+    def _count_zeroed(self, npages, chunk_order):
+        """``npages`` pages zeroed in chunks of the given order (0, 9 or 18)."""
+        if npages <= 0:
+            return
+        self._count("pages_zeroed", npages)
+        self._count({0: "bytes_zeroed_4k", 9: "bytes_zeroed_2m", 18: "bytes_zeroed_1g"}[chunk_order],
+                    npages * PAGE_SIZE)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -215,10 +264,12 @@ class GuestMemfd:
         return range(start, end, b)
 
     def _count_split(self, order):
-        self.counters["folio_splits_2m" if order == 9 else "folio_splits_1g"] += 1
+        self._count("folio_splits_2m" if order == 9 else "folio_splits_1g")
+        self._count("vmemmap_pages_restored", HVO_FREED[order])   # HVO undone
 
     def _count_merge(self, order):
-        self.counters["folio_merges_2m" if order == 9 else "folio_merges_1g"] += 1
+        self._count("folio_merges_2m" if order == 9 else "folio_merges_1g")
+        self._count("vmemmap_pages_freed", HVO_FREED[order])      # HVO applied again
 
     def _is_one_huge_folio(self, bs):
         k = self.page_order
@@ -231,6 +282,18 @@ class GuestMemfd:
             assert self.order[p] == k
             self.order[p] = 0
         self._count_split(k)
+
+    def _folios_touching(self, first, end):
+        """Allocated folios with a page in [first, end): order-0 pages and huge blocks."""
+        n = 0
+        for p in range(first, end):
+            if self.allocated[p] and self.order[p] == 0:
+                n += 1
+        if self.page_order:
+            for bs in self._blocks_touching(first, end):
+                if self._is_one_huge_folio(bs):
+                    n += 1
+        return n
 
     @property
     def attribute_ranges(self):
@@ -248,11 +311,16 @@ class GuestMemfd:
         it touches but does not wholly cover. Blocks are aligned physical blocks: a file
         smaller than a block never wholly covers it (the entry maps other memory too), so
         the last, partial block of a file splits whenever its pages change.
+
+        Counted: each entry splitting, then the entries changed (a whole 1G or 2M entry
+        counts one, a 4 KiB entry each), and one TLB flush of the pages changed.
         """
         changing = []
         for p in sorted(pages):
             if self.allocated[p] and self.dmap_removed[p] != removed:
                 changing.append(p)
+        if not changing:
+            return
         for p in changing:
             self.dmap_removed[p] = removed
 
@@ -271,12 +339,28 @@ class GuestMemfd:
         for a, b in pieces:
             for g in range(a // PAGES_PER_1G, (b - 1) // PAGES_PER_1G + 1):
                 gs, ge = g * PAGES_PER_1G, (g + 1) * PAGES_PER_1G
-                if not (a <= gs and ge <= b):
+                if not (a <= gs and ge <= b) and g not in self.split_1g:
                     self.split_1g.add(g)
+                    self._count("dmap_splits_1g")
             for m in range(a // PAGES_PER_2M, (b - 1) // PAGES_PER_2M + 1):
                 ms, me = m * PAGES_PER_2M, (m + 1) * PAGES_PER_2M
-                if (ms // PAGES_PER_1G) in self.split_1g and not (a <= ms and me <= b):
+                if ((ms // PAGES_PER_1G) in self.split_1g and not (a <= ms and me <= b)
+                        and m not in self.split_2m):
                     self.split_2m.add(m)
+                    self._count("dmap_splits_2m")
+        entries = 0
+        for g in sorted({p // PAGES_PER_1G for p in changing}):
+            if g not in self.split_1g:
+                entries += 1                       # the 1G entry itself
+                continue
+            in_g = [p for p in changing if p // PAGES_PER_1G == g]
+            for m in sorted({p // PAGES_PER_2M for p in in_g}):
+                if m in self.split_2m:
+                    entries += sum(1 for p in in_g if p // PAGES_PER_2M == m)   # 4 KiB entries
+                else:
+                    entries += 1                   # the 2M entry
+        self._count("dmap_entries_changed", entries)
+        self._tlb_flush(len(changing))
 
     def direct_map_entries(self):
         """Entries mapping the file's pages: 1G blocks unsplit, 2M blocks (of split 1G
@@ -290,6 +374,35 @@ class GuestMemfd:
             split_here = sum(1 for m in self.split_2m if m * PAGES_PER_2M // PAGES_PER_1G == g)
             two_m += blocks_2m - split_here
         return {"1G": n1g - len(self.split_1g), "2M": two_m, "4K": 512 * len(self.split_2m)}
+
+    # ----------------------------------------------------------- mappings and TE
+    def _zap_host(self, first, end):
+        """Unmap the host's mappings of [first, end) (every process); one TLB flush."""
+        zapped = sum(1 for p in range(first, end) if self.host_mapped[p])
+        self.host_mapped[first:end] = [False] * (end - first)
+        self._count("host_ptes_zapped", zapped)
+        self._tlb_flush(zapped)
+
+    def _zap_guest(self, first, end):
+        """Invalidate the guest's mappings of [first, end): one invalidation, each leaf zapped."""
+        self._count("guest_invalidations")
+        zapped = sum(1 for p in range(first, end) if self.guest_mapped[p])
+        self.guest_mapped[first:end] = [False] * (end - first)
+        self._count("guest_ptes_zapped", zapped)
+
+    def _te_release(self, first, end):
+        """The trusted entity gives the pages of [first, end) back to the host: an
+        RMPUPDATE each on SNP; on TDX a BLOCK, a TRACK and a PAGE.REMOVE each."""
+        released = sum(1 for p in range(first, end) if self.te[p])
+        self.te[first:end] = [0] * (end - first)
+        if released:
+            if self.vm_type == "snp":
+                self._count("rmp_updates", released)
+            elif self.vm_type == "tdx":
+                self._count("tdx_seamcall_block", released)
+                self._count("tdx_seamcall_track", released)
+                self._count("tdx_seamcall_page_remove", released)
+        return released
 
     # --------------------------------------------------------------- allocation
     def _allocate(self, first, end):
@@ -307,15 +420,17 @@ class GuestMemfd:
                 else:
                     order = 0            # allocated huge, split at once
                     self._count_split(k)
+                self._count_zeroed(len(holes), k)     # zeroed as one huge folio
             else:
                 order = 0
+                self._count_zeroed(len(holes), 0)
             for p in holes:
                 self.allocated[p] = True
                 self.order[p] = order
                 # newly allocated pages are zero: a hole never holds contents
                 assert p not in self.contents
             new_pages.extend(holes)
-        self.counters["pages_allocated"] += len(new_pages)
+        self._count("pages_allocated", len(new_pages))
         if self.direct_map == "no-direct-map":
             self._dmap_change(new_pages, True)
         elif self.direct_map == "on-conversion":
@@ -325,6 +440,7 @@ class GuestMemfd:
         mode = _int(mode, "mode")
         offset = _int(offset, "offset")
         size = _int(size, "size")
+        self._count("fallocate_calls")           # every call is a syscall
         if not mode & FALLOC_FL_KEEP_SIZE:
             raise GmemError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} lacks FALLOC_FL_KEEP_SIZE")
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
@@ -337,6 +453,7 @@ class GuestMemfd:
             raise _einval(f"fallocate: offset {offset:#x} + size {size:#x} overflows")
         first, end = offset // PAGE_SIZE, (offset + size) // PAGE_SIZE
         if mode & FALLOC_FL_PUNCH_HOLE:
+            self._count("punch_calls")
             self._punch(first, min(end, self.nr_pages))
         else:
             if end > self.nr_pages:
@@ -352,6 +469,7 @@ class GuestMemfd:
                 # hugetlb: the folio must be restructured, and it is pinned
                 for p in range(first, end):
                     if self.pins[p]:
+                        self._count("punch_eagain")
                         raise GmemError(errno.EAGAIN, f"page {p} is pinned", p * PAGE_SIZE)
             else:
                 # 4 KiB backing: a plain truncate; the pinned pages leave the file and the
@@ -359,14 +477,17 @@ class GuestMemfd:
                 for pin in self.live_pins:
                     pin.in_file -= set(range(first, end))
                 self.pins[first:end] = [0] * (end - first)
+        if not any(self.allocated):
+            return                       # nothing in the file to unmap or free
+        self._zap_host(first, end)
+        self._zap_guest(first, end)
+        self._te_release(first, end)
         if k > 0:
             for bs in self._blocks_touching(first, end):
                 inside = first <= bs and bs + self.block_pages <= end
                 if not inside and self._is_one_huge_folio(bs):
                     self._split_block(bs)
         freed = [p for p in range(first, end) if self.allocated[p]]
-        self.counters["host_ptes_zapped"] += self.host_mapped[first:end].count(True)
-        self.host_mapped[first:end] = [False] * (end - first)
         self._dmap_change(freed, False)  # restored where it was removed
         for p in freed:
             self.allocated[p] = False
@@ -374,7 +495,7 @@ class GuestMemfd:
             assert not self.dmap_removed[p]
         for p in [p for p in self.contents if first <= p < end]:
             del self.contents[p]
-        self.counters["pages_freed"] += len(freed)
+        self._count("pages_freed", len(freed))
 
     # -------------------------------------------------------------- host access
     def _check_mmap(self):
@@ -382,10 +503,19 @@ class GuestMemfd:
             raise GmemError(errno.ENODEV, "guest_memfd created without GUEST_MEMFD_FLAG_MMAP")
 
     def _fault_in(self, first, end):
-        """Fault pages [first, end) into the host mapping (allocating holes)."""
+        """Fault pages [first, end) into the host mapping (allocating holes); a host fault
+        is counted for each page newly mapped."""
         self._allocate(first, end)
         for p in range(first, end):
-            self.host_mapped[p] = True
+            if not self.host_mapped[p]:
+                self.host_mapped[p] = True
+                self._count("host_faults")
+
+    def guest_fault_in(self, first, end):
+        """Fault pages [first, end) into the guest's mappings (allocating holes)."""
+        self._allocate(first, end)
+        for p in range(first, end):
+            self.guest_mapped[p] = True
 
     def _host_access(self, first, end):
         """A host access touches pages first..end-1 in order, like memset/memcpy: every
@@ -462,16 +592,41 @@ class GuestMemfd:
         self._fault_in(first, end)       # GUP pins all or nothing
         for p in range(first, end):
             self.pins[p] += 1
+        self._count("pins", end - first)
         pin = Pin(self, first, end)
         self.live_pins.append(pin)
         return pin
+
+    def accept(self, first, end, chunk_pages):
+        """The guest accepts (TDX) / validates (SNP) pages [first, end) (allocated first),
+        ``chunk_pages`` at a time: each page without trusted-entity state is mapped in the
+        guest and moves to the accepted state; each chunk of such pages (rounded up) costs
+        the platform's calls. Returns the chunks that did work."""
+        self._allocate(first, end)
+        state = TE_ACCEPTED.get(self.vm_type, 0)
+        new = [p for p in range(first, end) if self.te[p] == 0]
+        if not new:
+            return 0
+        for p in new:
+            self.te[p] = state
+            self.guest_mapped[p] = True
+        chunks = (len(new) + chunk_pages - 1) // chunk_pages
+        if self.vm_type == "tdx":      # exit + PAGE.AUG by KVM, ACCEPT in the guest
+            self._count("guest_exits", chunks)
+            self._count("tdx_seamcall_page_aug", chunks)
+            self._count("tdx_accepts", chunks)
+        elif self.vm_type == "snp":    # page-state change + RMPUPDATE, PVALIDATE
+            self._count("snp_pvalidate_4k" if chunk_pages == 1 else "snp_pvalidate_2m", chunks)
+        else:
+            self._count("guest_exits", chunks)
+        return chunks
 
     # --------------------------------------------------------------- conversion
     def inject_enomem(self, n=1):
         self.enomem = _int(n, "n")
 
     def _validate_conversion(self, offset, size, attributes, flags):
-        vm = getattr(self, "vm", None)
+        vm = self.vm
         if vm is not None and not vm.in_place:
             raise GmemError(errno.ENOTTY, "conversion on the file needs an in-place VM")
         offset = _int(offset, "offset")
@@ -496,45 +651,76 @@ class GuestMemfd:
             unsupported = not to_private or self.finalized   # only to private, while launching
         if unsupported:
             raise GmemError(errno.EOPNOTSUPP, f"flags {flags:#x} not supported here", offset)
-        return offset, first, end, bool(attributes), flags
+        return offset, first, end, to_private, flags
 
     def set_memory_attributes(self, offset, size, attributes, flags=0):
-        offset, first, end, to_private, flags = self._validate_conversion(
-            offset, size, attributes, flags)
+        # Step 1: arguments. A refused call is still a call (an ioctl).
+        try:
+            offset, first, end, to_private, flags = self._validate_conversion(
+                offset, size, attributes, flags)
+        except GmemError as e:
+            self._count("convert_calls")
+            self._count("convert_eopnotsupp" if e.errno == errno.EOPNOTSUPP else "convert_einval")
+            raise
+        self._count("convert_calls")
         # Step 2: nothing to do.
         if self.private[first:end] == [to_private] * (end - first):
+            self._count("convert_noop")
             return None
         # Step 3: metadata.
         if self.enomem > 0:
             self.enomem -= 1
+            self._count("convert_enomem")
             raise GmemError(errno.ENOMEM, f"injected: no memory for range {offset:#x}", offset)
         if self.metadata_limit is not None:
             after = self.private[:first] + [to_private] * (end - first) + self.private[end:]
             runs = 1 + sum(1 for p in range(1, len(after)) if after[p] != after[p - 1])
             if runs > self.metadata_limit:
+                self._count("convert_enomem")
                 raise GmemError(errno.ENOMEM, f"{runs} attribute ranges exceed the limit", offset)
-        # Step 4: to private: zap host mappings, then check folios.
+        # Step 4: to private: zap host mappings, then check every folio of the range.
         if to_private:
-            self.counters["host_ptes_zapped"] += self.host_mapped[first:end].count(True)
-            self.host_mapped[first:end] = [False] * (end - first)
+            self._zap_host(first, end)
+            self._count("folios_checked", self._folios_touching(first, end))
             if any(self.pins[first:end]):
                 for p in range(first, end):
                     if self.pins[p]:
+                        self._count("lru_drains")        # drained once before giving up
+                        self._count("convert_eagain")
                         raise GmemError(errno.EAGAIN, f"page at {p * PAGE_SIZE:#x} is pinned",
                                         p * PAGE_SIZE)
         # Steps 5-9: nothing fails from here on.
+        self._zap_guest(first, end)
         changed = [p for p in range(first, end) if self.private[p] != to_private]
         k = self.page_order
-        if not to_private and k > 0:
-            for bs in self._blocks_touching(first, end):
-                if self._is_one_huge_folio(bs):
-                    self._split_block(bs)
+        if not to_private:
+            # 6. the trusted entity gives the pages back; huge folios split
+            released = self._te_release(first, end)
+            nsplit = 0
+            if k > 0:
+                for bs in self._blocks_touching(first, end):
+                    if self._is_one_huge_folio(bs):
+                        self._split_block(bs)
+                        nsplit += 1
+            if released and nsplit:
+                # the trusted entity's huge mapping breaks too: per 2 MiB piece
+                pieces = nsplit * (1 if k == 9 else 512)
+                if self.vm_type == "snp":
+                    self._count("psmash", pieces)
+                elif self.vm_type == "tdx":
+                    self._count("tdx_seamcall_demote", pieces)
+        # 8. contents of the pages whose shareability changes
         zero = bool(flags & KVM_SET_MEMORY_ATTRIBUTES2_ZERO) or (
             self.vm_type != "sw-protected" and not flags & KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE)
         if zero:
+            self._count_zeroed(sum(1 for p in changed if self.allocated[p]), 0)
             for p in changed:
                 self.contents.pop(p, None)
+        # 9. the attributes: one range entry in the per-file store
         self.private[first:end] = [to_private] * (end - first)   # = every page in `changed`
+        self._count("attr_writes_range")
+        self._count("pages_to_private" if to_private else "pages_to_shared", len(changed))
+        # 7. to private: blocks now wholly private, allocated and safe merge back
         if to_private and k > 0 and self.merge == "eager":
             for bs in self._blocks_touching(first, end):
                 block = range(bs, bs + self.block_pages)
@@ -546,7 +732,6 @@ class GuestMemfd:
                     self._count_merge(k)
         if self.direct_map == "on-conversion":   # after merging: removal is per folio
             self._dmap_change(changed, to_private)
-        self.counters["pages_to_private" if to_private else "pages_to_shared"] += len(changed)
         return None
 
     def set_memory_attributes_many(self, offsets, sizes, attributes, flags=0):
@@ -590,6 +775,12 @@ class GuestMemfd:
             raise _einval(f"folio_order: offset {offset:#x} is outside the file")
         return self.order[offset // PAGE_SIZE]
 
+    def huge_folios(self):
+        k = self.page_order
+        if not k:
+            return 0
+        return sum(1 for bs in range(0, self.nr_pages, self.block_pages) if self._is_one_huge_folio(bs))
+
     def refcounts(self):
         """Per page: the reference count of the page's folio (0 for a hole)."""
         out = [1 + pins for pins in self.pins]      # as if every page were an order-0 folio
@@ -614,10 +805,12 @@ class GuestMemfd:
             "private": list(self.private),
             "allocated": list(self.allocated),
             "host_mapped": list(self.host_mapped),
+            "guest_mapped": list(self.guest_mapped),
             "pins": list(self.pins),
             "folio_order": list(self.order),
             "refcount": self.refcounts(),
             "direct_map_removed": list(self.dmap_removed),
+            "te_state": list(self.te),
             "contents": {p: c for p, c in sorted(self.contents.items()) if c != ZERO_PAGE},
             "direct_map_entries": self.direct_map_entries(),
             "attribute_ranges": self.attribute_ranges,
@@ -629,9 +822,11 @@ class GuestMemfd:
             "private": self.private.count(True),
             "allocated": self.allocated.count(True),
             "host_mapped": self.host_mapped.count(True),
+            "guest_mapped": self.guest_mapped.count(True),
             "pins": sum(self.pins),
             "folio_order": {k: self.order.count(k) for k in (-1, 0, 9, 18)},
             "direct_map_removed": self.dmap_removed.count(True),
+            "te_state": sum(1 for t in self.te if t),
             "contents": {p: c for p, c in sorted(self.contents.items()) if c != ZERO_PAGE},
             "direct_map_entries": self.direct_map_entries(),
             "attribute_ranges": self.attribute_ranges,
@@ -644,8 +839,11 @@ class GuestMemfd:
             if not self.allocated[p]:
                 assert self.order[p] == -1 and not self.host_mapped[p] and not self.pins[p]
                 assert not self.dmap_removed[p] and p not in self.contents
+                assert not self.guest_mapped[p] and not self.te[p]
             if self.host_mapped[p] or self.pins[p]:
                 assert not self.private[p]
+            if self.te[p]:
+                assert self.private[p]
         if k:
             for bs in range(0, self.nr_pages, self.block_pages):
                 orders = set(self.order[bs:bs + self.block_pages])
@@ -675,6 +873,16 @@ class VM:
         self.slots = {}              # id -> {"gpa", "size", "gmem", "offset", "host": {page: bytes}}
         self.private_gfns = set()    # legacy mode: GFNs with the private attribute
         self.gmems = []
+        self.own_counters = {name: 0 for name in COUNTERS}   # work on no one file
+
+    @property
+    def counters(self):
+        """The VM's own work plus its files'."""
+        total = dict(self.own_counters)
+        for g in self.gmems:
+            for name, n in g.counters.items():
+                total[name] += n
+        return total
 
     def create_guest_memfd(self, size, flags=0, *, page_order=0):
         if not self.in_place and self.vm_type != "sw-protected":
@@ -746,11 +954,25 @@ class VM:
             if attributes:
                 raise _einval("PRIVATE on an in-place VM")
             return None
+        self.own_counters["vm_attr_calls"] += 1
+        want = bool(attributes)
+        if all((gfn in self.private_gfns) == want for gfn in range(first, end)):
+            return None                                  # nothing changes
+        # the legacy store writes one xarray entry per GFN of the range
+        self.own_counters["attr_writes_page"] += end - first
         for gfn in range(first, end):
-            if attributes:
+            if want and gfn not in self.private_gfns:
                 self.private_gfns.add(gfn)
-            else:
+                self.own_counters["pages_to_private"] += 1
+            elif not want and gfn in self.private_gfns:
                 self.private_gfns.discard(gfn)
+                self.own_counters["pages_to_shared"] += 1
+        # the guest's mappings of the range are invalidated, memslot by memslot
+        for s in self.slots.values():
+            lo, hi = max(s["gpa"], gpa), min(s["gpa"] + s["size"], gpa + size)
+            if lo < hi and s["gmem"] is not None:
+                p0 = (s["offset"] + lo - s["gpa"]) // PAGE_SIZE
+                s["gmem"]._zap_guest(p0, p0 + (hi - lo) // PAGE_SIZE)
         return None
 
     def is_private(self, gpa):
@@ -800,7 +1022,7 @@ class VM:
         if s["gmem"] is not None and (private or self.in_place):
             g = s["gmem"]
             p = (s["offset"] + page - s["gpa"]) // PAGE_SIZE
-            g._allocate(p, p + 1)            # the guest's fault allocates a hole
+            g.guest_fault_in(p, p + 1)       # the guest's fault maps it (allocating a hole)
             return g, p
         return s["host"], (page - s["gpa"]) // PAGE_SIZE
 
@@ -834,3 +1056,25 @@ class VM:
             store[key] = bytes(buf)
             pos += chunk
         return None
+
+    def guest_accept(self, gpa, size, *, chunk=2 << 20):
+        """The guest accepts (TDX) / validates (SNP) private memory, ``chunk`` at a time:
+        each page without trusted-entity state is mapped in the guest and moves to the
+        accepted state; each chunk of such pages (rounded up) costs the platform's calls."""
+        gpa, size, chunk = _int(gpa, "gpa"), _int(size, "size"), _int(chunk, "chunk")
+        if chunk not in (PAGE_SIZE, 2 << 20):
+            raise _einval(f"accept chunk {chunk:#x}")
+        _page_range(gpa, size, self.MAX_GPA // PAGE_SIZE, "guest accept")
+        if gpa % chunk or size % chunk:
+            raise _einval(f"guest accept {gpa:#x}+{size:#x} not aligned to {chunk:#x}")
+        self._check_access(gpa, size, True)
+        chunk_pages = chunk // PAGE_SIZE
+        total = 0
+        for s in sorted(self.slots.values(), key=lambda s: s["gpa"]):
+            lo, hi = max(s["gpa"], gpa), min(s["gpa"] + s["size"], gpa + size)
+            if lo >= hi:
+                continue
+            p0 = (s["offset"] + lo - s["gpa"]) // PAGE_SIZE
+            chunks = s["gmem"].accept(p0, p0 + (hi - lo) // PAGE_SIZE, chunk_pages)
+            total += chunks
+        return total

@@ -35,10 +35,21 @@ def naive_twin(run_result_gmem):
                             direct_map=g.policies["direct_map"], merge=g.policies["merge"])
 
 
+def legacy_pieces(ref, off, size):
+    """Page ranges of [off, off+size) in each memslot of the scenarios' layout (the first
+    2 GiB at GPA 0, the rest at 4 GiB, when the guest is larger than 0xB0000000 bytes)."""
+    low = ref.size if ref.size <= 0xB0000000 else 2 << 30
+    first, end = off // naive.PAGE_SIZE, (off + size) // naive.PAGE_SIZE
+    cut = low // naive.PAGE_SIZE
+    return [(a, b) for a, b in ((first, min(end, cut)), (max(first, cut), end)) if a < b]
+
+
 def replay_on_naive(ops: T.TraceOps, ref, tracking: str) -> dict:
     """Apply recorded ops to the reference; return its error counts by errno name."""
     errors = {}
     pins = {}
+    legacy_private = [True] * ref.nr_pages     # the legacy VMM marks all memory private first
+    phase = None
 
     def fail(exc):
         name = errno_name(exc.errno)
@@ -53,10 +64,30 @@ def replay_on_naive(ops: T.TraceOps, ref, tracking: str) -> dict:
             if k == T.CONVERT:
                 if tracking == "in-place":
                     ref.set_memory_attributes(off, size, a, b)
-                elif a == 0:        # legacy: the VMM discards the range on to-shared
-                    ref.fallocate(naive.FALLOC_FL_KEEP_SIZE | naive.FALLOC_FL_PUNCH_HOLE, off, size)
-            elif k in (T.ALLOCATE, T.ACCEPT):     # accepting faults the pages in
+                else:
+                    # legacy: the VM's per-GFN attributes change memslot by memslot (each
+                    # piece that changes invalidates the guest's mappings), and the VMM
+                    # discards the range on to-shared
+                    for lo, hi in legacy_pieces(ref, off, size):
+                        want = bool(a)
+                        if any(legacy_private[p] != want for p in range(lo, hi)):
+                            legacy_private[lo:hi] = [want] * (hi - lo)
+                            ref._zap_guest(lo, hi)
+                    if a == 0:
+                        ref.fallocate(naive.FALLOC_FL_KEEP_SIZE | naive.FALLOC_FL_PUNCH_HOLE, off, size)
+            elif k == T.PHASE:
+                phase = ops.names[a]
+            elif k == T.ALLOCATE:
                 ref.fallocate(naive.FALLOC_FL_KEEP_SIZE, off, size)
+                if phase == "launch" and ref.vm_type != "sw-protected":
+                    # a launch records each populated page as an allocation: populate
+                    # hands it to the trusted entity (TDX maps it in the secure EPT)
+                    for p in range(off // naive.PAGE_SIZE, (off + size) // naive.PAGE_SIZE):
+                        ref.te[p] = naive.TE_ACCEPTED[ref.vm_type]
+                        ref.guest_mapped[p] = ref.vm_type == "tdx"
+            elif k == T.ACCEPT:                   # the guest accepts: faulted in and mapped
+                ref.accept(off // naive.PAGE_SIZE, (off + size) // naive.PAGE_SIZE,
+                           a // naive.PAGE_SIZE)
             elif k == T.PUNCH:
                 ref.fallocate(naive.FALLOC_FL_KEEP_SIZE | naive.FALLOC_FL_PUNCH_HOLE, off, size)
             elif k == T.WRITE:

@@ -52,7 +52,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 
 import naive
 from conftest import SMALL, assert_same_counters, assert_same_state, outcome
-from naive import (PAGES_PER_1G, FALLOC_FL_KEEP_SIZE as KEEP, FALLOC_FL_PUNCH_HOLE as PUNCH,
+from naive import (PAGES_PER_1G, PAGES_PER_2M, FALLOC_FL_KEEP_SIZE as KEEP, FALLOC_FL_PUNCH_HOLE as PUNCH,
                    GUEST_MEMFD_FLAG_HUGETLB, GUEST_MEMFD_FLAG_INIT_SHARED,
                    GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
                    KVM_MEMORY_ATTRIBUTE_PRIVATE as PRIVATE,
@@ -167,10 +167,10 @@ def target(ref, where, length):
 # -------------------------------------------------------------- configuration
 if SMALL:
     SIZES = {0: [1, 2, 63, 64, 65, 513, 1025], 9: [1, 2], 18: [1]}
-    BUDGET = {0: (12, 20), 9: (10, 15), 18: (2, 6), "big": (1, 6)}  # (max_examples, steps)
+    BUDGET = {0: (12, 20), 9: (10, 15), 18: (6, 6), "big": (2, 6)}  # (max_examples, steps)
 else:
     SIZES = {0: [1, 2, 63, 64, 65, 511, 512, 513, 1000, 1024, 1537], 9: [1, 2, 3], 18: [1]}
-    BUDGET = {0: (30, 40), 9: (30, 40), 18: (5, 16), "big": (3, 14)}
+    BUDGET = {0: (30, 40), 9: (30, 40), 18: (6, 16), "big": (4, 14)}
 
 POLICIES = ["keep", "no-direct-map", "on-conversion"]
 # GMEMFAST_STATEFUL_SCALE=10 runs ten times the examples (a soak run, minutes).
@@ -188,6 +188,8 @@ def assert_same_summary(engine, ref):
         "private": int(np.count_nonzero(e["private"])),
         "allocated": int(np.count_nonzero(e["allocated"])),
         "host_mapped": int(np.count_nonzero(e["host_mapped"])),
+        "guest_mapped": int(np.count_nonzero(e["guest_mapped"])),
+        "te_state": int(np.count_nonzero(e["te_state"])),
         "pins": int(np.asarray(e["pins"]).sum()),
         "folio_order": {k: int(np.count_nonzero(np.asarray(e["folio_order"]) == k))
                         for k in (-1, 0, 9, 18)},
@@ -209,6 +211,23 @@ STATS = collections.Counter()   # GMEMFAST_STATEFUL_STATS=1 (with -s) prints wha
 def _event(text):
     event(text)
     STATS[text] += 1
+
+
+# The states each backing order's runs must reach (with or without the JIT); _run fails
+# when a run never reached one of them.
+REQUIRED = {
+    0: {"pins held", "ENOMEM"},
+    9: {"huge folio", "folio_splits_2m", "folio_merges_2m", "pins held",
+        "ENOMEM where a merge was due"},
+    18: {"huge folio", "folio_splits_1g", "folio_merges_1g", "pins held",
+         "pin across a 2 MiB boundary", "ENOMEM where a merge was due"},
+}
+REACHED: dict = collections.defaultdict(set)
+
+
+def _reach(machine, state):
+    _event(f"reached: {state}")
+    REACHED[type(machine).__name__].add(state)
 
 
 def enabled(name):
@@ -243,9 +262,13 @@ class GmemComparison(RuleBasedStateMachine):
         vm_type=st.sampled_from(["sw-protected", "sw-protected", "snp", "tdx"]),
         merge=st.sampled_from(["eager", "eager", "never"]),
         metadata_limit=st.sampled_from([None, None, None, None, None, 3, 6]),
+        tour=st.sampled_from([True, True, True, False]),
+        tour_page=st.integers(0, 1 << 20),
     )
     def create(self, size_index, mmap, init_shared, dmap_by_flag, vm_type, merge,
-               metadata_limit):
+               metadata_limit, tour, tour_page):
+        if tour:        # the tour needs host mappings (pins), eager merges and no limit
+            mmap, merge, metadata_limit = True, "eager", None
         k = self.ORDER
         sizes = self.SIZES if self.SIZES is not None else SIZES[k]
         units = sizes[size_index % len(sizes)]
@@ -253,7 +276,7 @@ class GmemComparison(RuleBasedStateMachine):
         flags = GUEST_MEMFD_FLAG_MMAP if mmap else 0
         if k:
             flags |= GUEST_MEMFD_FLAG_HUGETLB
-        elif mmap and init_shared:
+        if init_shared:         # valid with any other flag, MMAP or HUGETLB or neither
             flags |= GUEST_MEMFD_FLAG_INIT_SHARED
         policies = {}
         if self.DMAP == "no-direct-map" and dmap_by_flag:
@@ -269,6 +292,61 @@ class GmemComparison(RuleBasedStateMachine):
         self.ref = naive.GuestMemfd(size, flags, page_order=k, vm_type=vm_type, **policies)
         self.eng = gmemfast.GuestMemfd(size, flags, page_order=k, vm_type=vm_type, **policies)
         self.n = self.ref.nr_pages
+        if tour:
+            self.tour(tour_page)
+
+    # ------------------------------------------------------------- the tour
+    def tour(self, page):
+        """Visit the states that matter for this backing order, compared step by step:
+        a huge folio, its split and merge, a pin across a 2 MiB boundary that keeps its
+        block from merging, and ENOMEM where a merge was due."""
+        ref, n, k = self.ref, self.n, self.ORDER
+        bp = 1 << k if k else PAGES_PER_2M
+        block = min(page % max(1, n // bp), max(0, n // bp - 1)) * bp if n >= bp else 0
+        end = min(block + bp, n)
+        self.both("set_memory_attributes", block * PAGE_SIZE, (end - block) * PAGE_SIZE, PRIVATE, 0)
+        self.both("fallocate", KEEP, block * PAGE_SIZE, (end - block) * PAGE_SIZE)
+        self._reached_now()
+        p = block + page % (end - block)
+        before = dict(ref.counters)
+        self.both("set_memory_attributes", p * PAGE_SIZE, PAGE_SIZE, 0, 0)        # split
+        self.both("set_memory_attributes", p * PAGE_SIZE, PAGE_SIZE, PRIVATE, 0)  # merge
+        self.both("set_memory_attributes", p * PAGE_SIZE, PAGE_SIZE, 0, 0)
+        self.eng.inject_enomem(1)
+        self.ref.inject_enomem(1)
+        self.both("set_memory_attributes", p * PAGE_SIZE, PAGE_SIZE, PRIVATE, 0)  # ENOMEM
+        if ref.counters["convert_enomem"] > before["convert_enomem"] and all(
+                ref.private[q] or q == p for q in range(block, end)):
+            _reach(self, "ENOMEM where a merge was due")
+        self.both("set_memory_attributes", p * PAGE_SIZE, PAGE_SIZE, PRIVATE, 0)
+        if n > PAGES_PER_2M:
+            # two pages across a 2 MiB boundary: shared and pinned, so converting them back
+            # fails (EAGAIN) and their blocks cannot merge
+            edge = max(PAGES_PER_2M, (p // PAGES_PER_2M) * PAGES_PER_2M)
+            first, npages = edge - 1, 2
+        else:
+            first, npages = p, 1      # a pin inside the one block
+        self.both("set_memory_attributes", first * PAGE_SIZE, npages * PAGE_SIZE, 0, 0)
+        res = self.both("pin", first * PAGE_SIZE, npages * PAGE_SIZE)
+        if res is not None:
+            if npages == 2:
+                _reach(self, "pin across a 2 MiB boundary")
+            self.pins.append(res)
+            self.both("set_memory_attributes", first * PAGE_SIZE, npages * PAGE_SIZE, PRIVATE, 0)
+
+    def _reached_now(self):
+        """Record the states the reference is in (for the per-order requirements)."""
+        ref = self.ref
+        c = ref.counters
+        if ref.page_order and ref.huge_folios():
+            _reach(self, "huge folio")
+        for name in ("folio_splits_2m", "folio_splits_1g", "folio_merges_2m", "folio_merges_1g"):
+            if c[name]:
+                _reach(self, name)
+        if any(ref.pins):
+            _reach(self, "pins held")
+        if c["convert_enomem"]:
+            _reach(self, "ENOMEM")
 
     # ------------------------------------------------------------- helpers
     def both(self, name, *args):
@@ -526,6 +604,7 @@ class GmemComparison(RuleBasedStateMachine):
         if self.eng is None:
             return
         self.eng.check()
+        self._reached_now()
         self.steps += 1
         if self.n > LARGE and self.steps % FULL_EVERY:
             # a 1 GiB file: cheap aggregate comparison, the full dump every FULL_EVERY steps
@@ -555,22 +634,25 @@ def _machine(order, dmap, sizes=None):
     return type(f"GmemComparison_order{order}_{dmap.replace('-', '_')}", (GmemComparison,), attrs)
 
 
-def _run(machine, examples, steps, label):
+def _run(machine, examples, steps, label, required=()):
     examples = max(1, int(examples * SCALE))
     STATS.clear()
+    REACHED.pop(machine.__name__, None)
     run_state_machine_as_test(
         machine, settings=settings(max_examples=examples, stateful_step_count=steps, deadline=None))
     if os.environ.get("GMEMFAST_STATEFUL_STATS"):
         print(f"\n{label}:")
         for text, count in sorted(STATS.items()):
             print(f"  {count:6d}  {text}")
+    missing = set(required) - REACHED[machine.__name__]
+    assert not missing, f"{label}: the state machine never reached {sorted(missing)}"
 
 
 @pytest.mark.parametrize("dmap", POLICIES)
 @pytest.mark.parametrize("order", [0, 9, 18])
 def test_engine_matches_reference(order, dmap):
     examples, steps = BUDGET[order]
-    _run(_machine(order, dmap), examples, steps, f"order {order}, {dmap}")
+    _run(_machine(order, dmap), examples, steps, f"order {order}, {dmap}", REQUIRED[order])
 
 
 @pytest.mark.parametrize("dmap", ["no-direct-map", "on-conversion"])
@@ -579,7 +661,7 @@ def test_engine_matches_reference_across_1g(dmap):
     sides of a 1 GiB boundary, a partial last 2 MiB block, second-level summaries."""
     examples, steps = BUDGET["big"]
     _run(_machine(0, dmap, sizes=[PAGES_PER_1G + 512 + 5]), examples, steps,
-         f"order 0 across 1 GiB, {dmap}")
+         f"order 0 across 1 GiB, {dmap}", {"pin across a 2 MiB boundary"})
 
 
 # ------------------------------------------------------------ worked examples
