@@ -4,7 +4,7 @@ from __future__ import annotations
 from .params import (Param, ScenarioError, choice, parse_bool, parse_chunk, parse_count, parse_granule,
                      parse_size_or_auto, parse_size_or_percent, scenario)
 from .runner import TWO_MIB, Runner
-from .workloads import (TIMELINE_POINTS, do_accept_all, do_accept_rest, do_balloon, do_boot_accept,
+from .workloads import (do_accept_all, do_accept_rest, do_balloon, do_boot_accept,
                         do_drain, do_launch, do_swiotlb, do_window, swiotlb_region)
 from ..units import PAGE_SIZE
 
