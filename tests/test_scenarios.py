@@ -161,7 +161,9 @@ def test_boot_matches_naive(capture, platform, flow, order):
                                   "kernel": "4M", "direct_map": "on-conversion"}, record=True)
     assert_matches_naive(res, capture.gmem)
     assert res.summary["errors"] == {}
-    assert list(res.phases) == ["launch", "accept", "swiotlb"]
+    order = ("launch", "firmware", "accept-boot", "accept", "swiotlb")
+    assert list(res.phases) == [p for p in order if p in res.phases]
+    assert {"launch", "firmware", "swiotlb"} <= set(res.phases)
     nbytes = res.extra["swiotlb_bytes"]
     assert res.summary["shared_pages"] == nbytes // 4096
     assert res.summary["allocated_pages"] == res.summary["guest_pages"]
@@ -258,11 +260,18 @@ def test_result_to_dict_is_json_and_consistent():
 
 
 def test_accept_chunk_4k_vs_2m():
-    r2 = S.run_scenario("boot", {"size": "128M", "kernel": 0})
-    r4 = S.run_scenario("boot", {"size": "128M", "kernel": 0, "accept_chunk": "4K"})
+    # 2 MiB backing: the host maps private memory at 2 MiB, so a 2 MiB validation works
+    r2 = S.run_scenario("boot", {"size": "128M", "kernel": 0, "page_order": 9})
+    r4 = S.run_scenario("boot", {"size": "128M", "kernel": 0, "page_order": 9, "accept_chunk": "4K"})
     assert r2.counters.get("snp_pvalidate_2m", 0) > 0 and r2.counters.get("snp_pvalidate_4k", 0) < 600
+    assert r2.counters.get("accept_fallbacks", 0) == 0
     assert r4.counters["snp_pvalidate_4k"] > 512 * r2.counters["snp_pvalidate_2m"] // 2
-    assert r4.estimate.by_operation["accept"].total_ns > r2.estimate.by_operation["accept"].total_ns
+    assert r4.estimate.by_operation["firmware"].total_ns > r2.estimate.by_operation["firmware"].total_ns
+    # 4 KiB backing (upstream guest_memfd): each 2 MiB validation falls back to 4 KiB
+    f = S.run_scenario("boot", {"size": "128M", "kernel": 0})
+    assert f.counters.get("snp_pvalidate_2m", 0) == 0
+    # one refused 2 MiB validation per chunk; launch pages (firmware metadata) were accepted
+    assert f.counters["accept_fallbacks"] == -(-f.counters["snp_pvalidate_4k"] // 512) == 64
 
 
 def test_legacy_tracking_costs_per_page_attribute_writes():
@@ -279,10 +288,24 @@ def test_boot_measurement_equals_launch_module(platform, measure):
     for flow in ("in-place", "legacy"):
         res = S.run_scenario("boot", {"size": "64M", "platform": platform, "flow": flow, "kernel": 0})
         assert res.extra["measurement"] == expect
-    # a kernel image is measured too: the digest changes, the same in both flows
-    k = [S.run_scenario("boot", {"size": "64M", "platform": platform, "flow": f, "kernel": "64K"})
-         .extra["measurement"] for f in ("in-place", "legacy")]
+    # a kernel populated as launch pages is measured: the digest changes, the same in both flows
+    k = [S.run_scenario("boot", {"size": "64M", "platform": platform, "flow": f, "kernel": "64K",
+                                 "kernel_load": "measured"}).extra["measurement"]
+         for f in ("in-place", "legacy")]
     assert k[0] == k[1] != expect
+    # QEMU's way: SNP measures the kernel's hash in the kernel-hashes page; TDX measures
+    # it at run time (RTMR), so MRTD is the firmware's alone
+    h = [S.run_scenario("boot", {"size": "64M", "platform": platform, "flow": f, "kernel": "64K"})
+         .extra["measurement"] for f in ("in-place", "legacy")]
+    assert h[0] == h[1]
+    if platform == "snp":
+        assert h[0] not in (expect, k[0])
+        kernel = np.random.default_rng(0).integers(0, 256, 64 << 10, np.uint8).tobytes()
+        from gmemfast.firmware import OvmfImage, snp_launch_plan
+        plan = snp_launch_plan(OvmfImage.from_bytes(synthetic_ovmf()), 1, kernel=kernel)
+        assert h[0] == plan.digest().hex()
+    else:
+        assert h[0] == expect
 
 
 def test_progress_callback_and_scale():
@@ -299,7 +322,7 @@ def test_progress_callback_and_scale():
 def test_cost_profile_and_overrides():
     a = S.run_scenario("boot", {"size": "64M", "kernel": 0})
     b = S.run_scenario("boot", {"size": "64M", "kernel": 0}, profile="tdx")
-    c = S.run_scenario("boot", {"size": "64M", "kernel": 0}, cost_overrides={"snp_pvalidate_2m": 0.0})
+    c = S.run_scenario("boot", {"size": "64M", "kernel": 0}, cost_overrides={"snp_pvalidate_4k": 0.0})
     assert a.estimate.profile == "snp" and b.estimate.profile == "tdx"
     assert a.counters == c.counters
     assert c.total_ns < a.total_ns
