@@ -419,7 +419,10 @@ def run_sweep(target: str, grid: dict, params: dict | None = None, *, client=Non
               plan: SweepPlan | None = None):
     """Run a sweep; return its DataFrame (rows in grid order). ``out``: a .parquet or .csv
     file written as rows complete; ``resume``: keep the rows already in it (failed ones
-    run again). ``progress(label, done, total)`` is called as the sweep goes."""
+    run again). ``progress(label, done, total)`` is called as the sweep goes.
+
+    The frame's ``attrs`` hold ``resumed`` (rows kept from ``out``) and ``seconds``: the
+    warm-up's and the grid's elapsed time (from the first task sent to the last row)."""
     plan = plan or plan_sweep(target, grid, params, profile=profile, cost_overrides=cost_overrides)
     require_extra()
     kept: dict[str, dict] = {}
@@ -435,10 +438,11 @@ def run_sweep(target: str, grid: dict, params: dict | None = None, *, client=Non
             kept = _resumable(plan, out)
     todo = [c for c in plan.configs if c.config_id not in kept]
     rows = dict(kept)
+    seconds = {"warm_up": 0.0, "grid": 0.0}
     if todo:
         client, cluster = _cluster(client, workers)
         try:
-            _run_tasks(plan, todo, client, rows, out, progress)
+            seconds = _run_tasks(plan, todo, client, rows, out, progress)
         finally:
             if cluster is not None:
                 client.close()
@@ -446,6 +450,7 @@ def run_sweep(target: str, grid: dict, params: dict | None = None, *, client=Non
     final = _complete(plan, [rows[c.config_id] for c in plan.configs if c.config_id in rows])
     frame = rows_frame(final, _columns(plan, final))
     frame.attrs["resumed"] = len(kept)
+    frame.attrs["seconds"] = seconds
     return frame
 
 
@@ -475,12 +480,14 @@ def _resumable(plan: SweepPlan, out) -> dict:
     return kept
 
 
-def _run_tasks(plan: SweepPlan, todo: list, client, rows: dict, out, progress) -> None:
+def _run_tasks(plan: SweepPlan, todo: list, client, rows: dict, out, progress) -> dict:
     from distributed import as_completed
     if not client.nthreads():
         client.wait_for_workers(1, timeout=60)
     token = uuid.uuid4().hex[:12]
+    t0 = time.perf_counter()
     _warm_workers(client, token)
+    t1 = time.perf_counter()
     taken = ["config", "config_id", "scenario", *plan.param_names]
     configs = {}
     futures = []
@@ -489,22 +496,24 @@ def _run_tasks(plan: SweepPlan, todo: list, client, rows: dict, out, progress) -
                           key=f"gmemfast-sweep-{token}-{c.config_id}", pure=False, retries=1)
         configs[f.key] = c
         futures.append(f)
-    t0 = time.monotonic()
+    start = time.monotonic()
     done = failed = 0
 
     def report():
         if progress is not None:
-            progress(f"sweep{_fail_text(failed)}{_remaining(time.monotonic() - t0, done, len(todo))}",
+            progress(f"sweep{_fail_text(failed)}{_remaining(time.monotonic() - start, done, len(todo))}",
                      done, len(todo))
     ac = as_completed(futures, with_results=True, raise_errors=False)
+    seen = 0
     try:
-        while done < len(todo):
+        while seen < len(futures):
             batch = ac.next_batch(block=False)
             if not batch:
                 report()
                 time.sleep(POLL_SECONDS)
                 continue
             for fut, result in batch:
+                seen += 1
                 c = configs[fut.key]
                 if c.config_id in rows:          # never two rows of one configuration
                     continue
@@ -522,6 +531,7 @@ def _run_tasks(plan: SweepPlan, todo: list, client, rows: dict, out, progress) -
         left = [f for f in futures if not f.done()]
         if left:
             client.cancel(left)
+    return {"warm_up": t1 - t0, "grid": time.perf_counter() - t1}
 
 
 def _fail_text(failed: int) -> str:

@@ -242,6 +242,15 @@ def test_without_the_extra(monkeypatch, capsys, tmp_path):
                            str(tmp_path / "x.parquet"))
     assert code == 2 and 'pip install "gmemfast[sweep]"' in err
     assert not list(tmp_path.iterdir())
+    # a fresh interpreter without them: the package and the command's help still load
+    code = ("import sys\n"
+            "for m in ('dask', 'distributed', 'pandas', 'pyarrow'): sys.modules[m] = None\n"
+            "import gmemfast, gmemfast.cli\n"
+            "assert callable(gmemfast.sweep)\n"
+            "sys.exit(gmemfast.cli.main(['sweep', '--help']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--grid" in proc.stdout and "gmemfast[sweep]" in proc.stdout
 
 
 # ---------------------------------------------------------------------------- command line
