@@ -231,6 +231,9 @@ def test_bad_outputs_exit_2(capsys, tmp_path):
     code, _, err = cli_run(capsys, "sweep", "no-such-scenario", "--grid", "seed=1", "--out",
                            str(tmp_path / "y.csv"))
     assert code == 2 and "no-such-scenario" in err
+    code, _, err = cli_run(capsys, "sweep", "fragmentation", "--grid", "seed=1", "--workers", "2",
+                           "--scheduler", "tcp://127.0.0.1:1", "--out", str(tmp_path / "y.csv"))
+    assert code == 2 and "--workers" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.csv"]
 
 
