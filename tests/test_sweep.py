@@ -287,6 +287,25 @@ def test_cli_rows_sorted_by_time(capsys, cluster, tmp_path):
     assert [ln.split()[0] for ln in lines] == [f"conversions={c}" for c in sorted(n)]
 
 
+def test_table_sorts_by_wall_time_when_rows_have_it():
+    from gmemfast.report import format_sweep
+
+    def row(label, cpu, wall, error=None):
+        return {"config": label, "cpu_ns": cpu, "wall_ns": wall, "error": error, "huge_pages_left": 1,
+                "huge_pages_max": 4, "dmap_1g": 1, "dmap_2m": 2, "dmap_4k": 3, "direct_map_4k_bytes": 12288,
+                "attribute_ranges": 5, "errors": 0, "run_seconds": 0.5}
+    rows = [row("a", 3e9, 1e9), row("b", 1e9, 2e9), row("c", None, None, "ScenarioError: no"),
+            row("d", 2e9, 0.5e9)]
+    text = format_sweep(rows, ["x"])
+    order = [ln.split()[0] for ln in text.splitlines() if ln[:1] in "abcd" and ln[1:2] == " "]
+    assert order == ["d", "a", "b", "c"]
+    assert "wall time" in text and "ScenarioError: no" in text.split("failed (1)")[1]
+    rows = [dict(r, wall_ns=None) for r in rows]          # no wall time: by CPU time
+    order = [ln.split()[0] for ln in format_sweep(rows, ["x"]).splitlines()
+             if ln[:1] in "abcd" and ln[1:2] == " "]
+    assert order == ["b", "d", "a", "c"]
+
+
 # ---------------------------------------------------------------------------- reliability
 
 def _worker_pids(client):
