@@ -180,7 +180,10 @@ def plan_sweep(target: str, grid: dict, params: dict | None = None, *, profile=N
         resolve(fixed)
     except ScenarioError as exc:
         raise ScenarioError(f"fixed parameters: {exc}") from None
-    plan = SweepPlan(target, name, [k for k, _ in axes],
+    # workers open a scenario file or trace by its absolute path (their working folder
+    # may differ)
+    run_target = target if target in SCENARIOS else os.path.abspath(target)
+    plan = SweepPlan(run_target, name, [k for k, _ in axes],
                      {k: [spec[k].show(spec[k].parse(v)) for v in vals] for k, vals in axes},
                      list(spec), profile=profile, cost_overrides=dict(cost_overrides or {}) or None)
     resolved_all = []
