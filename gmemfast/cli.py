@@ -421,9 +421,9 @@ def _cmd_scenarios(args) -> int:
 
 def _configure_sweep(p):
     from .sweep import add_arguments
-    add_arguments(p)
     _add_guest_options(p)
     _add_cost_options(p)
+    add_arguments(p)
 
 
 def _cmd_sweep(args) -> int:

@@ -574,7 +574,9 @@ def _positive(text):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``gmemfast sweep`` that are its own (the guest and cost options
-    are the ones ``run`` takes)."""
+    are the ones ``run`` takes). Added after those, they win where a scenario parameter
+    has the same name (``--workers``, say); that parameter is then given with ``-p``."""
+    p.conflict_handler = "resolve"
     p.add_argument("scenario", metavar="SCENARIO",
                    help="a built-in scenario (gmemfast scenarios), a .toml scenario file, or a "
                         ".csv/.jsonl trace")
@@ -597,6 +599,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="always show the progress bar (default: on a terminal)")
     o.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                    help="never show the progress bar")
+    p.conflict_handler = "error"
 
 
 def cli_run(args, params: dict, *, profile=None, cost_overrides=None, progress=None) -> int:

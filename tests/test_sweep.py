@@ -385,3 +385,15 @@ def test_resume_after_the_sweep_is_killed(capsys, cluster, tmp_path):
     assert sorted(r["config_id"] for r in final) == sorted(ids)
     # the CSV file reads back with its types
     assert all(isinstance(r["seed"], int) and isinstance(r["cpu_ns"], float) for r in final)
+
+
+def test_sweep_options_win_over_a_scenario_parameter_of_the_same_name():
+    import argparse
+    from gmemfast.sweep import add_arguments
+    p = argparse.ArgumentParser()
+    p.add_argument("--workers", dest="sp_workers")          # as a scenario parameter's option
+    add_arguments(p)
+    args = p.parse_args(["fragmentation", "--grid", "seed=1", "--out", "x.csv", "--workers", "3"])
+    assert args.workers == 3 and "sp_workers" not in vars(args)
+    with pytest.raises(argparse.ArgumentError):       # later options conflict as usual
+        p.add_argument("--grid")
