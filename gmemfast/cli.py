@@ -6,6 +6,7 @@
     gmemfast compare SCENARIO --vary KEY=A,B [options]   side by side under policies
     gmemfast launch snp|tdx [--ovmf FILE]  launch measurement and its cost
     gmemfast scenarios                     list the scenarios and their parameters
+    gmemfast sweep SCENARIO --grid KEY=A,B --out FILE.parquet   every combination, on Dask
 
 Errors print one line on stderr and exit with status 2; Ctrl-C exits with 130.
 
@@ -418,6 +419,20 @@ def _cmd_scenarios(args) -> int:
     return 0
 
 
+def _configure_sweep(p):
+    from .sweep import add_arguments
+    _add_guest_options(p)
+    _add_cost_options(p)
+    add_arguments(p)
+
+
+def _cmd_sweep(args) -> int:
+    from .sweep import cli_run
+    params = _raw_params(args)
+    _check_params_for(args.scenario, params)
+    return cli_run(args, params, progress=Progress(enabled=args.progress), **_cost_kwargs(args))
+
+
 # ============================================================================ the table
 
 @dataclass
@@ -456,6 +471,10 @@ COMMANDS: list[Command] = [
             "Time the engine and its baselines (a pyroaring model, a dense numpy model) side by "
             "side in one run and print medians, ratios and whether each target is met. Needs "
             "the bench extra: pip install 'gmemfast[bench]'."),
+    Command("sweep", "run a scenario over a grid of parameters, on Dask", _configure_sweep, _cmd_sweep,
+            "Run a scenario once per combination of --grid values on a local Dask cluster (or "
+            "--scheduler ADDRESS), writing one row per configuration to --out as rows complete. "
+            "Needs the sweep extra: pip install 'gmemfast[sweep]'."),
 ]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .units import format_size
 
 __all__ = ["format_ns", "format_size_short", "table", "estimate_table", "describe_guest",
-           "format_result", "format_compare", "format_scenarios"]
+           "format_result", "format_compare", "format_scenarios", "format_sweep"]
 
 _GUEST_KEYS = ("size", "platform", "page_order", "direct_map", "tracking", "flow", "merge")
 _ORDER_NAMES = {0: "4K", 9: "2M", 18: "1G"}
@@ -285,3 +285,29 @@ def format_scenarios(scenarios, common) -> str:
     out.append("A .toml scenario file or a .csv/.jsonl trace can stand in for a scenario name "
                "(formats: examples/README.md).")
     return "\n".join(out)
+
+
+def format_sweep(rows, swept) -> str:
+    """The rows of a sweep (dicts), fastest first by estimated wall time (CPU time when
+    the rows have none); failed configurations last, with their errors."""
+    timed = any(r.get("wall_ns") is not None for r in rows if r.get("error") is None)
+    key = "wall_ns" if timed else "cpu_ns"
+    ok = sorted((r for r in rows if r.get("error") is None), key=lambda r: r[key])
+    bad = [r for r in rows if r.get("error") is not None]
+    header = ["configuration", *(["wall time"] if timed else []), "CPU time", "huge pages left",
+              "direct map 1G/2M/4K", "mapped at 4K", "attr ranges", "errors", "model s"]
+    out = []
+    for r in ok:
+        huge = f"{r.get('huge_pages_left', 0):,}/{r['huge_pages_max']:,}" if r.get("huge_pages_max") else "-"
+        dmap = "/".join(f"{r.get('dmap_' + k) or 0:,}" for k in ("1g", "2m", "4k"))
+        out.append([r.get("config") or "(defaults)", *([format_ns(r["wall_ns"])] if timed else []),
+                    format_ns(r["cpu_ns"]), huge, dmap, format_size_short(r.get("direct_map_4k_bytes") or 0),
+                    f"{r.get('attribute_ranges', 0):,}", f"{r.get('errors', 0):,}",
+                    f"{r['run_seconds']:.2f}" if r.get("run_seconds") is not None else "-"])
+    text = [f"{len(rows)} configurations swept over {', '.join(swept) or 'nothing'}, "
+            f"by estimated {'wall' if timed else 'CPU'} time", table(out, header)]
+    if bad:
+        text.append("")
+        text.append(f"failed ({len(bad)})")
+        text.append(table([[r.get("config") or "(defaults)", r["error"]] for r in bad], align="ll"))
+    return "\n".join(text)
