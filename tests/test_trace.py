@@ -190,8 +190,16 @@ def test_replay_example_and_strict(tmp_path):
     # options override the trace's guest
     res2 = S.run_trace(EXAMPLES / "bounce-trace.csv", {"platform": "tdx"})
     assert res2.params["platform"] == "tdx" and res2.estimate.profile == "tdx"
-    with pytest.raises(S.ScenarioError, match=r"bounce-trace.csv: line 10: .*EAGAIN"):
-        S.run_trace(EXAMPLES / "bounce-trace.csv", strict=True)
+    assert res.summary["expected_errors"] == {"EAGAIN": 1} and res.errors_as_expected
+    (first,) = res.summary["failures"]
+    assert first["where"].endswith("bounce-trace.jsonl:8") and first["errno"] == "EAGAIN"
+    assert first["op"] == "convert" and first["offset"] == first["error_offset"] == 0x200000
+    # strict: the expected failure passes, an unexpected one stops the replay at its line
+    assert S.run_trace(EXAMPLES / "bounce-trace.csv", strict=True).summary["errors"] == {"EAGAIN": 1}
+    ops = T.read_trace(EXAMPLES / "bounce-trace.csv")
+    ops.expect = None
+    with pytest.raises(S.OperationFailed, match=r"bounce-trace.csv:10: convert \[0x200000, \+0x1000\) .*EAGAIN"):
+        S.run_trace(ops, strict=True)
 
 
 def test_legacy_replay_of_same_trace():

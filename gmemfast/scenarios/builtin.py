@@ -1,8 +1,8 @@
 """The built-in scenarios (``gmemfast scenarios`` lists them)."""
 from __future__ import annotations
 
-from .params import (Param, ScenarioError, parse_bool, parse_chunk, parse_count, parse_granule,
-                     parse_size_or_auto, parse_size_or_percent, scenario)
+from .params import (Param, ScenarioError, parse_bool, parse_chunk, parse_conversions, parse_count,
+                     parse_granule, parse_size_or_auto, parse_size_or_percent, parse_vcpus, scenario)
 from .runner import TWO_MIB, Runner
 from .workloads import (KERNEL_GPA, TIMELINE_POINTS, do_accept_all, do_balloon, do_launch,
                         do_swiotlb, do_window, swiotlb_region)
@@ -20,7 +20,7 @@ KERNEL_PARAM = Param("kernel", parse_size_or_auto, 16 << 20, "kernel image loade
 @scenario("boot", "launch firmware and kernel, accept all memory, convert SWIOTLB to shared",
           params=(
               OVMF_PARAM, KERNEL_PARAM,
-              Param("vcpus", parse_count, 1, "vCPUs (SNP: one VMSA each)"),
+              Param("vcpus", parse_vcpus, 1, "vCPUs (SNP: one VMSA each)"),
               Param("accept_chunk", parse_chunk, TWO_MIB, "guest accept granularity: 2M or 4K", True),
               Param("swiotlb", parse_size_or_auto, "auto",
                     "SWIOTLB pool size ('auto': 6% of memory in [64M, 1G])", True),
@@ -39,26 +39,46 @@ def _boot(run: Runner, p: dict) -> None:
     if p["kernel"] in ("auto", "all"):
         raise ScenarioError("kernel: give a size (16M) or 0")
     if not run.in_place:
-        run.phase("set-private")
+        _stage(run, "set-private")
         run.set_private_all()
         run.sample()
-    run.phase("launch")
-    do_launch(run, p["ovmf"], p["kernel"], max(1, p["vcpus"]))
+    _stage(run, "launch")
+    with run.span(0.0, 0.1, "launch"):
+        do_launch(run, p["ovmf"], p["kernel"], max(1, p["vcpus"]))
     run.sample()
-    run.phase("accept")
+    _stage(run, "accept")
     skip = [(KERNEL_GPA, p["kernel"])] if p["kernel"] else []
-    do_accept_all(run, p["accept_chunk"], skip, points=TIMELINE_POINTS)
-    run.phase("swiotlb")
+    with run.span(0.1, 0.9, "accept"):
+        do_accept_all(run, p["accept_chunk"], skip, points=TIMELINE_POINTS)
+    _stage(run, "swiotlb")
     chunk = p["swiotlb_chunk"]
-    do_swiotlb(run, p["swiotlb"], 0 if chunk in ("auto", "all") else chunk)
+    with run.span(0.9, 1.0, "swiotlb"):
+        do_swiotlb(run, p["swiotlb"], 0 if chunk in ("auto", "all") else chunk)
     run.sample()
+
+
+def _stage(run: Runner, name: str) -> None:
+    """Start the stage ``name``: its work is reported under that operation, and marked."""
+    run.phase(name)
+    run.mark(name)
+
+
+def _accept_all_first(run: Runner, lo: float, hi: float) -> None:
+    """Setup of the conversion scenarios: all memory accepted at 2 MiB (legacy tracking:
+    marked private by the VMM first)."""
+    if not run.in_place:
+        _stage(run, "set-private")
+        run.set_private_all()
+    _stage(run, "accept")
+    with run.span(lo, hi, "accept"):
+        do_accept_all(run, TWO_MIB)
 
 
 @scenario("swiotlb-churn", "bounce-buffer pages converted to shared and back at 4 KiB",
           params=(
               Param("region", parse_size_or_auto, "auto",
                     "bounce-buffer region ('auto': the SWIOTLB size, 6% of memory in [64M, 1G])", True),
-              Param("conversions", parse_count, 200_000, "conversions to shared (each goes back later)"),
+              Param("conversions", parse_conversions, 200_000, "conversions to shared (each goes back later)"),
               Param("in_flight", parse_count, 64, "pages shared at once"),
               Param("granule", parse_granule, PAGE_SIZE, "bytes per conversion", True),
               Param("reaccept", parse_bool, True, "the guest accepts each page again after it "
@@ -68,22 +88,20 @@ def _swiotlb_churn(run: Runner, p: dict) -> None:
     """Dynamic bounce buffers: the guest converts a 4 KiB page of its bounce-buffer region
     to shared for a DMA, and back to private (accepting it again) when ``in_flight``
     later DMAs have started. Setup: all memory accepted at 2 MiB."""
-    if not run.in_place:
-        run.phase("set-private")
-        run.set_private_all()
-    run.phase("accept")
-    do_accept_all(run, TWO_MIB)
+    _accept_all_first(run, 0.0, 0.1)
     off, nbytes = swiotlb_region(run, p["region"])
     run.extra["region_offset"] = off
     run.extra["region_bytes"] = nbytes
-    do_window(run, off, nbytes, p["conversions"], window=p["in_flight"], granule=p["granule"],
-              reaccept=p["reaccept"])
+    run.mark("conversions")
+    with run.span(0.1, 1.0, "conversions"):
+        do_window(run, off, nbytes, p["conversions"], window=p["in_flight"], granule=p["granule"],
+                  reaccept=p["reaccept"])
 
 
 @scenario("fragmentation", "random 4 KiB conversions over 1 GiB pages: huge pages and direct map "
                            "over time",
           params=(
-              Param("conversions", parse_count, 200_000, "random conversions to shared"),
+              Param("conversions", parse_conversions, 200_000, "random conversions to shared"),
               Param("window", parse_count, 50_000,
                     "conversions after which a page goes back to private"),
               Param("granule", parse_granule, PAGE_SIZE, "bytes per conversion", True),
@@ -97,13 +115,11 @@ def _fragmentation(run: Runner, p: dict) -> None:
     anywhere in memory go shared, each returning to private ``window`` conversions later.
     Shared pages split their huge folio; a block re-merges when all its pages are private
     again, but the direct map's broken entries never come back."""
-    if not run.in_place:
-        run.phase("set-private")
-        run.set_private_all()
-    run.phase("accept")
-    do_accept_all(run, TWO_MIB)
-    do_window(run, 0, run.size, p["conversions"], window=p["window"], granule=p["granule"],
-              reaccept=p["reaccept"])
+    _accept_all_first(run, 0.0, 0.1)
+    run.mark("conversions")
+    with run.span(0.1, 1.0, "conversions"):
+        do_window(run, 0, run.size, p["conversions"], window=p["window"], granule=p["granule"],
+                  reaccept=p["reaccept"])
 
 
 @scenario("balloon", "a balloon punches holes in guest memory and the guest refills them",
@@ -122,10 +138,7 @@ def _balloon(run: Runner, p: dict) -> None:
     nbytes = p["balloon"]
     if isinstance(nbytes, float):
         nbytes = int(run.size * nbytes) // p["granule"] * p["granule"]
-    if not run.in_place:
-        run.phase("set-private")
-        run.set_private_all()
-    run.phase("accept")
-    do_accept_all(run, TWO_MIB)
-    do_balloon(run, nbytes, p["granule"], p["rounds"], chunk=p["accept_chunk"])
+    _accept_all_first(run, 0.0, 0.1)
+    with run.span(0.1, 1.0):
+        do_balloon(run, nbytes, p["granule"], p["rounds"], chunk=p["accept_chunk"])
     run.extra["balloon_bytes"] = nbytes
