@@ -221,7 +221,7 @@ def _plot_path(path, target: str, suffix: str = ""):
     from .plot import plot_path, require_matplotlib
     require_matplotlib()
     try:
-        return plot_path(path, os.path.basename(target) + suffix)
+        return plot_path(path, os.path.splitext(os.path.basename(target))[0] + suffix)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -35,12 +35,12 @@ def require_matplotlib():
 
 
 def plot_path(path, name: str) -> str:
-    """The file ``--plot PATH`` writes: ``PATH`` itself, ``PATH/<name>.png`` when ``PATH``
+    """The file ``--plot PATH`` writes: ``PATH`` itself, ``PATH/NAME.png`` when ``PATH``
     is a directory, ``PATH.png`` when it has no extension. ``ValueError`` when the folder
     does not exist or matplotlib cannot write that format."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.splitext(os.path.basename(name))[0]) or "plot"
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "plot"
         path = os.path.join(path, stem + ".png")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -115,6 +115,8 @@ def _count_axis(axis, log=False):
 
 def _mark_stages(ax, marks):
     """The run's stages: a dotted line where each starts, shading every other one."""
+    # of marks at the same step (a step of a file and the stage it starts), the last
+    marks = [m for i, m in enumerate(marks) if i + 1 == len(marks) or marks[i + 1]["step"] != m["step"]]
     if not marks:
         return
     import matplotlib.transforms as mtransforms

@@ -336,6 +336,13 @@ def _cost_table(data: dict, where: str, base: Path) -> tuple[str | None, dict]:
         profile = _text(profile, f"{where}: [cost]: profile")
         if profile not in BUILTIN_PROFILES and not Path(profile).is_absolute():
             profile = str(base / profile)           # a profile file, next to the scenario file
+        try:
+            CostModel.from_profile(profile)
+        except OSError:
+            raise ScenarioError(f"{where}: [cost]: profile {profile!r}: no such built-in profile or file "
+                                f"(built-in: {', '.join(BUILTIN_PROFILES)})") from None
+        except (ValueError, TypeError) as exc:
+            raise ScenarioError(f"{where}: [cost]: profile: {exc}") from None
     overrides = cost.get("set", {})
     if not isinstance(overrides, dict):
         raise ScenarioError(f"{where}: [cost]: set must be a table of counter = ns, like "

@@ -113,7 +113,7 @@ def run_scenario_file(source, params: dict | None = None, *, profile=None, cost_
     total, k = sum(a["repeat"] for _i, a in steps), 0
     for i, a in steps:
         what = f"{sf.path}: step {i}"
-        run.mark(f"{i} {a['op']}")
+        run.mark(f"step {i} {a['phase'] or a['op']}")
         for r in range(a["repeat"]):
             label = f"step {i}/{len(steps)} {a['op']}" + (f" ({r + 1}/{a['repeat']})" if a["repeat"] > 1 else "")
             with run.part(k, total, label):
