@@ -247,6 +247,9 @@ class _Outputs:
         folder, name = os.path.split(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
         os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)       # as open() would create it, not mkstemp's 0600
         self._done.append((tmp, path))
         return writer(tmp)
 

@@ -224,3 +224,18 @@ def test_record_and_replay_reproduce_a_scenario(tmp_path):
     for name, count in res.counters.items():
         if name != "guest_exits":
             assert again.counters.get(name, 0) == count, name
+
+
+@pytest.mark.parametrize("recorded", ["in-place", "legacy"])
+def test_replay_under_legacy_tracking_starts_from_private_memory(tmp_path, recorded):
+    params = {"size": "256M", "conversions": 300, "in_flight": 10, "tracking": recorded}
+    res = S.run_scenario("swiotlb-churn", params, record=True)
+    assert res.summary["errors"] == {}
+    path = tmp_path / "churn.jsonl"
+    T.write_trace(path, res.ops)
+    again = S.run_trace(path, {"tracking": "legacy"})
+    assert again.summary["errors"] == {} and again.errors_as_expected
+    assert "set-private" in again.phases and again.counters["vm_attr_calls"] > 0
+    if recorded == "legacy":      # the same workload on the same kind of VM: the same end state
+        for key in ("private_pages", "allocated_pages", "attribute_ranges", "direct_map"):
+            assert again.summary[key] == res.summary[key], key

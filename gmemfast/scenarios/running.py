@@ -80,11 +80,17 @@ def trace_params(guest: dict, params: dict | None, source: str | None = None) ->
 def run_trace(source, params: dict | None = None, *, profile=None, cost_overrides=None,
               cost_model=None, progress=None, record=False, strict=False) -> ScenarioResult:
     """Replay a trace (a path or :class:`gmemfast.trace.TraceOps`) on a guest described by
-    the trace's ``guest`` record, overridden by ``params``."""
+    the trace's ``guest`` record, overridden by ``params``. With legacy tracking the VMM
+    first marks all memory private, as at a legacy VM's startup."""
     ops = source if isinstance(source, T.TraceOps) else T.read_trace(source)
     p = trace_params(ops.guest, params, ops.source)
     cost = cost_model or cost_model_for(p["platform"], profile, cost_overrides)
     run = Runner(p, cost, progress=progress, record=record, strict=strict, expect=ops.expect)
+    if not run.in_place:
+        # a legacy VMM marks all guest memory private at startup (as the scenarios do)
+        # before the guest runs: the recorded operations start from there
+        run.phase("set-private")
+        run.set_private_all()
     run.phase("replay")
     run.sample()
     run.apply(ops)
