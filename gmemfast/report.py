@@ -242,6 +242,9 @@ def format_compare(results, labels, *, top: int = 12) -> str:
     rows.append(["model run time", *[f"{r.wall_seconds:.2f} s" for r in results]])
     out = [f"scenario {results[0].name}: {results[0].description}", table(rows, header),
            *textwrap.wrap(TERMS, 100), ""]
+    sources = {getattr(r, "cost_source", "") for r in results} - {""}
+    if len(sources) == 1:
+        out.insert(1, f"cost figures: {sources.pop()}")
     # the counters that cost the most anywhere, where the configurations differ
     worst: dict[str, float] = {}
     for r in results:

@@ -402,3 +402,11 @@ def test_python_dash_m_bad_input_has_no_traceback(tmp_path):
                        env=env, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == [f"gmemfast: error: {f}:1: not valid JSON (nested too deeply)"]
+
+
+def test_builtin_balloon_too_many_blocks_is_refused_before_it_runs(capsys, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(S.Runner, "accept", lambda *a, **k: ran.append(1))
+    assert_refused(capsys, tmp_path, ["run", "balloon", "--size", "2T", "--granule", "4K"],
+                   r"granule 4K: the guest holds 536,870,912 such blocks, at most 268,435,456")
+    assert ran == []

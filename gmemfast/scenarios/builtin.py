@@ -1,12 +1,13 @@
 """The built-in scenarios (``gmemfast scenarios`` lists them)."""
 from __future__ import annotations
 
-from .params import (Param, ScenarioError, parse_bool, parse_chunk, parse_conversions, parse_count,
-                     parse_granule, parse_size_or_auto, parse_size_or_percent, parse_vcpus, scenario)
+from .params import (MAX_CONVERSIONS, Param, ScenarioError, parse_bool, parse_chunk, parse_conversions,
+                     parse_count, parse_granule, parse_size_or_auto, parse_size_or_percent, parse_vcpus,
+                     scenario)
 from .runner import TWO_MIB, Runner
 from .workloads import (KERNEL_GPA, TIMELINE_POINTS, do_accept_all, do_balloon, do_launch,
                         do_swiotlb, do_window, swiotlb_region)
-from ..units import PAGE_SIZE
+from ..units import PAGE_SIZE, format_size
 
 __all__ = ["OVMF_PARAM", "KERNEL_PARAM"]
 
@@ -138,6 +139,9 @@ def _balloon(run: Runner, p: dict) -> None:
     nbytes = p["balloon"]
     if isinstance(nbytes, float):
         nbytes = int(run.size * nbytes) // p["granule"] * p["granule"]
+    if run.size // p["granule"] > MAX_CONVERSIONS:      # refused before anything runs
+        raise ScenarioError(f"granule {format_size(p['granule'])}: the guest holds {run.size // p['granule']:,} "
+                            f"such blocks, at most {MAX_CONVERSIONS:,} (2^28); use a larger granule")
     _accept_all_first(run, 0.0, 0.1)
     with run.span(0.1, 1.0):
         do_balloon(run, nbytes, p["granule"], p["rounds"], chunk=p["accept_chunk"])
