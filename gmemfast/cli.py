@@ -40,7 +40,8 @@ __all__ = ["COMMANDS", "Command", "EXIT_STATUSES", "Progress", "main", "register
 #: What the command's exit status means.
 EXIT_STATUSES = {
     0: "success: every operation succeeded, or exactly the failures the scenario expects",
-    1: "operations failed (the report names the first of each kind), or a bench target was missed",
+    1: "operations failed (the report names the first of each kind), a bench target was missed, "
+       "or an output file could not be written",
     2: "bad input (an option, a scenario file, a trace): one line on stderr, nothing written",
     130: "interrupted (Ctrl-C)",
 }
@@ -234,6 +235,8 @@ def _check_record_path(path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"--record {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--record {path}: folder {folder} is not writable")
 
 
 class _Outputs:

@@ -45,6 +45,8 @@ def plot_path(path, name: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"--plot {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--plot {path}: folder {folder} is not writable")
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     if not ext:
         return path + ".png"
