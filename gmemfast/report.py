@@ -15,8 +15,8 @@ __all__ = ["format_ns", "format_size_short", "table", "estimate_table", "describ
 
 #: What the words of a run's report mean.
 TERMS = ("operations: the calls the run made on guest memory (each conversion, fallocate, host "
-         "access, pin and unpin, launch run, and each 4K or 2M piece the guest accepted); "
-         "errors: the operations that failed, by errno")
+         "access, pin and unpin, launch run and legacy set-private call, and each 4K or 2M piece "
+         "the guest accepted); errors: the operations that failed, by errno")
 
 _GUEST_KEYS = ("size", "platform", "page_order", "direct_map", "tracking", "flow", "merge")
 _ORDER_NAMES = {0: "4K", 9: "2M", 18: "1G"}

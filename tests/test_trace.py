@@ -239,3 +239,22 @@ def test_replay_under_legacy_tracking_starts_from_private_memory(tmp_path, recor
     if recorded == "legacy":      # the same workload on the same kind of VM: the same end state
         for key in ("private_pages", "allocated_pages", "attribute_ranges", "direct_map"):
             assert again.summary[key] == res.summary[key], key
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_expected_errors_round_trip_through_a_recorded_trace(tmp_path, suffix):
+    f = tmp_path / "s.toml"
+    f.write_text("[guest]\nsize = '64M'\n[expect]\nerrors = {EAGAIN = 1}\n[[steps]]\nop = 'accept'\n"
+                 "[[steps]]\nop = 'convert'\noffset = '1M'\nsize = '4K'\nattrs = 'shared'\n"
+                 "[[steps]]\nop = 'pin'\noffset = '1M'\n"
+                 "[[steps]]\nop = 'convert'\noffset = '1M'\nsize = '4K'\nattrs = 'private'\n")
+    res = S.run_scenario_file(f, record=True)
+    assert res.errors_as_expected and res.summary["errors"] == {"EAGAIN": 1}
+    path = tmp_path / ("ops" + suffix)
+    T.write_trace(path, res.ops)
+    ops = T.read_trace(path)
+    assert ops.expect == {"EAGAIN": 1} and "expect_errors" not in ops.guest
+    again = S.run_trace(ops)
+    assert again.summary["expected_errors"] == {"EAGAIN": 1} and again.errors_as_expected
+    assert T.parse_error_counts("EAGAIN:1, EOPNOTSUPP=2") == {"EAGAIN": 1, "EOPNOTSUPP": 2}
+    assert T.parse_error_counts("none") == {} and T.parse_error_counts({"EINVAL": 0}) == {}

@@ -456,7 +456,7 @@ class Runner:
                     self._fail(exc, "accept", off, size)
                 if n > 5000 and i % every == 0 and label is not None:
                     self.progress(label, i, n)
-        self.steps += n
+        self.steps += n * -(-size // chunk)       # each chunk accepted is one operation
 
     # ------------------------------------------------------------ trace replay
     def apply(self, ops: T.TraceOps, *, label="replaying") -> None:
