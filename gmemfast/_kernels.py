@@ -186,6 +186,11 @@ C_PAGES_POPULATED_INPLACE = 55
 C_PAGES_POPULATED_LEGACY = 56
 C_SNP_FW_LAUNCH_FINISH = 57
 C_CONVERT_EOPNOTSUPP = 58
+C_ACCEPT_FALLBACKS = 59
+C_PREFAULT_CALLS = 60
+C_TDX_BUSY_RETRIES = 61
+C_ACCEPT_MEMORY_CALLS = 62
+C_GUEST_PAGES_TOUCHED = 63
 
 
 # ======================================================================================
@@ -1061,30 +1066,67 @@ def allocate(n2, n1, w0, meta, p0, p1):
 
 
 @njit(cache=True, nogil=True)
-def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state):
+def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state, map_pages, prefault):
     """The guest accepts (TDX) or validates (SNP) the private pages of ``[p0, p1)`` in
     chunks of ``chunk_pages`` (1 or 512): each page (already allocated by the caller) is
     mapped in the guest and moved to trusted-entity state ``te_state``. Pages already
-    accepted cost nothing. Returns the number of chunks that did work (rounded up)."""
+    accepted cost nothing. Returns the number of chunks that did work (rounded up).
+
+    ``map_pages`` is the level at which the host maps private memory (1, 512 or 262144
+    pages, already bounded by the caller; 0: at the chunk's level) and ``prefault`` says
+    the VMM mapped it before the guest asked (KVM_PRE_FAULT_MEMORY). The work counted
+    per case is docs/model.md §4.9."""
     n_new = walk_count(n2, n1, w0, p0, p1, TE_MASK, 0)
     if n_new == 0:
         return 0
     walk_apply(n2, n1, w0, meta, p0, p1, TE_MASK, 0, 0, (te_state << TE_SHIFT) | GMAP)
     chunks = (n_new + chunk_pages - 1) // chunk_pages
     vt = meta[M_VMTYPE]
-    if vt == VM_TDX:
-        # exit + TDH.MEM.PAGE.AUG by KVM, then TDG.MEM.PAGE.ACCEPT in the guest
+    if vt != VM_TDX and vt != VM_SNP:
         meta[C_GUEST_EXITS] += chunks
-        meta[C_TDX_SEAMCALL_PAGE_AUG] += chunks
-        meta[C_TDX_ACCEPTS] += chunks
-    elif vt == VM_SNP:
-        # page-state change exit + RMPUPDATE by KVM, then PVALIDATE in the guest
-        if chunk_pages == 1:
-            meta[C_SNP_PVALIDATE_4K] += chunks
-        else:
-            meta[C_SNP_PVALIDATE_2M] += chunks
+        return chunks
+    m = map_pages if map_pages > 0 else chunk_pages
+    accepts_4k = chunk_pages == 1
+    if m < chunk_pages:
+        # a 2 MiB accept over 4 KiB host mappings is refused for the size mismatch and
+        # the guest accepts the chunk's pages at 4 KiB, each mapped on its own
+        meta[C_ACCEPT_FALLBACKS] += chunks
+        n_acc = n_new
+        maps = n_new
+        exits = 0 if prefault else n_new
+        accepts_4k = True
+    elif m == chunk_pages or (vt == VM_TDX and not prefault):
+        # mapped at the accept's level (TDX: the exit carries the accept level)
+        n_acc = chunks
+        maps = chunks
+        exits = 0 if prefault else chunks
     else:
-        meta[C_GUEST_EXITS] += chunks
+        # mapped larger than the accept, then split for it
+        units = (n_new + m - 1) // m
+        n_acc = chunks
+        maps = units
+        if vt == VM_TDX:
+            # prefaulted huge: the smaller accept exits with its level and KVM splits
+            # each entry with RANGE.BLOCK, TRACK and DEMOTE (1 GiB to 4 KiB: 1 + 512)
+            splits = units * (1 + N1) if (m == N2 and chunk_pages == 1) else units
+            meta[C_TDX_SEAMCALL_BLOCK] += splits
+            meta[C_TDX_SEAMCALL_TRACK] += splits
+            meta[C_TDX_SEAMCALL_DEMOTE] += splits
+            exits = splits
+        else:
+            # SNP: the 2 MiB RMP entry faults the 4 KiB PVALIDATE and KVM PSMASHes it
+            meta[C_PSMASH] += units
+            exits = units if prefault else 2 * units
+    meta[C_GUEST_EXITS] += exits
+    if vt == VM_TDX:
+        meta[C_TDX_SEAMCALL_PAGE_AUG] += maps
+        meta[C_TDX_ACCEPTS] += n_acc
+    else:
+        meta[C_RMP_UPDATES] += maps
+        if accepts_4k:
+            meta[C_SNP_PVALIDATE_4K] += n_acc
+        else:
+            meta[C_SNP_PVALIDATE_2M] += n_acc
     return chunks
 
 

@@ -119,6 +119,12 @@ COUNTER_NAMES = (
     "pages_populated_legacy",
     "snp_fw_launch_finish",
     "convert_eopnotsupp",
+    # acceptance and the guest's side of it (docs/model.md §4.9, §10)
+    "accept_fallbacks",
+    "prefault_calls",
+    "tdx_busy_retries",
+    "accept_memory_calls",
+    "guest_pages_touched",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 NCOUNTERS = len(COUNTER_NAMES)

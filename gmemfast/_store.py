@@ -247,11 +247,13 @@ class PageStore:
         setb = (state << TE_SHIFT) | (K.GMAP if guest_mapped else 0)
         self.apply(p0, p1, 0, 0, TE_MASK, setb)
 
-    def accept(self, p0: int, p1: int, chunk_pages: int, te_state: int) -> int:
+    def accept(self, p0: int, p1: int, chunk_pages: int, te_state: int, map_pages: int = 0,
+               prefault: bool = False) -> int:
         """The guest accepts ``[p0, p1)`` (allocated first) in chunks of ``chunk_pages``;
-        returns the chunks that did work."""
+        returns the chunks that did work. ``map_pages``: the host's mapping level in
+        pages (0: the chunk's); ``prefault``: the VMM mapped it beforehand."""
         self.allocate(p0, p1)
-        return int(K.accept(*self._tree(), p0, p1, chunk_pages, te_state))
+        return int(K.accept(*self._tree(), p0, p1, chunk_pages, te_state, map_pages, bool(prefault)))
 
     def zap_guest(self, p0: int, p1: int) -> int:
         """Invalidate the guest (stage-2) mappings of ``[p0, p1)``."""

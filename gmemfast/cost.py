@@ -28,6 +28,29 @@ vendor document) or ``estimate:`` followed by the reasoning. The built-in profil
 start each source with one of ``published:``, ``calibrated:``, ``estimate:``,
 ``no cost:`` or ``not applicable:``. A counter a profile does not mention costs
 nothing but is reported as *unpriced*, so no work is dropped silently.
+
+A profile also names the **resources** the work shares, for wall-clock time
+(:mod:`gmemfast.wallclock`, docs/model.md §10)::
+
+    [resources.psp]
+    kind = "serial"                    # one at a time: a lock, a firmware engine
+    scope = "host"                     # "host": shared by every VM; "vm": one per VM
+    what = "the AMD Secure Processor runs one firmware command at a time"
+    counters = ["snp_fw_launch_update", "snp_fw_launch_finish"]   # whole figure held
+    source = "published: drivers/crypto/ccp/sev-dev.c, sev_cmd_mutex"
+
+    [resources.td_private_fault.holds]  # serial: ns of the resource each count keeps busy
+    tdx_seamcall_page_aug = 1700.0
+
+    [resources.membw]
+    kind = "bandwidth"                 # saturates: bytes / gb_per_s bounds the time
+    gb_per_s = 150.0
+    counters = ["bytes_zeroed_4k"]     # byte counters; others give bytes_each
+    bytes_each = { guest_pages_touched = 8192 }
+
+A ``kind = "shared"`` resource (a lock taken for read) bounds nothing; it documents why
+its counters run in parallel. ``[profile] base = "snp"`` starts from a built-in profile:
+its counters and resources are kept unless the file gives them again.
 """
 from __future__ import annotations
 
@@ -47,6 +70,9 @@ from .report import estimate_table, format_ns
 
 __all__ = [
     "BUILTIN_PROFILES",
+    "PROFILE_ALIASES",
+    "RESOURCE_KINDS",
+    "Resource",
     "BYTE_COUNTERS",
     "COUNTER_UNITS",
     "CostModel",
@@ -55,7 +81,12 @@ __all__ = [
     "format_ns",
 ]
 
-BUILTIN_PROFILES = ("snp", "tdx", "sw-protected")
+BUILTIN_PROFILES = ("snp", "tdx", "sw-protected", "snp-genoa", "tdx-gnr")
+#: Other names of built-in profiles: the CPU generation of each platform's default.
+PROFILE_ALIASES: Mapping[str, str] = MappingProxyType({"snp-milan": "snp", "tdx-spr": "tdx"})
+#: Kinds of resource: serial (one holder at a time), bandwidth (saturates), shared (no bound).
+RESOURCE_KINDS = ("serial", "bandwidth", "shared")
+_SCOPES = ("vm", "host")
 
 #: What one count of each counter means; a profile's figure is nanoseconds per this unit.
 COUNTER_UNITS: Mapping[str, str] = MappingProxyType({
@@ -118,6 +149,13 @@ COUNTER_UNITS: Mapping[str, str] = MappingProxyType({
     "hash_bytes": "byte hashed (SHA-384) for a launch measurement",
     "pages_populated_inplace": "page populated in place",
     "pages_populated_legacy": "page populated from a separate source",
+    "accept_fallbacks": "2 MiB accept or validation refused because the host maps the range at 4 KiB "
+                        "(retried at 4 KiB)",
+    "prefault_calls": "KVM_PRE_FAULT_MEMORY ioctl by the VMM (the pages it maps are priced apart)",
+    "tdx_busy_retries": "SEAMCALL refused with TDX_OPERAND_BUSY and retried after kicking the vCPUs out",
+    "accept_memory_calls": "guest accept_memory() call for one unit of the unaccepted-memory bitmap",
+    "guest_pages_touched": "4 KiB page the guest's workload touches for the first time (fault, "
+                           "allocation, zeroing, filling)",
 })
 
 #: Counters whose unit is a byte: their figures may be given as a bandwidth.
@@ -169,6 +207,114 @@ def _clean_counts(counters, what: str) -> dict[str, int]:
         if count:
             clean[name] = int(count)
     return clean
+
+
+@dataclasses.dataclass(frozen=True)
+class Resource:
+    """Something the work of several threads shares (docs/model.md §10).
+
+    ``kind`` is ``"serial"`` (one holder at a time: a lock, the PSP), ``"bandwidth"``
+    (memory bandwidth, ``gb_per_s``) or ``"shared"`` (taken for read: no bound). ``scope``
+    is ``"vm"`` (one per VM) or ``"host"`` (one for every VM on the host). ``counters``
+    hold the resource for their whole figure (serial) or move their bytes through it
+    (bandwidth: byte counters, or ``bytes_each`` bytes per count); ``holds`` gives, for
+    a serial resource, the nanoseconds of the resource each count keeps busy when that
+    is not the counter's whole figure.
+    """
+
+    name: str
+    kind: str
+    scope: str
+    source: str
+    what: str = ""
+    counters: tuple[str, ...] = ()
+    holds: Mapping[str, float] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    gb_per_s: float | None = None
+    bytes_each: Mapping[str, float] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+
+    def touches(self) -> tuple[str, ...]:
+        """Every counter whose work this resource bounds or documents, in counter order."""
+        names = set(self.counters) | set(self.holds) | set(self.bytes_each)
+        return tuple(n for n in COUNTER_NAMES if n in names)
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind, "scope": self.scope, "what": self.what, "source": self.source,
+               "counters": list(self.counters)}
+        if self.holds:
+            out["holds"] = dict(self.holds)
+        if self.gb_per_s is not None:
+            out["gb_per_s"] = self.gb_per_s
+        if self.bytes_each:
+            out["bytes_each"] = dict(self.bytes_each)
+        return out
+
+
+def _read_resource(name: str, entry, where: str) -> Resource:
+    """One [resources.<name>] table -> Resource; ValueError naming what is wrong."""
+    what = f"{where}: resources.{name}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{what} must be a table, not {entry!r}")
+    known = {"kind", "scope", "what", "source", "counters", "holds", "gb_per_s", "bytes_each"}
+    extra = sorted(set(entry) - known)
+    if extra:
+        raise ValueError(f"{what}: unknown key(s) {', '.join(extra)}; known: {', '.join(sorted(known))}")
+    kind = entry.get("kind")
+    if kind not in RESOURCE_KINDS:
+        raise ValueError(f"{what}: kind must be one of {', '.join(RESOURCE_KINDS)}, not {kind!r}")
+    scope = entry.get("scope", "vm")
+    if scope not in _SCOPES:
+        raise ValueError(f"{what}: scope must be 'vm' or 'host', not {scope!r}")
+    source = entry.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"{what} has no source: every resource must name a public source or say "
+                         "'estimate: <reasoning>'")
+    text = entry.get("what", "")
+    if not isinstance(text, str):
+        raise ValueError(f"{what}: 'what' must be a string, not {text!r}")
+    counters = entry.get("counters", [])
+    if not isinstance(counters, list) or not all(isinstance(c, str) for c in counters):
+        raise ValueError(f"{what}: counters must be a list of counter names, not {counters!r}")
+    holds = _number_table(entry.get("holds", {}), f"{what}.holds")
+    bytes_each = _number_table(entry.get("bytes_each", {}), f"{what}.bytes_each")
+    unknown = [c for c in (*counters, *holds, *bytes_each) if c not in _KNOWN]
+    if unknown:
+        raise ValueError(_unknown_counters_message(set(unknown), what))
+    if len(set(counters)) != len(counters):
+        raise ValueError(f"{what}: a counter is listed twice in counters")
+    gb_per_s = entry.get("gb_per_s")
+    if kind == "bandwidth":
+        if isinstance(gb_per_s, bool) or not isinstance(gb_per_s, (int, float)) or not (
+                math.isfinite(gb_per_s) and gb_per_s > 0):
+            raise ValueError(f"{what}: a bandwidth resource needs gb_per_s, a finite number > 0, "
+                             f"not {gb_per_s!r}")
+        not_bytes = [c for c in counters if c not in BYTE_COUNTERS]
+        if not_bytes:
+            raise ValueError(f"{what}: {', '.join(not_bytes)} count(s) no bytes: list them under "
+                             "bytes_each with the bytes of one count")
+        if holds:
+            raise ValueError(f"{what}: holds is for serial resources")
+        gb_per_s = float(gb_per_s)
+    else:
+        if gb_per_s is not None or bytes_each:
+            raise ValueError(f"{what}: gb_per_s and bytes_each are for bandwidth resources")
+        if kind == "shared" and holds:
+            raise ValueError(f"{what}: a shared resource bounds nothing, so it holds nothing")
+        both = sorted(set(counters) & set(holds))
+        if both:
+            raise ValueError(f"{what}: {', '.join(both)} both held whole (counters) and in part (holds)")
+    return Resource(name, kind, scope, source.strip(), text, tuple(counters),
+                    MappingProxyType(holds), gb_per_s, MappingProxyType(bytes_each))
+
+
+def _number_table(table, what: str) -> dict[str, float]:
+    if not isinstance(table, dict):
+        raise ValueError(f"{what} must be a table of counter = number, not {table!r}")
+    out = {}
+    for k, v in table.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{what}.{k} must be a finite number >= 0, not {v!r}")
+        out[k] = float(v)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +376,7 @@ class CostModel:
     """
 
     def __init__(self, name: str, ns_per_unit: Mapping[str, float], sources: Mapping[str, str], *,
-                 description: str = ""):
+                 description: str = "", resources=()):
         if not isinstance(name, str) or not name:
             raise ValueError(f"a cost model needs a non-empty name, not {name!r}")
         what = f"cost model {name!r}"
@@ -253,6 +399,13 @@ class CostModel:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{what}: the source of {n} must be a non-empty string, not {text!r}")
             self._sources[n] = text.strip()
+        self._resources: dict[str, Resource] = {}
+        for r in resources:
+            if not isinstance(r, Resource):
+                raise TypeError(f"{what}: resources must be Resource objects, not {type(r).__name__}")
+            if r.name in self._resources:
+                raise ValueError(f"{what}: resource {r.name!r} given twice")
+            self._resources[r.name] = r
 
     # -- loading ------------------------------------------------------------------------
 
@@ -266,10 +419,9 @@ class CostModel:
         an unknown override name raise ``ValueError``; a missing file raises
         ``FileNotFoundError``.
         """
-        if isinstance(name_or_path, str) and name_or_path in BUILTIN_PROFILES:
-            resource = resources.files(__package__) / "profiles" / f"{name_or_path}.toml"
-            model = cls._from_toml(resource.read_text(encoding="utf-8"),
-                                   f"built-in profile {name_or_path!r}", name_or_path)
+        if isinstance(name_or_path, str) and (name_or_path in BUILTIN_PROFILES
+                                              or name_or_path in PROFILE_ALIASES):
+            model = cls._builtin(PROFILE_ALIASES.get(name_or_path, name_or_path))
         elif isinstance(name_or_path, os.PathLike) or (
             isinstance(name_or_path, str)
             and (name_or_path.endswith(".toml") or os.sep in name_or_path or os.path.exists(name_or_path))
@@ -283,8 +435,8 @@ class CostModel:
             model = cls._from_toml(text, where, path.stem)
         elif isinstance(name_or_path, str):
             raise ValueError(
-                f"unknown cost profile {name_or_path!r}: use one of {', '.join(BUILTIN_PROFILES)} "
-                "or the path of a TOML profile file"
+                f"unknown cost profile {name_or_path!r}: use one of "
+                f"{', '.join((*BUILTIN_PROFILES, *PROFILE_ALIASES))} or the path of a TOML profile file"
             )
         else:
             raise TypeError(
@@ -293,41 +445,65 @@ class CostModel:
         return model.with_overrides(**overrides) if overrides else model
 
     @classmethod
-    def _from_toml(cls, text: str, where: str, default_name: str) -> CostModel:
+    def _builtin(cls, name: str, _seen=()) -> CostModel:
+        resource = resources.files(__package__) / "profiles" / f"{name}.toml"
+        return cls._from_toml(resource.read_text(encoding="utf-8"), f"built-in profile {name!r}", name,
+                              _seen=_seen)
+
+    @classmethod
+    def _from_toml(cls, text: str, where: str, default_name: str, _seen=()) -> CostModel:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{where} is not valid TOML: {err}") from None
-        extra = sorted(set(data) - {"profile", "counters"})
+        extra = sorted(set(data) - {"profile", "counters", "resources"})
         if extra:
             raise ValueError(
                 f"{where}: unknown top-level key(s) {', '.join(extra)}; "
-                "a profile has a [profile] table and [counters.<name>] tables"
+                "a profile has a [profile] table, [counters.<name>] and [resources.<name>] tables"
             )
         meta = data.get("profile", {})
         if not isinstance(meta, dict):
             raise ValueError(f"{where}: 'profile' must be a table, not {meta!r}")
-        extra = sorted(set(meta) - {"name", "description"})
+        extra = sorted(set(meta) - {"name", "description", "base"})
         if extra:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(extra)} in [profile]; known: name, description")
+            raise ValueError(f"{where}: unknown key(s) {', '.join(extra)} in [profile]; known: name, "
+                             "description, base")
         name = meta.get("name", default_name)
         description = meta.get("description", "")
         if not isinstance(name, str) or not name:
             raise ValueError(f"{where}: profile.name must be a non-empty string, not {name!r}")
         if not isinstance(description, str):
             raise ValueError(f"{where}: profile.description must be a string, not {description!r}")
+        ns_per_unit, sources, res = {}, {}, {}
+        base = meta.get("base")
+        if base is not None:
+            base = PROFILE_ALIASES.get(base, base)
+            if base not in BUILTIN_PROFILES:
+                raise ValueError(f"{where}: profile.base must name a built-in profile "
+                                 f"({', '.join(BUILTIN_PROFILES)}), not {base!r}")
+            if base in _seen or base == default_name and where.startswith("built-in"):
+                raise ValueError(f"{where}: profile.base {base!r} leads back to itself")
+            parent = cls._builtin(base, _seen=(*_seen, default_name))
+            ns_per_unit, sources = dict(parent.ns_per_unit), parent.sources()
+            res = dict(parent.resources)
         counters = data.get("counters")
-        if counters is None:
+        if counters is None and base is None:
             raise ValueError(f"{where}: no [counters] table, so nothing is priced")
+        counters = {} if counters is None else counters
         if not isinstance(counters, dict):
             raise ValueError(f"{where}: 'counters' must be a table of [counters.<name>] tables, not {counters!r}")
         unknown = [n for n in counters if n not in _KNOWN]
         if unknown:
             raise ValueError(_unknown_counters_message(unknown, where))
-        ns_per_unit, sources = {}, {}
         for counter, entry in counters.items():
             ns_per_unit[counter], sources[counter] = cls._read_entry(entry, f"{where}: counters.{counter}", counter)
-        return cls(name, ns_per_unit, sources, description=description)
+        tables = data.get("resources", {})
+        if not isinstance(tables, dict):
+            raise ValueError(f"{where}: 'resources' must be a table of [resources.<name>] tables, not {tables!r}")
+        for rname, entry in tables.items():
+            res[rname] = _read_resource(rname, entry, where)
+        return cls(name, ns_per_unit, sources, description=description, resources=res.values())
 
     @staticmethod
     def _read_entry(entry, what: str, counter: str) -> tuple[float, str]:
@@ -377,7 +553,8 @@ class CostModel:
             before = (f"profile {self._name!r} had {self._ns[counter]!r} ns" if counter in self._ns
                       else f"unpriced in profile {self._name!r}")
             sources[counter] = f"override: set by the caller ({before})"
-        return CostModel(self._name, ns, sources, description=self._description)
+        return CostModel(self._name, ns, sources, description=self._description,
+                         resources=self._resources.values())
 
     # -- inspection ---------------------------------------------------------------------
 
@@ -399,6 +576,15 @@ class CostModel:
         """The counters of COUNTER_NAMES this profile gives no figure."""
         return tuple(n for n in COUNTER_NAMES if n not in self._ns)
 
+    @property
+    def resources(self) -> Mapping[str, Resource]:
+        """Resource name -> :class:`Resource`: what the work shares (docs/model.md §10)."""
+        return MappingProxyType(self._resources)
+
+    def resources_of(self, counter: str) -> tuple[str, ...]:
+        """The resources a counter's work is attributed to beside the phase's threads."""
+        return tuple(r.name for r in self._resources.values() if counter in r.touches())
+
     def sources(self) -> dict[str, str]:
         """Counter name -> the source text of its figure, for every priced counter."""
         return dict(self._sources)
@@ -411,12 +597,23 @@ class CostModel:
         for counter, ns in self._ns.items():
             lines.append(f"{counter}: {format_ns(ns)} per {_unit(counter)}")
             lines.append(f"    source: {self._sources[counter]}")
+            shared = self.resources_of(counter)
+            if shared:
+                lines.append(f"    resources: {', '.join(shared)}")
         if self.unpriced_counters:
             lines.append("unpriced: " + ", ".join(self.unpriced_counters))
+        for r in self._resources.values():
+            size = f", {r.gb_per_s:g} GB/s" if r.gb_per_s is not None else ""
+            lines.append(f"resource {r.name}: {r.kind}, one per {r.scope}{size}"
+                         + (f": {r.what}" if r.what else ""))
+            if r.holds:
+                lines.append("    holds: " + ", ".join(f"{c} {format_ns(v)} each" for c, v in r.holds.items()))
+            lines.append(f"    source: {r.source}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"CostModel(name={self._name!r}, priced={len(self._ns)}, unpriced={len(self.unpriced_counters)})"
+        return (f"CostModel(name={self._name!r}, priced={len(self._ns)}, "
+                f"unpriced={len(self.unpriced_counters)}, resources={len(self._resources)})")
 
     # -- pricing ------------------------------------------------------------------------
 

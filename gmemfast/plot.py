@@ -1,10 +1,11 @@
 """Pictures of scenario results (needs matplotlib: ``pip install 'gmemfast[plot]'``).
 
-:func:`plot_result` draws one run: the estimated time of each operation split by the
-counters that cost the most, and over the run (x: operations done) the huge pages left
-and the direct map's entries by size, with the run's stages marked. :func:`plot_compare`
-draws several runs side by side. A panel with nothing to show (huge pages on 4 KiB
-backing) is left out. :func:`plot_path` says which file a ``--plot`` argument names.
+:func:`plot_result` draws one run: the estimated wall time of each operation (elapsed,
+on the threads that run it), split in proportion to the CPU time of the counters that
+cost the most, and over the run (x: operations done) the huge pages left and the direct
+map's entries by size, with the run's stages marked. :func:`plot_compare` draws several
+runs side by side. A panel with nothing to show (huge pages on 4 KiB backing) is left
+out. :func:`plot_path` says which file a ``--plot`` argument names.
 matplotlib is imported only when a plot is drawn, with the non-interactive Agg backend.
 """
 from __future__ import annotations
@@ -66,42 +67,50 @@ def _time_unit(max_ns):
     return 1.0, "ns"
 
 
-def _cost_bars(ax, estimates, labels, title, ylabel):
-    """Horizontal bars, one per label, stacked by the most expensive counters."""
-    from .report import format_ns
+def _cost_bars(ax, estimates, labels, title, ylabel, walls=None, limits=None):
+    """Horizontal bars, one per label, as long as the wall time (``walls``, default the
+    CPU time), stacked by the most expensive counters in proportion to their CPU time."""
+    walls = [e.total_ns for e in estimates] if walls is None else list(walls)
+    limits = [None] * len(estimates) if limits is None else list(limits)
     totals: dict[str, float] = {}
     for est in estimates:
         for name, ns in est.by_counter.items():
             totals[name] = totals.get(name, 0.0) + ns
     top = [n for n in sorted(totals, key=lambda n: -totals[n]) if totals[n] > 0][:_TOP]
-    biggest = max((e.total_ns for e in estimates), default=0.0)
+    biggest = max(walls, default=0.0)
     scale, unit = _time_unit(biggest)
     import matplotlib
     colors = matplotlib.colormaps["tab10"]
     left = [0.0] * len(estimates)
     ys = list(range(len(estimates)))
+    # each bar is its wall time; its counters share it as they share the CPU time
+    fold = [w / e.total_ns if e.total_ns else 0.0 for w, e in zip(walls, estimates)]
     for k, name in enumerate(top + ["other"]):
         widths = []
-        for est in estimates:
+        for est, f in zip(estimates, fold):
             if name == "other":
-                widths.append(sum(ns for n, ns in est.by_counter.items() if n not in top) / scale)
+                widths.append(f * sum(ns for n, ns in est.by_counter.items() if n not in top) / scale)
             else:
-                widths.append(est.by_counter.get(name, 0.0) / scale)
+                widths.append(f * est.by_counter.get(name, 0.0) / scale)
         if any(widths):
             ax.barh(ys, widths, left=left, color=colors(k % 10) if name != "other" else "0.7",
                     label=name, edgecolor="white", linewidth=0.5)
             left = [a + b for a, b in zip(left, widths)]
     ax.set_yticks(ys, labels)
     ax.invert_yaxis()
-    ax.set_xlabel(f"estimated time ({unit})")
+    ax.set_xlabel(f"estimated wall time ({unit}); bars split by the counters' share of CPU time")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if top:
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3,
-                  frameon=False, title="counters (largest cost first)", title_fontsize="small")
-    for y, est in zip(ys, estimates):
-        ax.text(est.total_ns / scale, y, " " + format_ns(est.total_ns), va="center", fontsize="small")
-    ax.margins(x=0.15)
+                  frameon=False, title="counters (largest CPU time first)", title_fontsize="small")
+    from .report import format_ns
+    for y, est, w, lim in zip(ys, estimates, walls, limits):
+        note = f" wall {format_ns(w)}"
+        if abs(w - est.total_ns) > 1e-6 * max(w, 1.0):
+            note += f" (cpu {format_ns(est.total_ns)}" + (f", {lim}" if lim else "") + ")"
+        ax.text(w / scale, y, note, va="center", fontsize="small")
+    ax.margins(x=0.3)
 
 
 def _count_axis(axis, log=False):
@@ -203,8 +212,13 @@ def plot_result(result, path) -> None:
     plt, fig, axes = _figure([result], [(result.name, result.timeline)])
     est = result.estimate
     ops = list(est.by_operation.items()) or [("total", est)]
-    _cost_bars(axes[0], [e for _, e in ops], [o for o, _ in ops], "estimated time by operation",
-               "operation")
+    wall = getattr(result, "wall", None)
+    walls = [wall.phases[o].wall_ns if wall is not None and o in wall.phases else e.total_ns for o, e in ops]
+    limits = [wall.phases[o].limit if wall is not None and o in wall.phases else None for o, _ in ops]
+    vcpus = result.params.get("vcpus", 1)
+    _cost_bars(axes[0], [e for _, e in ops], [o for o, _ in ops],
+               f"estimated wall time by operation ({vcpus} vCPU{'s' if vcpus != 1 else ''})", "operation",
+               walls, limits)
     p = result.params
     size = p.get("size")
     from .units import format_size
@@ -217,7 +231,7 @@ def plot_result(result, path) -> None:
 def plot_compare(results, labels, path) -> None:
     """Save a picture of several results of one scenario, one per label."""
     plt, fig, axes = _figure(results, [(lab, r.timeline) for lab, r in zip(labels, results)])
-    _cost_bars(axes[0], [r.estimate for r in results], labels, "estimated total time",
-               "configuration")
+    _cost_bars(axes[0], [r.estimate for r in results], labels, "estimated total wall time",
+               "configuration", [getattr(r, "wall_ns", r.total_ns) for r in results])
     fig.suptitle(f"gmemfast compare {results[0].name}")
     _save(plt, fig, path)

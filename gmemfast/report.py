@@ -146,14 +146,35 @@ def failures_text(summary: dict) -> list[str]:
     return out
 
 
+def _wall_of(res, op: str):
+    """(wall ns, threads, limit) of one phase of a result, or the CPU time on one thread
+    for a result without wall times."""
+    wall = getattr(res, "wall", None)
+    if wall is not None and op in wall.phases:
+        ph = wall.phases[op]
+        return ph.wall_ns, ph.threads, ph.limit
+    e = res.estimate.by_operation.get(op)
+    return (e.total_ns if e else 0.0), 1, "threads"
+
+
+def _vcpus(res) -> int:
+    return int(res.params.get("vcpus", 1) or 1)
+
+
 def format_result(res, *, top: int = 15) -> str:
     """The readable report of one scenario result."""
     est = res.estimate
     total = est.total_ns
     share = (lambda ns: f"{100 * ns / total:.1f}%") if total else (lambda ns: "-")
+    wall_total = getattr(res, "wall_ns", total)
+    vcpus = _vcpus(res)
     out = [f"scenario {res.name}: {res.description}",
            f"guest: {describe_guest(res.params)}",
-           f"cost profile: {est.profile}    model run time: {res.wall_seconds:.2f} s", ""]
+           f"cost profile: {est.profile}    vCPUs: {vcpus}    model run time: {res.wall_seconds:.2f} s", "",
+           f"estimated wall time {format_ns(wall_total)} on {vcpus} vCPU{'s' if vcpus != 1 else ''}   "
+           f"cpu time {format_ns(total)}",
+           "(wall: elapsed time, each phase on the threads that run it; cpu: all work on every "
+           "thread, the sum of the counters below)", ""]
     if getattr(res, "cost_source", ""):
         out.insert(3, f"cost figures: {res.cost_source}")
     shown = res.params_shown or {k: str(v) for k, v in res.params.items()}
@@ -162,10 +183,13 @@ def format_result(res, *, top: int = 15) -> str:
         out.insert(2, "parameters: " + ", ".join(f"{k}={v}" for k, v in extra_params.items()))
     rows = []
     for op, e in est.by_operation.items():
-        rows.append([op, format_ns(e.total_ns), share(e.total_ns), next(iter(e.by_counter), "")])
-    rows.append(["total", format_ns(total), share(total) if total else "-", ""])
+        w, threads, limit = _wall_of(res, op)
+        rows.append([op, str(threads), format_ns(w), format_ns(e.total_ns), share(e.total_ns), limit,
+                     next(iter(e.by_counter), "")])
+    rows.append(["total", "", format_ns(wall_total), format_ns(total), share(total) if total else "-", "", ""])
     out.append("estimated time by operation")
-    out.append(table(rows, ["operation", "time", "share", "largest cost"], "lrrl"))
+    out.append(table(rows, ["operation", "threads", "wall", "cpu", "cpu share", "limited by", "largest cost"],
+                     "lrrrrll"))
     out.append("")
     crow = []
     items = list(est.by_counter.items())
@@ -213,9 +237,11 @@ def format_result(res, *, top: int = 15) -> str:
 
 
 def format_compare(results, labels, *, top: int = 12) -> str:
-    """Results of one scenario side by side: one column per configuration."""
+    """Results of one scenario side by side: one column per configuration. The first
+    rows are wall times (elapsed, per phase on its threads), then CPU times."""
     header = ["", *labels]
-    rows = [["estimated total", *[format_ns(r.total_ns) for r in results]]]
+    walls = [getattr(r, "wall_ns", r.total_ns) for r in results]
+    rows = [["wall time (elapsed)", *[format_ns(w) for w in walls]]]
     ops: list[str] = []
     for r in results:                  # every run's operations, each in its run's order
         prev = -1
@@ -226,11 +252,22 @@ def format_compare(results, labels, *, top: int = 12) -> str:
                 prev += 1
                 ops.insert(prev, op)
     for op in ops:
+        cells = []
+        for r in results:
+            if op in r.estimate.by_operation:
+                w, _t, limit = _wall_of(r, op)
+                cells.append(f"{format_ns(w)} ({limit})" if limit != "threads" else format_ns(w))
+            else:
+                cells.append("-")
+        rows.append([f"  {op}", *cells])
+    base = walls[0]
+    if base:
+        rows.append(["relative wall time", *[f"{w / base:.2f}x" for w in walls]])
+    rows.append(["vCPUs", *[str(_vcpus(r)) for r in results]])
+    rows.append(["cpu time (all work)", *[format_ns(r.total_ns) for r in results]])
+    for op in ops:
         rows.append([f"  {op}", *[format_ns(r.estimate.by_operation[op].total_ns)
                                   if op in r.estimate.by_operation else "-" for r in results]])
-    base = results[0].total_ns
-    if base:
-        rows.append(["relative", *[f"{r.total_ns / base:.2f}x" for r in results]])
     rows.append(["huge pages left", *[huge_pages_text(r.summary) for r in results]])
     for key, label in (("private_pages", "private pages"), ("allocated_pages", "allocated pages"),
                        ("direct_map_entries", "direct-map entries"),
@@ -240,11 +277,14 @@ def format_compare(results, labels, *, top: int = 12) -> str:
                                           for r in results]])
     rows.append(["errors", *[errors_text(r.summary) for r in results]])
     rows.append(["model run time", *[f"{r.wall_seconds:.2f} s" for r in results]])
-    out = [f"scenario {results[0].name}: {results[0].description}", table(rows, header),
-           *textwrap.wrap(TERMS, 100), ""]
+    out = [f"scenario {results[0].name}: {results[0].description}",
+           "wall: estimated elapsed time, each phase on the threads that run it (in brackets: the "
+           "resource that limits it, when not the threads); cpu: all work on every thread",
+           table(rows, header), *textwrap.wrap(TERMS, 100)]
     sources = {getattr(r, "cost_source", "") for r in results} - {""}
     if len(sources) == 1:
-        out.insert(1, f"cost figures: {sources.pop()}")
+        out.append(f"cost figures: {sources.pop()}")
+    out.append("")
     # the counters that cost the most anywhere, where the configurations differ
     worst: dict[str, float] = {}
     for r in results:

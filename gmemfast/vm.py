@@ -26,6 +26,7 @@ __all__ = ["VM", "Memslot", "RangeSet", "GmemRange", "advance_source"]
 _MAX_GPA = 1 << 52
 _MAX_SLOTS = 1 << 15
 _ACCEPTED_STATE = {"tdx": SEPT_MAPPED, "snp": RMP_VALIDATED}
+_MAPPING_LEVELS = (4096, 2 << 20, 1 << 30)    # a private mapping: 4 KiB, 2 MiB or 1 GiB
 _GMEM_POLICIES = ("direct_map", "merge", "metadata_limit", "content_modes")
 _PLATFORM_POLICIES = ("populate_converts", "pages_per_populate")
 
@@ -364,17 +365,28 @@ class VM:
         """``KVM_SEV_SNP_LAUNCH_FINISH``: measures each VMSA page; returns the digest."""
         return self._require("snp", "KVM_SEV_SNP_LAUNCH_FINISH").launch_finish(vmsas)
 
-    def guest_accept(self, gpa, size, *, chunk=2 << 20) -> int:
+    def guest_accept(self, gpa, size, *, chunk=2 << 20, mapping=None, prefault=False) -> int:
         """The guest accepts (TDX ``TDG.MEM.PAGE.ACCEPT``) or validates (SNP ``PVALIDATE``)
         its private memory ``[gpa, gpa+size)`` in ``chunk``-sized pieces (4 KiB or 2 MiB).
 
         Pages are faulted in (allocated), mapped in the guest and moved to the trusted
         entity's accepted state; each chunk costs an exit and the platform's calls.
         Returns the chunks that did work. A shared page is a memory-fault exit.
+
+        ``mapping`` is the level at which the host maps private memory (4 KiB, 2 MiB or
+        1 GiB), bounded by the backing page order and, on SNP, by the RMP's 2 MiB; None
+        maps at the chunk's level. ``prefault``: the VMM mapped the memory before the
+        guest accepts it (``KVM_PRE_FAULT_MEMORY``), so no exit maps it. What each case
+        costs is docs/model.md §4.9.
         """
         gpa = as_int(gpa, "gpa")
         size = as_int(size, "size")
         chunk = check_accept_chunk(chunk)
+        if mapping is not None:
+            mapping = as_int(mapping, "mapping")
+            if mapping not in _MAPPING_LEVELS:
+                raise GmemError(errno.EINVAL, f"private mapping level {mapping:#x}: must be 4 KiB, "
+                                              "2 MiB or 1 GiB")
         check_range(gpa, size, _MAX_GPA, "guest accept")
         if gpa % chunk or size % chunk:
             raise GmemError(errno.EINVAL, f"guest accept [{gpa:#x}, +{size:#x}) is not aligned to "
@@ -385,7 +397,13 @@ class VM:
         total = 0
         for ms, a, n in pieces:
             p0 = (ms.gmem_offset + a - ms.gpa) >> PAGE_SHIFT
-            total += ms.gmem.store.accept(p0, p0 + (n >> PAGE_SHIFT), chunk >> PAGE_SHIFT, state)
+            map_pages = 0
+            if mapping is not None:
+                map_pages = min(mapping >> PAGE_SHIFT, 1 << ms.gmem.page_order)
+                if self.vm_type == "snp":
+                    map_pages = min(map_pages, 512)      # RMP entries are 4 KiB or 2 MiB
+            total += ms.gmem.store.accept(p0, p0 + (n >> PAGE_SHIFT), chunk >> PAGE_SHIFT, state,
+                                          map_pages, bool(prefault))
         return total
 
     # ---------------------------------------------------------------- guest access

@@ -66,6 +66,7 @@ COUNTERS = (
     "rmp_updates", "psmash", "snp_pvalidate_4k", "snp_pvalidate_2m",
     "tdx_seamcall_page_aug", "tdx_seamcall_block", "tdx_seamcall_track",
     "tdx_seamcall_demote", "tdx_seamcall_page_remove", "tdx_accepts", "guest_exits",
+    "accept_fallbacks",
 )
 # Counters of the launch path, which the reference does not model; each is checked by
 # tests with expectations derived by hand (tests/test_counters.py).
@@ -78,6 +79,10 @@ NOT_MODELLED = {
     "hash_bytes": "bytes fed to SHA-384 by the launch measurement",
     "pages_populated_inplace": "pages populated with no source (in-place flow)",
     "pages_populated_legacy": "pages populated from a separate source (legacy flow)",
+    "prefault_calls": "KVM_PRE_FAULT_MEMORY calls the scenarios' VMM makes",
+    "tdx_busy_retries": "TDX_OPERAND_BUSY retries the scenarios count for splits on many vCPUs",
+    "accept_memory_calls": "the guest kernel's accept_memory() calls in the scenarios",
+    "guest_pages_touched": "pages the scenarios' guest workload touches",
 }
 
 
@@ -597,28 +602,62 @@ class GuestMemfd:
         self.live_pins.append(pin)
         return pin
 
-    def accept(self, first, end, chunk_pages):
+    def accept(self, first, end, chunk_pages, mapping_pages=0, prefault=False):
         """The guest accepts (TDX) / validates (SNP) pages [first, end) (allocated first),
         ``chunk_pages`` at a time: each page without trusted-entity state is mapped in the
-        guest and moves to the accepted state; each chunk of such pages (rounded up) costs
-        the platform's calls. Returns the chunks that did work."""
+        guest and moves to the accepted state. Returns the chunks (of newly accepted pages,
+        rounded up) that did work.
+
+        What it costs depends on the level the host maps private memory at
+        (``mapping_pages``; 0: the chunk's) and on whether the VMM prefaulted it
+        (docs/model.md §4.9): below the chunk's level the accept falls back to 4 KiB and
+        every page is mapped and accepted on its own; at it, one of each per chunk; above
+        it, TDX maps at the accept's level when the guest's exit asks (or, prefaulted,
+        splits each entry: BLOCK, TRACK, DEMOTE, one exit each), SNP maps the large entry
+        and PSMASHes it on the size-mismatch fault."""
         self._allocate(first, end)
-        state = TE_ACCEPTED.get(self.vm_type, 0)
         new = [p for p in range(first, end) if self.te[p] == 0]
         if not new:
             return 0
         for p in new:
-            self.te[p] = state
+            self.te[p] = TE_ACCEPTED.get(self.vm_type, 0)
             self.guest_mapped[p] = True
-        chunks = (len(new) + chunk_pages - 1) // chunk_pages
-        if self.vm_type == "tdx":      # exit + PAGE.AUG by KVM, ACCEPT in the guest
+        n = len(new)
+        chunks = (n + chunk_pages - 1) // chunk_pages
+        if self.vm_type == "sw-protected":             # no accept instruction: an exit each
             self._count("guest_exits", chunks)
-            self._count("tdx_seamcall_page_aug", chunks)
-            self._count("tdx_accepts", chunks)
-        elif self.vm_type == "snp":    # page-state change + RMPUPDATE, PVALIDATE
-            self._count("snp_pvalidate_4k" if chunk_pages == 1 else "snp_pvalidate_2m", chunks)
+            return chunks
+        tdx = self.vm_type == "tdx"
+        level = mapping_pages or chunk_pages
+        if level < chunk_pages:
+            # the 2 MiB accept is refused (size mismatch): each page on its own
+            self._count("accept_fallbacks", chunks)
+            mapped = accepted = n
+            exits = 0 if prefault else n
+            accept_4k = True
+        elif level == chunk_pages or (tdx and not prefault):
+            mapped = accepted = chunks
+            exits = 0 if prefault else chunks
+            accept_4k = chunk_pages == 1
         else:
-            self._count("guest_exits", chunks)
+            entries = (n + level - 1) // level          # large mappings, split for the accept
+            mapped, accepted, accept_4k = entries, chunks, chunk_pages == 1
+            if tdx:
+                splits = entries * (1 + PAGES_PER_2M) if (level == PAGES_PER_1G and chunk_pages == 1) \
+                    else entries
+                for name in ("tdx_seamcall_block", "tdx_seamcall_track", "tdx_seamcall_demote"):
+                    self._count(name, splits)
+                exits = splits
+            else:
+                self._count("psmash", entries)
+                exits = entries if prefault else 2 * entries
+        self._count("guest_exits", exits)
+        if tdx:
+            self._count("tdx_seamcall_page_aug", mapped)
+            self._count("tdx_accepts", accepted)
+        else:
+            self._count("rmp_updates", mapped)
+            self._count("snp_pvalidate_4k" if accept_4k else "snp_pvalidate_2m", accepted)
         return chunks
 
     # --------------------------------------------------------------- conversion
@@ -1057,13 +1096,15 @@ class VM:
             pos += chunk
         return None
 
-    def guest_accept(self, gpa, size, *, chunk=2 << 20):
+    def guest_accept(self, gpa, size, *, chunk=2 << 20, mapping=None, prefault=False):
         """The guest accepts (TDX) / validates (SNP) private memory, ``chunk`` at a time:
         each page without trusted-entity state is mapped in the guest and moves to the
         accepted state; each chunk of such pages (rounded up) costs the platform's calls."""
         gpa, size, chunk = _int(gpa, "gpa"), _int(size, "size"), _int(chunk, "chunk")
         if chunk not in (PAGE_SIZE, 2 << 20):
             raise _einval(f"accept chunk {chunk:#x}")
+        if mapping is not None and _int(mapping, "mapping") not in (PAGE_SIZE, 2 << 20, 1 << 30):
+            raise _einval(f"mapping level {mapping:#x}")
         _page_range(gpa, size, self.MAX_GPA // PAGE_SIZE, "guest accept")
         if gpa % chunk or size % chunk:
             raise _einval(f"guest accept {gpa:#x}+{size:#x} not aligned to {chunk:#x}")
@@ -1075,6 +1116,12 @@ class VM:
             if lo >= hi:
                 continue
             p0 = (s["offset"] + lo - s["gpa"]) // PAGE_SIZE
-            chunks = s["gmem"].accept(p0, p0 + (hi - lo) // PAGE_SIZE, chunk_pages)
+            level = 0
+            if mapping is not None:    # bounded by the backing folios, and on SNP by the RMP
+                level = min(mapping // PAGE_SIZE, 1 << s["gmem"].page_order)
+                if self.vm_type == "snp":
+                    level = min(level, PAGES_PER_2M)
+            chunks = s["gmem"].accept(p0, p0 + (hi - lo) // PAGE_SIZE, chunk_pages, level,
+                                      bool(prefault))
             total += chunks
         return total

@@ -55,20 +55,23 @@ def outcome(fn, *args, **kwargs):
 
 class VmComparison(RuleBasedStateMachine):
     @initialize(in_place=st.booleans(), vm_type=st.sampled_from(["sw-protected", "sw-protected", "snp", "tdx"]),
-                init_shared=st.booleans())
-    def create(self, in_place, vm_type, init_shared):
+                init_shared=st.booleans(), order=st.sampled_from([0, 0, 9]))
+    def create(self, in_place, vm_type, init_shared, order):
         if vm_type != "sw-protected" and not in_place:
             flags = 0                  # legacy CoCo: no mmap, private files
         else:
             flags = MMAP | (SHARED if init_shared else 0)
-        note(f"VM({vm_type!r}, in_place={in_place}); files flags {flags:#x}")
+        if order:
+            flags |= naive.GUEST_MEMFD_FLAG_HUGETLB
+        note(f"VM({vm_type!r}, in_place={in_place}); files flags {flags:#x}, page order {order}")
         self.eng = gmemfast.VM(vm_type, in_place=in_place)
         self.ref = naive.VM(vm_type, in_place=in_place)
-        self.files = [(self.eng.create_guest_memfd(FILE_PAGES * PS, flags),
-                       self.ref.create_guest_memfd(FILE_PAGES * PS, flags)) for _ in range(2)]
+        self.files = [(self.eng.create_guest_memfd(FILE_PAGES * PS, flags, page_order=order),
+                       self.ref.create_guest_memfd(FILE_PAGES * PS, flags, page_order=order))
+                      for _ in range(2)]
         other_eng, other_ref = gmemfast.VM(vm_type), naive.VM(vm_type)
-        self.foreign = (other_eng.create_guest_memfd(FILE_PAGES * PS, flags),
-                        other_ref.create_guest_memfd(FILE_PAGES * PS, flags))
+        self.foreign = (other_eng.create_guest_memfd(FILE_PAGES * PS, flags, page_order=order),
+                        other_ref.create_guest_memfd(FILE_PAGES * PS, flags, page_order=order))
         self.flags = flags
         # the usual layout to start from: each file in a memslot, the second at 8 MiB
         for slot, (gpa, pair) in enumerate(((0, self.files[0]), (2048 * PS, self.files[1]))):
@@ -135,10 +138,32 @@ class VmComparison(RuleBasedStateMachine):
 
     # ---------------------------------------------------------------- acceptance
     @rule(gpa=_gpa_page, pages=st.sampled_from([1, 2, 16, 512, 1024]),
-          chunk=st.sampled_from([PS, PS, 2 << 20, 2 << 20, 12345]))
-    def guest_accept(self, gpa, pages, chunk):
+          chunk=st.sampled_from([PS, PS, 2 << 20, 2 << 20, 12345]),
+          mapping=st.sampled_from([None, None, PS, 2 << 20, 1 << 30, 8192]), prefault=st.booleans())
+    def guest_accept(self, gpa, pages, chunk, mapping, prefault):
+        if chunk == 2 << 20 and pages % 512 == 0:
+            gpa -= gpa % 512           # mostly aligned to the chunk, as a guest accepts
         self.both("guest_accept", self.eng.guest_accept, self.ref.guest_accept, gpa * PS, pages * PS,
-                  chunk=chunk)
+                  chunk=chunk, mapping=mapping, prefault=prefault)
+
+    @rule(which=st.sampled_from([0, 1]), first=st.sampled_from([0, 1, 510, 512]),
+          chunk=st.sampled_from([PS, 2 << 20]), mapping=st.sampled_from([None, PS, 2 << 20, 1 << 30]),
+          prefault=st.booleans(), share=st.sampled_from([1, 2, 512]))
+    def accept_then_share(self, which, first, chunk, mapping, prefault, share):
+        """The guest accepts a block of the file's memory, then gives some of it back to the
+        host: acceptance at each mapping level, then the trusted entity's give-back."""
+        ge, gr = self.files[which]
+        base = 2048 * which           # the usual layout; moved slots just give exits
+        if chunk == 2 << 20:
+            first = first - first % 512
+        self.both("guest_accept", self.eng.guest_accept, self.ref.guest_accept,
+                  (base + first) * PS, 512 * PS, chunk=chunk, mapping=mapping, prefault=prefault)
+        if self.eng.in_place:
+            self.both("set_memory_attributes(file)", ge.set_memory_attributes,
+                      gr.set_memory_attributes, (first + 1) * PS, share * PS, 0)
+        else:
+            self.both("set_memory_attributes(vm)", self.eng.set_memory_attributes,
+                      self.ref.set_memory_attributes, (base + first + 1) * PS, share * PS, 0)
 
     # ---------------------------------------------------------------- host access
     @rule(which=st.sampled_from([0, 1]), page=st.sampled_from([0, 1, 511, 1022, 1023, 1024]),
@@ -181,7 +206,7 @@ class VmComparison(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("seed", [0])
 def test_vm_against_reference(seed):
-    examples, steps = (20, 25) if SMALL else (100, 40)
+    examples, steps = (40, 25) if SMALL else (200, 40)
     run_state_machine_as_test(VmComparison, settings=settings(max_examples=examples,
                                                               stateful_step_count=steps,
                                                               deadline=None))
@@ -197,3 +222,28 @@ def test_vm_comparison_catches_a_wrong_exit(monkeypatch):
     assert outcome(vm_r.guest_read, 0, 1, private=True) == ("memory_fault", 0, PS, True)
     monkeypatch.setattr(vm_e, "in_place", True)     # an engine that forgot the legacy rule
     assert outcome(vm_e.guest_read, 0, 1, private=True) == ("mmio", 0)
+
+
+@pytest.mark.parametrize("vm_type", ["snp", "tdx"])
+@pytest.mark.parametrize("order", [0, 9, 18])
+@pytest.mark.parametrize("mapping", [None, PS, 2 << 20, 1 << 30])
+def test_accept_every_mapping_level_against_reference(vm_type, order, mapping):
+    """Every acceptance case (chunk x the host's mapping level x prefault), then a page
+    given back (splitting a huge folio), on the engine and the reference: same counters."""
+    size = max(4 << 20, PS << order)
+    flags = MMAP | (naive.GUEST_MEMFD_FLAG_HUGETLB if order else 0)
+    for chunk in (PS, 2 << 20):
+        for prefault in (False, True):
+            vms = []
+            for V in (gmemfast.VM, naive.VM):
+                vm = V(vm_type)
+                g = vm.create_guest_memfd(size, flags, page_order=order)
+                vm.set_user_memory_region(0, 0, size, g, 0)
+                vm.guest_accept(0, 2 << 20, chunk=chunk, mapping=mapping, prefault=prefault)
+                g.set_memory_attributes(3 * PS, PS, 0)
+                vms.append((vm, g))
+            (ve, ge), (vr, gr) = vms
+            assert_same_state(ge, gr, f"chunk {chunk:#x} prefault {prefault}")
+            e, r = ve.counters, vr.counters
+            bad = {n: (int(e[n]), r[n]) for n in naive.COUNTERS if int(e[n]) != r[n]}
+            assert not bad, f"chunk {chunk:#x}, prefault {prefault}: counters differ {bad}"

@@ -1,27 +1,38 @@
 """The built-in scenarios (``gmemfast scenarios`` lists them)."""
 from __future__ import annotations
 
-from .params import (MAX_CONVERSIONS, Param, ScenarioError, parse_bool, parse_chunk, parse_conversions,
-                     parse_count, parse_granule, parse_size_or_auto, parse_size_or_percent, parse_vcpus,
-                     scenario)
+from .params import (MAX_CONVERSIONS, Param, ScenarioError, choice, parse_bool, parse_chunk,
+                     parse_conversions, parse_count, parse_granule, parse_size_or_auto,
+                     parse_size_or_percent, parse_vcpus, scenario)
 from .runner import TWO_MIB, Runner
-from .workloads import (KERNEL_GPA, TIMELINE_POINTS, do_accept_all, do_balloon, do_launch,
-                        do_swiotlb, do_window, swiotlb_region)
+from .workloads import (do_accept_all, do_accept_rest, do_balloon, do_boot_accept,
+                        do_drain, do_launch, do_swiotlb, do_window, swiotlb_region)
 from ..units import PAGE_SIZE, format_size
 
-__all__ = ["OVMF_PARAM", "KERNEL_PARAM"]
+__all__ = ["OVMF_PARAM", "KERNEL_PARAM", "VCPUS_PARAM", "parse_vcpus"]
 
 
 OVMF_PARAM = Param("ovmf", str, "synthetic", "OVMF image file for the launch ('synthetic': a small "
                                          "generated image)")
-KERNEL_PARAM = Param("kernel", parse_size_or_auto, 16 << 20, "kernel image loaded at 16M and measured "
-                                                         "(0 for none)", True)
+KERNEL_PARAM = Param("kernel", parse_size_or_auto, 16 << 20, "kernel image loaded at 16M (0 for none)",
+                     True)
 
 
-@scenario("boot", "launch firmware and kernel, accept all memory, convert SWIOTLB to shared",
+VCPUS_PARAM = Param("vcpus", parse_vcpus, 1, "guest vCPUs: they run the parallel work (eager "
+                                            "acceptance, the workers); SNP: one VMSA each")
+
+
+@scenario("boot", "launch firmware and kernel, accept memory (all of it, or lazily only what boot "
+                  "touches), convert SWIOTLB to shared",
           params=(
               OVMF_PARAM, KERNEL_PARAM,
-              Param("vcpus", parse_vcpus, 1, "vCPUs (SNP: one VMSA each)"),
+              Param("kernel_load", choice("hashes", "measured"), "hashes",
+                    "hashes: QEMU's way, the firmware loads the kernel and checks its hash; "
+                    "measured: the kernel is populated as measured launch pages"),
+              VCPUS_PARAM,
+              Param("accept", choice("eager", "lazy"), "eager",
+                    "eager: the guest accepts all memory at boot, spread over the vCPUs; lazy: "
+                    "only what boot touches (firmware, memmap, free-memory reserve, SWIOTLB)"),
               Param("accept_chunk", parse_chunk, TWO_MIB, "guest accept granularity: 2M or 4K", True),
               Param("swiotlb", parse_size_or_auto, "auto",
                     "SWIOTLB pool size ('auto': 6% of memory in [64M, 1G])", True),
@@ -29,33 +40,70 @@ KERNEL_PARAM = Param("kernel", parse_size_or_auto, 16 << 20, "kernel image loade
                     "bytes per guest conversion request for SWIOTLB (0: one request)", True),
           ))
 def _boot(run: Runner, p: dict) -> None:
-    """Boot a confidential guest.
+    """Boot a confidential guest (docs/model.md §10.3).
 
     1. ``set-private`` (legacy tracking only): the VMM marks all memory private per GFN.
-    2. ``launch``: the firmware image (below 4 GiB, its own guest_memfd) and the kernel
-       image (at 16 MiB) are loaded by the populate flow and measured.
-    3. ``accept``: the guest accepts all its other memory in ``accept_chunk`` pieces.
-    4. ``swiotlb``: the guest converts its SWIOTLB pool to shared.
+    2. ``launch`` (the VMM, one thread): the firmware image (below 4 GiB, its own
+       guest_memfd) is populated and measured; with ``kernel_load=measured`` the kernel
+       image (at 16 MiB) too, else only its hash (SNP's kernel-hashes page).
+    3. ``firmware`` (boot CPU): the firmware accepts its first 512 MiB and, with
+       hashes, loads the kernel there.
+    4. ``accept-boot`` (boot CPU): the kernel accepts its memmap, the free-memory reserve
+       and the SWIOTLB pool.
+    5. ``accept`` (``accept=eager`` only, on ``vcpus``): the rest of memory.
+    6. ``swiotlb`` (boot CPU): the guest converts its SWIOTLB pool to shared.
     """
     if p["kernel"] in ("auto", "all"):
         raise ScenarioError("kernel: give a size (16M) or 0")
+    kernel, chunk = p["kernel"], p["accept_chunk"]
     if not run.in_place:
         _stage(run, "set-private")
         run.set_private_all()
         run.sample()
     _stage(run, "launch")
     with run.span(0.0, 0.1, "launch"):
-        do_launch(run, p["ovmf"], p["kernel"], max(1, p["vcpus"]))
+        do_launch(run, p["ovmf"], kernel, p["vcpus"], kernel_load=p["kernel_load"])
     run.sample()
-    _stage(run, "accept")
-    skip = [(KERNEL_GPA, p["kernel"])] if p["kernel"] else []
-    with run.span(0.1, 0.9, "accept"):
-        do_accept_all(run, p["accept_chunk"], skip, points=TIMELINE_POINTS)
+    run.mark("boot")
+    with run.span(0.1, 0.2, "boot"):
+        done = do_boot_accept(run, chunk, kernel=kernel, kernel_load=p["kernel_load"], swiotlb=p["swiotlb"])
+    if p["accept"] == "eager":
+        run.phase("accept", threads=p["vcpus"])
+        run.mark("accept")
+        with run.span(0.2, 0.9, "accept"):
+            do_accept_rest(run, chunk, done)
     _stage(run, "swiotlb")
-    chunk = p["swiotlb_chunk"]
+    sw = p["swiotlb_chunk"]
     with run.span(0.9, 1.0, "swiotlb"):
-        do_swiotlb(run, p["swiotlb"], 0 if chunk in ("auto", "all") else chunk)
+        do_swiotlb(run, p["swiotlb"], 0 if sw in ("auto", "all") else sw)
     run.sample()
+    run.extra["accept"] = p["accept"]
+
+
+@scenario("accept-drain", "a lazily accepting guest whose workers touch all its memory: wall time "
+                          "until all of it is accepted",
+          params=(
+              VCPUS_PARAM,
+              Param("workers", parse_vcpus, 1, "processes touching memory (like 'tail /dev/zero' "
+                                               "in Intel's lkvs TDX memory test)"),
+              Param("accept_chunk", parse_chunk, TWO_MIB, "guest accept granularity: 2M or 4K", True),
+          ))
+def _accept_drain(run: Runner, p: dict) -> None:
+    """A guest booted with lazy acceptance (phases ``firmware`` and ``accept-boot`` as in
+    ``boot``), then ``drain``: ``workers`` processes on ``vcpus`` vCPUs allocate and fill
+    memory until none is left unaccepted, the page allocator accepting it 4 MiB at a
+    time as they go (docs/model.md §10.3). The drain runs on min(vcpus, workers) threads;
+    its wall time is the time until all memory is accepted."""
+    if not run.in_place:
+        _stage(run, "set-private")
+        run.set_private_all()
+    run.mark("boot")
+    with run.span(0.0, 0.1, "boot"):
+        done = do_boot_accept(run, p["accept_chunk"])
+    run.phase("drain", threads=min(p["vcpus"], p["workers"]))
+    run.mark("drain")
+    with run.span(0.1, 1.0, "drain"):
+        run.extra["drained_bytes"] = do_drain(run, p["accept_chunk"], done)
 
 
 def _stage(run: Runner, name: str) -> None:

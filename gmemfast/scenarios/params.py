@@ -157,6 +157,19 @@ def parse_chunk(value) -> int:
     return n
 
 
+def parse_mapping(value):
+    """The host's private mapping level: ``"auto"`` or 4K, 2M, 1G (bytes)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return "auto"
+    n = parse_size(value)
+    if n not in (PAGE_SIZE, 2 << 20, 1 << 30):
+        raise ValueError(f"private mapping {value!r} must be auto, 4K, 2M or 1G")
+    return n
+
+
+parse_mapping.choices = ("auto", "4K", "2M", "1G")
+
+
 def parse_size_or_auto(value):
     if isinstance(value, str) and value.strip().lower() in ("auto", "all"):
         return value.strip().lower()
@@ -243,6 +256,11 @@ COMMON_PARAMS: dict[str, Param] = {p.name: p for p in (
     Param("flow", optionalchoice("in-place", "legacy"), None,
           "launch populate flow (default: same as tracking; in-place needs in-place tracking)"),
     Param("merge", choice("eager", "never"), "eager", "huge-page re-merge on conversion to private"),
+    Param("private_mapping", parse_mapping, "auto",
+          "level at which the host maps private memory: 4K, 2M, 1G, bounded by the page order "
+          "(auto: what upstream KVM does: 4K on TDX, the page order elsewhere, at most 2M on SNP)", True),
+    Param("prefault", parse_bool, False, "the VMM maps private memory before the guest accepts it "
+                                         "(KVM_PRE_FAULT_MEMORY; QEMU does it on SNP page-state changes)"),
     Param("seed", parse_seed, 0, "random seed (an integer >= 0)"),
 )}
 

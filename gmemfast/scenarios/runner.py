@@ -17,10 +17,12 @@ from ..uapi import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_
                     GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_MEMORY_ATTRIBUTE_PRIVATE)
 from ..units import PAGE_SHIFT, PAGE_SIZE, broadcast_column, check_range, format_size
 from ..vm import VM
+from ..wallclock import phase_time, wall_time
 from .params import OperationFailed, ScenarioError, guest_record
 from .results import ScenarioResult
 
-__all__ = ["Runner", "BATCH", "FOUR_GIB", "TWO_MIB", "ONE_GIB", "PRIVATE", "PROGRESS_SCALE"]
+__all__ = ["Runner", "ACCEPT_UNIT", "BATCH", "FOUR_GIB", "TWO_MIB", "ONE_GIB", "PRIVATE",
+           "PROGRESS_SCALE", "private_mapping"]
 
 FOUR_GIB = 1 << 32
 TWO_MIB = 2 << 20
@@ -28,6 +30,24 @@ ONE_GIB = 1 << 30
 PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
 BATCH = 1 << 16                 # conversions per batched call (progress granularity)
 PROGRESS_SCALE = 10_000         # progress(label, done, PROGRESS_SCALE): done/total of the whole run
+ACCEPT_UNIT = 4 << 20           # the guest kernel accepts in MAX_PAGE_ORDER blocks (docs/model.md §10.3)
+_UNIT_PAGES = ACCEPT_UNIT >> PAGE_SHIFT
+_DEMOTE = COUNTER_NAMES.index("tdx_seamcall_demote")
+_SNP_PSC_ENTRIES = 64           # VMGEXIT_PSC_MAX_ENTRY: entries per page-state-change request
+
+
+def private_mapping(platform: str, policy, page_order: int) -> int:
+    """The level (bytes) at which the host maps private memory: ``policy`` is ``"auto"``
+    (what upstream KVM does: 4 KiB on TDX, else the backing page size, at most 2 MiB on
+    SNP) or a size, bounded by the backing page size (and 2 MiB on SNP)."""
+    backing = PAGE_SIZE << page_order
+    if policy in (None, "auto"):
+        level = PAGE_SIZE if platform == "tdx" else backing
+    else:
+        level = min(int(policy), backing)
+    if platform == "snp":
+        level = min(level, TWO_MIB)
+    return level
 
 
 class Runner:
@@ -75,6 +95,9 @@ class Runner:
         if self.size > self.low:
             self.vm.set_user_memory_region(1, FOUR_GIB, self.size - self.low, self.gmem, self.low)
         self.rng = np.random.default_rng(params["seed"])
+        self.mapping = private_mapping(self.platform, params.get("private_mapping", "auto"), self.order)
+        self.prefault = bool(params.get("prefault", False))
+        self._unit_pages = np.zeros(-(-self.gmem.nr_pages // _UNIT_PAGES), np.int32)
         self.errors: Counter = Counter()
         self.steps = 0
         self.timeline: list[dict] = []
@@ -82,6 +105,7 @@ class Runner:
         self.extra: dict = {}
         self.phase_name: str | None = None
         self._phase_counts: dict[str, np.ndarray] = {}
+        self._phase_threads: dict[str, int] = {}
         self._extra_counts = np.zeros(len(COUNTER_NAMES), np.int64)
         self._ns = np.array([cost_model.ns_per_unit.get(n, 0.0) for n in COUNTER_NAMES])
         self._phase_start = self._snap()
@@ -103,19 +127,41 @@ class Runner:
         """Add work the scenario does outside the model's API (a guest exit, say)."""
         self._extra_counts[COUNTER_NAMES.index(counter)] += n
 
-    def phase(self, name: str) -> None:
-        """Report the work that follows under operation ``name``."""
+    def phase(self, name: str, threads: int = 1) -> None:
+        """Report the work that follows under operation ``name``, run on ``threads``
+        threads (the guest vCPUs that really do it, or the VMM's threads)."""
         if name == self.phase_name:
+            self._phase_threads[name] = max(1, int(threads))
             return
         now = self._snap()
         if self.phase_name is not None:
             d = now - self._phase_start
+            if self._phase_threads.get(self.phase_name, 1) > 1 and d[_DEMOTE]:
+                # a split with other vCPUs in the TD is refused once with TDX_OPERAND_BUSY
+                # and retried after kicking them out (docs/model.md §4.9)
+                self.count("tdx_busy_retries", int(d[_DEMOTE]))
+                now = self._snap()
+                d = now - self._phase_start
             acc = self._phase_counts.get(self.phase_name)
             self._phase_counts[self.phase_name] = d if acc is None else acc + d
         self._phase_start = now
         self.phase_name = name
+        self._phase_threads[name] = max(1, int(threads))
         if self.ops is not None:
             self.ops.add(T.PHASE, a=self.ops.name(name))
+
+    def _wall_so_far(self, now: np.ndarray) -> float:
+        """Estimated wall time of the work so far (docs/model.md §10), in ns."""
+        names = COUNTER_NAMES
+        phases = dict(self._phase_counts)
+        if self.phase_name is not None:
+            d = now - self._phase_start
+            phases[self.phase_name] = d if self.phase_name not in phases else phases[self.phase_name] + d
+        total = 0.0
+        for ph, vec in phases.items():
+            counts = {names[i]: int(vec[i]) for i in np.flatnonzero(vec)}
+            total += phase_time(self.cost, counts, self._phase_threads.get(ph, 1)).wall_ns
+        return total
 
     def progress(self, label: str, done: int, total: int) -> None:
         """Report ``done`` of ``total`` of the current part of the run (see :meth:`span`)."""
@@ -160,6 +206,7 @@ class Runner:
             "private_pages": self.private_pages(),
             "allocated_pages": g.allocated_pages(),
             "est_ns": float(snap @ self._ns),
+            "wall_ns": self._wall_so_far(snap),
             "wall_s": time.perf_counter() - self._t0,
         })
 
@@ -416,7 +463,7 @@ class Runner:
             if self.ops is not None:       # one record per call made, so a replay does the same
                 self.ops.add(T.ACCEPT, self.offset_of(gpa), n, c)
             try:
-                self.vm.guest_accept(gpa, n, chunk=c)
+                self.vm.guest_accept(gpa, n, chunk=c, mapping=self.mapping, prefault=self.prefault)
             except (GmemError, MemoryFaultExit, MmioExit) as exc:
                 self._fail(exc, "accept", self.offset_of(gpa), n, line)
             self.steps += n // c
@@ -444,19 +491,71 @@ class Runner:
         if fast:
             state = {"tdx": SEPT_MAPPED, "snp": RMP_VALIDATED}.get(self.platform, 0)
             acc, cp, npg = self.gmem.store.accept, chunk >> PAGE_SHIFT, size >> PAGE_SHIFT
+            mp, pf = self.mapping >> PAGE_SHIFT, self.prefault
             for i, p in enumerate((offs >> PAGE_SHIFT).tolist()):
-                acc(p, p + npg, cp, state)
+                acc(p, p + npg, cp, state, mp, pf)
                 if n > 5000 and i % every == 0 and label is not None:
                     self.progress(label, i, n)
         else:
             for i, off in enumerate(offs.tolist()):
                 try:
-                    self.vm.guest_accept(self.gpa(off), size, chunk=chunk)
+                    self.vm.guest_accept(self.gpa(off), size, chunk=chunk, mapping=self.mapping,
+                                         prefault=self.prefault)
                 except (GmemError, MemoryFaultExit, MmioExit) as exc:
                     self._fail(exc, "accept", off, size)
                 if n > 5000 and i % every == 0 and label is not None:
                     self.progress(label, i, n)
         self.steps += n * -(-size // chunk)       # each chunk accepted is one operation
+
+    def accept_units(self, off: int, size: int, chunk: int = TWO_MIB, *, slices: int = 1,
+                     label: str = "accepting", kernel: bool = True) -> tuple[int, int]:
+        """The guest accepts ``[off, off+size)`` as its kernel's accept_memory() does: in
+        units of :data:`ACCEPT_UNIT`, ``chunk`` at a time. Besides the accept itself it
+        counts, per unit with pages still to accept, one ``accept_memory_calls`` (not for
+        the firmware: ``kernel=False``); on SNP the page-state-change requests (an exit to
+        the VMM, which sets the range private); with ``prefault`` the VMM's
+        KVM_PRE_FAULT_MEMORY calls (docs/model.md §10.3). Returns (units, pages) newly
+        accepted."""
+        if size <= 0:
+            return 0, 0
+        calls, pages = self._take_units(off, size)
+        self.accept(off, size, chunk, slices=slices, label=label)
+        if calls and self.platform in ("snp", "tdx"):
+            if kernel:
+                self.count("accept_memory_calls", calls)
+            requests = calls
+            if self.platform == "snp":
+                # the guest asks for private first: entries of the chunk's size, at most
+                # 64 per request; KVM passes each to the VMM (KVM_HC_MAP_GPA_RANGE)
+                requests = calls * -(-_UNIT_PAGES // (_SNP_PSC_ENTRIES * (chunk >> PAGE_SHIFT)))
+                self.count("guest_exits", requests)
+                if self.in_place:
+                    self.count("convert_calls", requests)
+                    self.count("convert_noop", requests)
+                else:
+                    self.count("vm_attr_calls", requests)
+            if self.prefault:
+                self.count("prefault_calls", requests)
+        return calls, pages
+
+    def mark_accepted(self, off: int, size: int) -> None:
+        """Record ``[off, off+size)`` as accepted without accept_memory() (launch pages
+        are accepted from the start)."""
+        self._take_units(off, size)
+
+    def _take_units(self, off: int, size: int) -> tuple[int, int]:
+        """Book ``[off, off+size)`` as accepted: (units that had pages left, new pages)."""
+        p0, p1 = off >> PAGE_SHIFT, (off + size) >> PAGE_SHIFT
+        u0, u1 = p0 // _UNIT_PAGES, -(-p1 // _UNIT_PAGES)
+        first = np.arange(u0, u1, dtype=np.int64) * _UNIT_PAGES
+        full = np.minimum(first + _UNIT_PAGES, self.gmem.nr_pages) - first
+        take = np.minimum(first + _UNIT_PAGES, p1) - np.maximum(first, p0)
+        done = self._unit_pages[u0:u1]
+        after = np.minimum(done + take, full)
+        calls = int(np.count_nonzero(after > done))
+        pages = int((after - done).sum())
+        self._unit_pages[u0:u1] = after
+        return calls, pages
 
     # ------------------------------------------------------------ trace replay
     def apply(self, ops: T.TraceOps, *, label="replaying") -> None:
@@ -519,6 +618,9 @@ class Runner:
                 phases[ph] = counts
         totals = {names[i]: int(total[i]) for i in np.flatnonzero(total)}
         est = self.cost.estimate(totals, by_operation=phases) if phases else self.cost.estimate(totals)
+        threads = {ph: self._phase_threads.get(ph, 1) for ph in est.by_operation}
+        wall = wall_time(self.cost, {ph: e.counts for ph, e in est.by_operation.items()}
+                         if est.by_operation else {"(all)": est.counts}, threads)
         g = self.gmem
         dm = g.direct_map_entries()
         blocks = self.size >> (PAGE_SHIFT + self.order) if self.order else 0
@@ -542,12 +644,11 @@ class Runner:
             "errors_as_expected": dict(self.errors) == (self.expect or {}),
             "state_bytes": g.memory_footprint(),
         }
-        wall = time.perf_counter() - self._t0
         if self.ops is not None:
             self.ops.guest = guest_record(self.p)
             self.ops.expect = self.expect
         res = ScenarioResult(scn_name, description, dict(self.p), phases, totals, est,
-                             self.timeline, summary, self.extra, wall,
-                             self.ops.build() if self.ops is not None else None)
+                             self.timeline, summary, self.extra, time.perf_counter() - self._t0,
+                             self.ops.build() if self.ops is not None else None, wall=wall)
         res.marks = list(self.marks)
         return res

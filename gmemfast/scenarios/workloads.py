@@ -1,22 +1,75 @@
 """The building blocks scenarios are made of: launch, accept everything, SWIOTLB, random
-conversions in a window, balloon rounds."""
+conversions in a window, balloon rounds, and what a booting guest accepts eagerly or
+lazily (docs/model.md §10.3)."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from .. import trace as T
+from ..firmware import snp_launch_plan
 from ..launch import LaunchRun, Loader, launch_runs, load_image
 from ..uapi import (GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
                     KVM_SEV_SNP_PAGE_TYPE_NORMAL)
 from ..units import PAGE_SHIFT, PAGE_SIZE, format_size
 from .params import MAX_CONVERSIONS, ScenarioError
-from .runner import BATCH, ONE_GIB, PRIVATE, TWO_MIB, Runner
+from .runner import ACCEPT_UNIT, BATCH, ONE_GIB, PRIVATE, TWO_MIB, Runner
 
-__all__ = ["KERNEL_GPA", "TIMELINE_POINTS", "batches", "do_accept_all", "do_balloon", "do_launch",
-           "do_swiotlb", "do_window", "swiotlb_default", "swiotlb_region"]
+__all__ = ["FIRMWARE_ACCEPT", "KERNEL_GPA", "TIMELINE_POINTS", "batches", "boot_regions",
+           "do_accept_all", "do_accept_rest", "do_balloon", "do_boot_accept", "do_drain",
+           "do_launch", "do_swiotlb", "do_window", "free_reserve", "memmap_size", "subtract",
+           "swiotlb_default", "swiotlb_region"]
 
 TIMELINE_POINTS = 100           # about this many samples per long phase
 KERNEL_GPA = 16 << 20           # LOAD_PHYSICAL_ADDR of x86-64 kernels
+FIRMWARE_ACCEPT = 512 << 20     # what the firmware accepts before the kernel (docs/model.md §10.3)
+STRUCT_PAGE = 64                # bytes of memmap (struct page) per 4 KiB page
+
+
+def subtract(ranges, taken) -> list[tuple[int, int]]:
+    """``ranges`` (list of (start, end)) less every range of ``taken``, sorted, merged."""
+    out = []
+    for a, b in sorted(ranges):
+        pieces = [(a, b)]
+        for s_a, s_b in taken:
+            nxt = []
+            for x, y in pieces:
+                if s_b <= x or s_a >= y:
+                    nxt.append((x, y))
+                    continue
+                if x < s_a:
+                    nxt.append((x, s_a))
+                if s_b < y:
+                    nxt.append((s_b, y))
+            pieces = nxt
+        out.extend(p for p in pieces if p[1] > p[0])
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(out):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def memmap_size(size: int) -> int:
+    """The guest's memmap: one 64-byte struct page per 4 KiB page, allocated (and so
+    accepted) by memblock at boot, 2 MiB aligned."""
+    n = (size // PAGE_SIZE) * STRUCT_PAGE
+    return -(-n // TWO_MIB) * TWO_MIB
+
+
+def free_reserve(size: int) -> int:
+    """Free memory the page allocator keeps accepted: the zone's promo watermark, which
+    cond_accept_memory() accepts up to (mm/page_alloc.c; min_free_kbytes =
+    sqrt(16 x memory in KiB) clamped to [128 KiB, 256 MiB], watermark gap = the larger of
+    a quarter of it and 0.1% of memory, promo = min + 3 gaps), in accept units."""
+    kib = size // 1024
+    min_kib = min(max(math.isqrt(kib * 16), 128), 262144)
+    gap = max(min_kib // 4, kib * 10 // 10000)
+    n = (min_kib + 3 * gap) * 1024
+    return -(-n // ACCEPT_UNIT) * ACCEPT_UNIT
 
 
 def batches(n: int, batch: int):
@@ -78,9 +131,18 @@ class _RunnerLoader(Loader):
         super().populate(run, source)
 
 
-def do_launch(run: Runner, ovmf="synthetic", kernel: int = 16 << 20, vcpus: int = 1) -> None:
-    """Launch: the firmware image below 4 GiB and a kernel image at 16 MiB, loaded by the
-    run's flow and measured by the platform (SNP launch digest / TDX MRTD)."""
+def kernel_bytes(run: Runner, kernel: int) -> bytes:
+    """The synthetic kernel image of ``kernel`` bytes (random, from the run's seed)."""
+    return np.random.default_rng(run.p["seed"]).integers(0, 256, kernel, np.uint8).tobytes()
+
+
+def do_launch(run: Runner, ovmf="synthetic", kernel: int = 16 << 20, vcpus: int = 1, *,
+              kernel_load: str = "measured") -> None:
+    """Launch: the firmware image below 4 GiB and a kernel image at 16 MiB, measured by
+    the platform (SNP launch digest / TDX MRTD). ``kernel_load="measured"``: the kernel
+    is populated as measured launch pages (a VMM that pre-encrypts it); ``"hashes"``:
+    QEMU's way, the firmware loads it later and only its hash enters the launch, in the
+    SNP kernel-hashes page (TDX: TDVF measures it at run time), docs/model.md §10.3."""
     try:
         image = load_image(ovmf)
     except (OSError, ValueError) as exc:
@@ -99,11 +161,19 @@ def do_launch(run: Runner, ovmf="synthetic", kernel: int = 16 << 20, vcpus: int 
     vm.set_user_memory_region(2, image.gpa, image.size, fw)
     if not run.in_place:
         vm.set_memory_attributes(image.gpa, image.size, PRIVATE)
-    runs, vmsas = launch_runs(platform, image, vcpus)
-    if kernel:
-        data = np.random.default_rng(run.p["seed"]).integers(0, 256, kernel, np.uint8).tobytes()
-        runs.append(LaunchRun(KERNEL_GPA, kernel >> PAGE_SHIFT, data,
+    if kernel and kernel_load == "hashes" and platform == "snp":
+        try:
+            plan = snp_launch_plan(image, vcpus, kernel=kernel_bytes(run, kernel))
+        except ValueError as exc:
+            raise ScenarioError(f"kernel_load hashes: {exc} (use kernel_load measured)") from None
+        runs = [LaunchRun(r.gpa, r.nr_pages, r.contents, r.page_type) for r in plan.runs]
+        vmsas = plan.vmsas
+    else:
+        runs, vmsas = launch_runs(platform, image, vcpus)
+    if kernel and kernel_load == "measured":
+        runs.append(LaunchRun(KERNEL_GPA, kernel >> PAGE_SHIFT, kernel_bytes(run, kernel),
                               KVM_SEV_SNP_PAGE_TYPE_NORMAL if platform == "snp" else True))
+        run.mark_accepted(KERNEL_GPA, kernel)
     loader = _RunnerLoader(run)
     total = sum(r.nr_pages for r in runs)
     done = 0
@@ -122,6 +192,88 @@ def do_launch(run: Runner, ovmf="synthetic", kernel: int = 16 << 20, vcpus: int 
     run.extra["launch_pages"] = total
     run.extra["firmware_bytes"] = image.size
     run.extra["kernel_bytes"] = kernel
+    run.extra["kernel_load"] = kernel_load
+
+
+def boot_regions(run: Runner, swiotlb="auto") -> dict[str, tuple[int, int]]:
+    """What a booting guest accepts even when it accepts lazily, as file ranges (docs/model.md
+    §10.3): the firmware's first ``FIRMWARE_ACCEPT`` bytes (TDVF's lazy partial accept;
+    the kernel image is loaded there), the memmap and the free-memory reserve at the top
+    of memory (memblock allocates top down; the page allocator keeps its promo watermark
+    accepted), and the SWIOTLB pool (memblock, converted to shared later)."""
+    size = run.size
+    mm = min(memmap_size(size), size)
+    top = size - mm
+    reserve = min(free_reserve(size), top)
+    sw_off, sw_len = swiotlb_region(run, swiotlb)
+    return {
+        "firmware": (0, min(FIRMWARE_ACCEPT, run.low)),
+        "memmap": (top, size),
+        "reserve": (top - reserve, top),
+        "swiotlb": (sw_off, sw_off + sw_len),
+    }
+
+
+def do_boot_accept(run: Runner, chunk: int, *, kernel: int = 0, kernel_load: str = "measured",
+                   swiotlb="auto", taken=()) -> list[tuple[int, int]]:
+    """The acceptance every boot does on the boot CPU: the firmware's (phase ``firmware``,
+    with the kernel's load when it comes as hashes), then the kernel's early memory
+    (phase ``accept-boot``). Returns the ranges accepted, ``taken`` included."""
+    regions = boot_regions(run, swiotlb)
+    done = list(taken)
+    run.phase("firmware")
+    a, b = regions["firmware"]
+    for x, y in subtract([(a, b)], done):
+        run.accept_units(x, y - x, chunk, kernel=False)
+    done.append((a, b))
+    if kernel and kernel_load == "hashes":
+        # the firmware copies the kernel in from the VMM and checks its hash
+        run.count("guest_pages_touched", kernel >> PAGE_SHIFT)
+    run.sample()
+    run.phase("accept-boot")
+    for name in ("memmap", "reserve", "swiotlb"):
+        a, b = regions[name]
+        for x, y in subtract([(a, b)], done):
+            run.accept_units(x, y - x, chunk)
+        done.append((a, b))
+    run.sample()
+    accepted = subtract([(0, run.size)], subtract([(0, run.size)], done))
+    run.extra["accepted_at_boot"] = sum(b - a for a, b in accepted)
+    return accepted
+
+
+def do_accept_rest(run: Runner, chunk: int, taken, points: int = TIMELINE_POINTS) -> None:
+    """Eager acceptance: the rest of memory, as deferred memory init frees it (run the
+    phase on the vCPUs)."""
+    rest = subtract([(0, run.size)], taken)
+    total = sum(b - a for a, b in rest)
+    for a, b in rest:
+        slices = max(1, round(points * (b - a) / total)) if total else 1
+        step = -(-(b - a) // slices)
+        step = -(-step // ACCEPT_UNIT) * ACCEPT_UNIT
+        for x in range(a, b, step):
+            run.accept_units(x, min(step, b - x), chunk)
+            run.progress("accepting", x + step - a, b - a)
+            run.sample()
+
+
+def do_drain(run: Runner, chunk: int, taken, points: int = TIMELINE_POINTS) -> int:
+    """Lazy acceptance driven by a workload touching all memory: each unit is accepted
+    when the page allocator first hands it out, and every page of it is touched
+    (``guest_pages_touched``). Returns the bytes accepted."""
+    rest = subtract([(0, run.size)], taken)
+    total = sum(b - a for a, b in rest)
+    done = 0
+    step = max(ACCEPT_UNIT, -(-total // max(1, points)) // ACCEPT_UNIT * ACCEPT_UNIT)
+    for a, b in rest:
+        for x in range(a, b, step):
+            n = min(step, b - x)
+            _units, pages = run.accept_units(x, n, chunk, label="draining")
+            run.count("guest_pages_touched", pages)
+            done += n
+            run.progress("draining", done, total)
+            run.sample()
+    return done
 
 
 def do_accept_all(run: Runner, chunk: int, skip=(), points: int = 10) -> None:
