@@ -410,3 +410,12 @@ def test_builtin_balloon_too_many_blocks_is_refused_before_it_runs(capsys, tmp_p
     assert_refused(capsys, tmp_path, ["run", "balloon", "--size", "2T", "--granule", "4K"],
                    r"granule 4K: the guest holds 536,870,912 such blocks, at most 268,435,456")
     assert ran == []
+
+
+def test_a_profile_file_with_a_byte_order_mark(capsys, tmp_path):
+    from gmemfast.cost import CostModel
+    text = "[profile]\nname = 'mine'\n[counters.guest_exits]\nns = 1500.0\nsource = 'estimate: one exit'\n"
+    f = write(tmp_path, "mine.toml", text, bom=True)
+    assert CostModel.from_profile(f).ns_per_unit["guest_exits"] == 1500.0
+    code, out, err = cli_run(capsys, "counters", "--profile", f, "--json")
+    assert code == 0 and json.loads(out)["profile"] == "mine"
