@@ -429,7 +429,7 @@ class CostModel:
             path = Path(name_or_path)
             where = f"profile file {str(path)!r}"
             try:
-                text = path.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8-sig")   # a byte-order mark is fine
             except UnicodeDecodeError as err:
                 raise ValueError(f"{where} is not UTF-8 text: {err}") from None
             model = cls._from_toml(text, where, path.stem)

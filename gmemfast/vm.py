@@ -19,6 +19,7 @@ from .platforms.tdx import TdxPlatform
 from .populate import GmemRange, advance_source
 from .uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, VM_TYPES
 from .units import PAGE_SHIFT, PAGE_SIZE, as_int, check_accept_chunk, check_range
+from .units import check_count
 
 __all__ = ["VM", "Memslot", "RangeSet", "GmemRange", "advance_source"]
 
@@ -121,6 +122,7 @@ class VM:
         self.in_place = bool(in_place)
         self._gmem_policies = {k: policies.pop(k) for k in _GMEM_POLICIES if k in policies}
         self._platform_policies = {k: policies.pop(k) for k in _PLATFORM_POLICIES if k in policies}
+        check_count(self._platform_policies.get("pages_per_populate"), "pages_per_populate", optional=True)
         if policies:
             raise TypeError(f"unknown policies {sorted(policies)}")
         ppp = self._platform_policies.get("pages_per_populate")

@@ -524,9 +524,16 @@ def test_strict_stops_at_first_failure(tmp_path):
     f = write(tmp_path, "s.toml", "[guest]\nsize='1G'\n[[steps]]\nop='accept'\n[[steps]]\nop='convert'\n"
                                   "offset='1M'\nsize='4K'\nattrs='shared'\n[[steps]]\nop='pin'\noffset='1M'\n"
                                   "[[steps]]\nop='convert'\noffset='1M'\nsize='4K'\nattrs='private'\n")
-    assert S.run_scenario_file(f).summary["errors"] == {"EAGAIN": 1}
-    with pytest.raises(S.ScenarioError, match="EAGAIN"):
+    res = S.run_scenario_file(f)
+    assert res.summary["errors"] == {"EAGAIN": 1} and not res.errors_as_expected
+    assert res.summary["failures"][0]["where"].endswith("s.toml: step 4 (convert)")
+    with pytest.raises(S.OperationFailed, match=r"s.toml: step 4 \(convert\): convert \[0x100000, \+0x1000\) "
+                                                r"failed: EAGAIN"):
         S.run_scenario_file(f, strict=True)
+    # declared as expected: the run is as expected, and strict lets exactly that one pass
+    f.write_text(f.read_text() + "[expect]\nerrors = {EAGAIN = 1}\n")
+    res = S.run_scenario_file(f, strict=True)
+    assert res.summary["errors"] == {"EAGAIN": 1} and res.errors_as_expected
 
 
 def test_swiotlb_default_size():
