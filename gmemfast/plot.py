@@ -2,8 +2,10 @@
 
 :func:`plot_result` draws one run: the estimated wall time of each operation (elapsed,
 on the threads that run it), split in proportion to the CPU time of the counters that
-cost the most, and over the run (x: operations done) the huge pages left and the direct
-map's entries by size, with the run's stages marked. :func:`plot_compare` draws several
+cost the most, and over the run (x: operations done) the huge pages left, the direct
+map's entries by size and the host memory the guest holds (resident shared and private,
+the separate shared copies of legacy mode, pinned shared memory), with the run's stages
+marked. :func:`plot_compare` draws several
 runs side by side. A panel with nothing to show (huge pages on 4 KiB backing) is left
 out. :func:`plot_path` says which file a ``--plot`` argument names.
 matplotlib is imported only when a plot is drawn, with the non-interactive Agg backend.
@@ -186,18 +188,53 @@ def _dmap_panel(ax, series, marks):
     _mark_stages(ax, marks)
 
 
+_MEMORY_LINES = (("resident_private", "-", "resident private"), ("resident_shared", "-", "resident shared"),
+                 ("separate_shared", "--", "separate shared copies"), ("pinned_shared", ":", "pinned shared"))
+
+
+def _memory_panel(ax, series, marks):
+    """Host memory over the run (docs/model.md §13): one run, each figure; several, each
+    run's resident memory (shared + private)."""
+    top = max((s.get(k, 0) for _l, tl in series for s in tl for k, _st, _n in _MEMORY_LINES), default=0)
+    scale, unit = next(((1 << sh, u) for sh, u in ((40, "TiB"), (30, "GiB"), (20, "MiB"))
+                        if top >= 1 << sh), (1 << 10, "KiB"))
+    if len(series) == 1:
+        (_label, tl), = series
+        steps = [s["step"] for s in tl]
+        for key, style, name in _MEMORY_LINES:
+            ys = [s.get(key, 0) / scale for s in tl]
+            if any(ys) or key.startswith("resident"):
+                ax.plot(steps, ys, style, label=name, drawstyle="steps-post")
+        ax.set_title("host memory")
+    else:
+        for label, tl in series:
+            ax.plot([s["step"] for s in tl],
+                    [(s.get("resident_shared", 0) + s.get("resident_private", 0)) / scale for s in tl],
+                    label=label, drawstyle="steps-post")
+        ax.set_title("host memory (resident)")
+    ax.set_xlabel(_STEP_LABEL)
+    ax.set_ylabel(f"{unit}")
+    ax.set_ylim(bottom=0)
+    _count_axis(ax.xaxis)
+    ax.legend(fontsize="small")
+    _mark_stages(ax, marks)
+
+
 def _figure(results, series):
     """A figure with the cost panel and the timeline panels that have something to show."""
     plt = require_matplotlib()
     with_huge = any(r.summary.get("huge_pages_max") for r in results)
-    n = 3 if with_huge else 2
+    with_memory = any("resident_private" in s for _l, tl in series for s in tl)
+    n = 2 + with_huge + with_memory
     fig, axes = plt.subplots(1, n, figsize=(6 + 5.5 * (n - 1), 5.4),
                              gridspec_kw={"width_ratios": [1.5] + [1] * (n - 1)})
     marks = _shared_marks(results)
     if with_huge:
         _huge_panel(axes[1], [(lab, tl) for (lab, tl), r in zip(series, results)
                               if r.summary.get("huge_pages_max")], marks)
-    _dmap_panel(axes[-1], series, marks)
+    _dmap_panel(axes[1 + with_huge], series, marks)
+    if with_memory:
+        _memory_panel(axes[-1], series, marks)
     return plt, fig, axes
 
 
