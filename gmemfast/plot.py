@@ -276,28 +276,33 @@ def plot_compare(results, labels, path) -> None:
 
 def plot_sweep(rows, swept, path, *, title="gmemfast sweep") -> None:
     """Save a picture of a sweep's rows (dicts): for each swept parameter, estimated wall
-    time (CPU time when the rows have none) and huge pages left against its values, one
-    line per value of the next swept parameter, the median over the others."""
+    time (CPU time when the rows have none), huge pages left and host memory (when the
+    rows have it) against its values, one line per value of the next swept parameter,
+    the median over the others."""
     plt = require_matplotlib()
     from statistics import median
     ok = [r for r in rows if r.get("error") is None]
     key = "wall_ns" if any(r.get("wall_ns") is not None for r in ok) else "cpu_ns"
     swept = list(swept) or ["config"]
-    fig, axes = plt.subplots(2, len(swept), figsize=(5.5 * len(swept), 8), squeeze=False)
     scale, unit = _time_unit(max((r[key] for r in ok), default=0.0))
+    metrics = [(key, f"estimated {key[:-3]} time ({unit})"), ("huge_pages_left", "huge pages left")]
+    if any(r.get("mem_total") is not None for r in ok):
+        metrics.append(("mem_total", "host memory (GiB): resident + metadata"))
+    fig, axes = plt.subplots(len(metrics), len(swept), figsize=(5.5 * len(swept), 4 * len(metrics)),
+                             squeeze=False)
+    divisor = {key: scale, "mem_total": float(1 << 30)}
     for j, name in enumerate(swept):
         other = swept[(j + 1) % len(swept)] if len(swept) > 1 else None
         xs = list(dict.fromkeys(r[name] for r in rows))
         groups = list(dict.fromkeys(r[other] for r in rows)) if other else [None]
-        for row_i, (metric, label) in enumerate(((key, f"estimated {key[:-3]} time ({unit})"),
-                                                 ("huge_pages_left", "huge pages left"))):
+        for row_i, (metric, label) in enumerate(metrics):
             ax = axes[row_i][j]
             for g in groups:
                 ys = []
                 for x in xs:
                     vals = [r[metric] for r in ok if r[name] == x and (other is None or r[other] == g)
                             and r.get(metric) is not None]
-                    ys.append(median(vals) / (scale if metric == key else 1) if vals else float("nan"))
+                    ys.append(median(vals) / divisor.get(metric, 1) if vals else float("nan"))
                 ax.plot(range(len(xs)), ys, marker="o", label=f"{other}={g}" if other else None)
             ax.set_xticks(range(len(xs)), [str(x) for x in xs])
             ax.set_xlabel(name)
