@@ -27,8 +27,8 @@ from ._layout import ALLOC, HUGE, K_ALLOC, K_HUGE, K_PIN, K_PRIV, PRIV, TE_MASK
 from .units import PAGE_SHIFT, PAGE_SIZE
 from .vm import RangeSet
 
-__all__ = ["DMA_ENTRY_LIMIT", "Vfio", "host_memory", "timeline_figures", "xarray_nodes", "maple_nodes",
-           "blocks_touched"]
+__all__ = ["DMA_ENTRY_LIMIT", "Vfio", "allocated_private", "blocks_touched", "host_memory", "maple_nodes",
+           "range_blocks", "timeline_figures", "xarray_nodes"]
 
 # ---- per-byte figures (docs/model.md §13 gives each one's source) ----
 STRUCT_PAGE = 64                # bytes of struct page per 4 KiB page (vmemmap)
