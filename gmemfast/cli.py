@@ -451,6 +451,12 @@ COMMANDS: list[Command] = [
             "launch measurement (SNP launch digest or TDX MRTD) and its estimated cost."),
     Command("scenarios", "list the built-in scenarios and their parameters", _configure_scenarios,
             _cmd_scenarios),
+    Command("import", "read a recording of a real guest's conversions into a trace",
+            "gmemfast.importers:configure_cli", "gmemfast.importers:cli_run",
+            "Read trace-cmd report text of KVM's tracepoints, the output of "
+            "examples/gmemfast-conversions.bt, or QEMU's trace log of kvm_convert_memory, and "
+            "write the conversions as a trace that 'gmemfast run' replays under any policy "
+            "(examples/README.md has the recording commands)."),
     Command("bench", "the engine's speed and memory targets, against the baselines",
             "gmemfast.bench.cli:configure_cli", "gmemfast.bench.cli:cli_run",
             "Time the engine and its baselines (a pyroaring model, a dense numpy model) side by "
