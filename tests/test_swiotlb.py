@@ -302,3 +302,61 @@ def test_check_bounce_cost_against_cvm_eval():
     serial = 1 - t0 / (t0 + copies)
     assert bounced.counters["bytes_copied"] == 2 * bounced.extra["swiotlb"]["bytes_transferred"]
     assert 0 <= overlap <= measured <= serial <= 2 * measured, (overlap, measured, serial)
+
+
+# -- the command -----------------------------------------------------------------------------
+
+def cli_run(capsys, *argv):
+    from gmemfast import cli
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+SMALL = ["--size", "1G", "--vcpus", "2", "--io-size", "256K", "--queue-depth", "16", "--requests", "64",
+         "--bursts", "2", "--no-progress"]
+
+
+def test_run_table_and_json(capsys):
+    import json
+    code, out, err = cli_run(capsys, "run", "swiotlb-io", *SMALL, "--pool", "1M")
+    assert code == 0, err
+    for text in ("exhaustion events", "growth conversions", "bytes bounced", "io ", "limited by"):
+        assert text in out
+    code, out, err = cli_run(capsys, "run", "swiotlb-io", *SMALL, "--pool", "1M", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    s = d["extra"]["swiotlb"]
+    assert d["phases"]["io"]["limited_by"] == "io" and d["phases"]["io"]["wall_ns"] == s["io_ns"]
+    assert s["exhaustion_events"] > 0 and d["params"]["pool"] == 1 << 20
+    assert d["params"]["gap"] == 1_000_000 and d["params"]["release"] == "never"
+
+
+def test_compare_vary_pool_and_growth(capsys):
+    import json
+    code, out, err = cli_run(capsys, "compare", "swiotlb-io", *SMALL, "--vary", "pool=1M,auto",
+                             "--vary", "dynamic=false,true")
+    assert code == 0, err
+    assert "pool=1M dynamic=true" in out and "exhaustion events" in out and "growth conversions" in out
+    code, out, err = cli_run(capsys, "compare", "swiotlb-io", *SMALL, "--vary", "pool=1M,auto", "--json")
+    assert code == 0, err
+    conf = json.loads(out)["configurations"]
+    assert [c["label"] for c in conf] == ["pool=1M", "pool=auto"]
+    assert conf[0]["extra"]["swiotlb"]["exhaustion_events"] > 0 == conf[1]["extra"]["swiotlb"]["exhaustion_events"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["-p", "pool=100K"], "parameter pool: pool '100K': at least 1M"),
+    (["-p", "gap=soon"], "parameter gap: expected a duration"),
+    (["-p", "device_rate=fast"], "parameter device_rate: expected a rate"),
+    (["-p", "queue_depth=0"], "queue_depth must be at least 1"),
+])
+def test_bad_parameters_exit_2_with_one_line(capsys, argv, match):
+    code, out, err = cli_run(capsys, "run", "swiotlb-io", "--size", "1G", *argv)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [err.strip()] and match in err and err.startswith("gmemfast: error:")
+
+
+def test_bad_option_value_exits_2(capsys):
+    code, _out, err = cli_run(capsys, "run", "swiotlb-io", "--pool", "100K")
+    assert code == 2 and "--pool" in err and "at least 1M" in err
