@@ -333,10 +333,14 @@ def parse_text(fmt: str, text: str, *, source: str = "<text>", size=None, platfo
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"size {format_size(size)} must be a positive multiple of 4K")
     skipped: Counter = Counter()
-    ops = OpList(source)
+    cols: tuple[list, list, list, list] = ([], [], [], [])
     for no, (gpa, n, private) in records:
         for off, nbytes in _pieces(gpa, n, size, skipped):
-            ops.add(CONVERT, off, nbytes, KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0, 0, no)
+            for col, v in zip(cols, (off, nbytes, KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0, no)):
+                col.append(v)
+    ops = OpList(source)
+    if cols[0]:
+        ops.add_many(CONVERT, cols[0], cols[1], cols[2], 0, cols[3])
     guest = {"size": format_size(size)}
     if platform:
         guest["platform"] = platform
