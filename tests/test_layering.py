@@ -48,6 +48,7 @@ LAYERS = [
     "scenarios.runner",
     "scenarios.workloads",
     "scenarios.swiotlb",
+    "scenarios.swiotlb_io",
     "scenarios.builtin",
     "scenarios.files",
     "scenarios.running",
