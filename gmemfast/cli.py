@@ -647,6 +647,12 @@ COMMANDS: list[Command] = [
             _configure_counters, _cmd_counters,
             "List every counter the model keeps and what one count of it is; with --profile, "
             "each one's figure in ns per unit and the source of that figure."),
+    Command("import", "read a recording of a real guest's conversions into a trace",
+            "gmemfast.importers:configure_cli", "gmemfast.importers:cli_run",
+            "Read trace-cmd report text of KVM's tracepoints, the output of "
+            "examples/gmemfast-conversions.bt, or QEMU's trace log of kvm_convert_memory, and "
+            "write the conversions as a trace that 'gmemfast run' replays under any policy "
+            "(examples/README.md has the recording commands)."),
     Command("bench", "the engine's speed and memory targets, against the baselines",
             "gmemfast.bench.cli:configure_cli", "gmemfast.bench.cli:cli_run",
             "Time the engine and its baselines (a pyroaring model, a dense numpy model) side by "

@@ -307,6 +307,11 @@ def format_result(res, *, top: int = 15) -> str:
         out.append("")
         out.append(f"{res.extra['measurement_kind']}: {res.extra['measurement']}"
                    + (f"  ({res.extra['measured_with']})" if res.extra.get("measured_with") else ""))
+    figures = res.extra.get("figures")
+    if figures:
+        out.append("")
+        out.append(f"{res.name}")
+        out.append(table([[k, str(v)] for k, v in figures.items()], align="ll"))
     return "\n".join(out)
 
 
@@ -350,6 +355,11 @@ def format_compare(results, labels, *, top: int = 12) -> str:
     rows.append(["direct map 1G/2M/4K", *["/".join(f"{r.summary['direct_map'][k]:,}" for k in ("1G", "2M", "4K"))
                                           for r in results]])
     rows.append(["errors", *[errors_text(r.summary) for r in results]])
+    figures: list[str] = []            # what the scenario reports of itself, in its order
+    for r in results:
+        figures += [k for k in r.extra.get("figures", {}) if k not in figures]
+    for key in figures:
+        rows.append([key, *[str(r.extra.get("figures", {}).get(key, "-")) for r in results]])
     rows += memory_compare_rows(results)
     rows.append(["model run time", *[f"{r.wall_seconds:.2f} s" for r in results]])
     out = [f"scenario {results[0].name}: {results[0].description}",

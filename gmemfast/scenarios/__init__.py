@@ -21,6 +21,9 @@ Built-in scenarios (``SCENARIOS``; ``gmemfast scenarios`` lists them):
 ``balloon``
     A balloon inflates (punches holes in guest memory) and deflates (the guest accepts
     the pages again), round after round.
+``swiotlb-io``
+    I/O through the guest's SWIOTLB pool as Linux runs it: bounce copies, slot
+    exhaustion, dynamic growth converting memory to shared (docs/model.md §11).
 
 Every scenario takes the common parameters (:data:`COMMON_PARAMS`: size, platform,
 page_order, direct_map, tracking, flow, merge, seed) plus its own. ``tracking`` is the

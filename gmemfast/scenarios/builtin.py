@@ -8,6 +8,8 @@ from .runner import TWO_MIB, Runner
 from .workloads import (do_accept_all, do_accept_rest, do_balloon, do_boot_accept,
                         do_drain, do_launch, do_swiotlb, do_window, swiotlb_region)
 from ..units import PAGE_SIZE, format_size
+from .swiotlb import Duration, Rate, parse_duration, parse_io_size, parse_pool, parse_rate, parse_release
+from .swiotlb_io import swiotlb_io
 
 __all__ = ["OVMF_PARAM", "KERNEL_PARAM", "VCPUS_PARAM", "parse_vcpus"]
 
@@ -194,3 +196,28 @@ def _balloon(run: Runner, p: dict) -> None:
     with run.span(0.1, 1.0):
         do_balloon(run, nbytes, p["granule"], p["rounds"], chunk=p["accept_chunk"])
     run.extra["balloon_bytes"] = nbytes
+
+
+scenario("swiotlb-io", "I/O through the guest's SWIOTLB bounce-buffer pool: bounce copies, slot "
+                       "exhaustion, dynamic growth",
+         params=(
+             Param("vcpus", parse_vcpus, 8, "guest vCPUs doing I/O (and the pool's areas: one per "
+                                            "possible CPU, rounded up to a power of two)"),
+             Param("io_size", parse_io_size, 128 << 10,
+                   "bytes per request (mapped in pieces of at most 256K)", True),
+             Param("queue_depth", parse_count, 32, "requests in flight per vCPU"),
+             Param("bursts", parse_count, 4, "bursts of requests"),
+             Param("requests", parse_count, 256, "requests per vCPU in each burst"),
+             Param("gap", parse_duration, Duration(1_000_000), "idle time between bursts (20us, 1ms, 2s)"),
+             Param("direction", choice("read", "write"), "read",
+                   "read: DMA from the device (bounced at map and at unmap); write: to it (at map)"),
+             Param("pool", parse_pool, "auto", "SWIOTLB pool: auto (6% of memory in [64M, 1G], "
+                                               "rounded up to a power of two), a size, or off", True),
+             Param("dynamic", parse_bool, False, "CONFIG_SWIOTLB_DYNAMIC: grow the pool on demand"),
+             Param("release", parse_release, "never", "release a dynamic pool unused this long (never: "
+                                                   "the kernel keeps it)"),
+             Param("on_full", choice("wait", "fail"), "wait", "a map that finds no slots: wait for "
+                                                               "an unmap, or fail the request"),
+             Param("latency", parse_duration, Duration(20_000), "the device's time per request, at least"),
+             Param("device_rate", parse_rate, Rate(2_200_000_000), "the device's rate (2.2GB/s, 17.6Gbit/s)"),
+         ))(swiotlb_io)

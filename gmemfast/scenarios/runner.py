@@ -122,6 +122,7 @@ class Runner:
         self.phase_name: str | None = None
         self._phase_counts: dict[str, np.ndarray] = {}
         self._phase_threads: dict[str, int] = {}
+        self._bounds: dict[str, dict[str, float]] = {}
         self._extra_counts = np.zeros(len(COUNTER_NAMES), np.int64)
         self._ns = np.array([cost_model.ns_per_unit.get(n, 0.0) for n in COUNTER_NAMES])
         self._phase_start = self._snap()
@@ -138,6 +139,10 @@ class Runner:
     def mark(self, label: str) -> None:
         """Mark the start of a stage of the run (plots draw it at the current step)."""
         self.marks.append({"step": self.steps, "label": label})
+
+    def counts_now(self) -> dict[str, int]:
+        """Every counter's total so far, the scenario's own (:meth:`count`) included."""
+        return dict(zip(COUNTER_NAMES, self._snap().tolist()))
 
     def count(self, counter: str, n: int = 1) -> None:
         """Add work the scenario does outside the model's API (a guest exit, say)."""
@@ -166,6 +171,12 @@ class Runner:
         if self.ops is not None:
             self.ops.add(T.PHASE, a=self.ops.name(name))
 
+    def bound(self, name: str, ns: float) -> None:
+        """The current phase lasts at least ``ns``, for a reason that is not work: its I/O
+        on the device, say (``name`` is what the result says limits it; docs/model.md
+        §10.1). A later call for the same name replaces it."""
+        self._bounds.setdefault(self.phase_name, {})[name] = float(ns)
+
     def _wall_so_far(self, now: np.ndarray) -> float:
         """Estimated wall time of the work so far (docs/model.md §10), in ns."""
         names = COUNTER_NAMES
@@ -176,7 +187,8 @@ class Runner:
         total = 0.0
         for ph, vec in phases.items():
             counts = {names[i]: int(vec[i]) for i in np.flatnonzero(vec)}
-            total += phase_time(self.cost, counts, self._phase_threads.get(ph, 1)).wall_ns
+            total += phase_time(self.cost, counts, self._phase_threads.get(ph, 1),
+                                external=self._bounds.get(ph)).wall_ns
         return total
 
     def progress(self, label: str, done: int, total: int) -> None:
@@ -696,13 +708,13 @@ class Runner:
         phases = {}
         for ph, d in self._phase_counts.items():
             counts = {names[i]: int(d[i]) for i in np.flatnonzero(d)}
-            if counts:
+            if counts or self._bounds.get(ph):
                 phases[ph] = counts
         totals = {names[i]: int(total[i]) for i in np.flatnonzero(total)}
         est = self.cost.estimate(totals, by_operation=phases) if phases else self.cost.estimate(totals)
         threads = {ph: self._phase_threads.get(ph, 1) for ph in est.by_operation}
         wall = wall_time(self.cost, {ph: e.counts for ph, e in est.by_operation.items()}
-                         if est.by_operation else {"(all)": est.counts}, threads)
+                         if est.by_operation else {"(all)": est.counts}, threads, external=self._bounds)
         g = self.gmem
         dm = g.direct_map_entries()
         blocks = self.size >> (PAGE_SHIFT + self.order) if self.order else 0
