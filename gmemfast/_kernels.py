@@ -67,29 +67,31 @@ NF = 16
 XQ_MASK = 0xFFFF    # an exception packs page index (low 16 bits) | word << 16
 XW_SHIFT = 16
 
-# ---- meta array: counters first, then bookkeeping ----
-M_FREE1 = 64
-M_USED1 = 65
-M_CAP1 = 66
-M_NFREE1 = 67
-M_FREE0 = 68
-M_USED0 = 69
-M_CAP0 = 70
-M_NFREE0 = 71
-M_ENOMEM = 72       # injected metadata-allocation failures still to deliver
-M_LIMIT = 73        # maximum number of shareability ranges, -1 = unlimited
-M_NPAGES = 74
-M_ORDER = 75        # backing page order: 0, 9 or 18
-M_DMAP = 76         # 0 keep, 1 no-direct-map, 2 on-conversion
-M_MERGE = 77        # 1 eager re-merge on conversion to private, 0 never
-M_VMTYPE = 78       # 0 sw-protected, 1 snp, 2 tdx
-M_HUGETLB = 79
-M_FINALIZED = 80
-M_CONTENT_MODES = 81
-M_TAIL = 82         # pages of the last 1 GiB block beyond the end of the file
-M_INITW = 83        # their (never changing) state word
-M_GCNT = 88         # 8 slots: per counted bit, pages of the whole tree with it set
+# ---- meta array: counters first (up to 80 of them), then bookkeeping ----
+# Saved states of format 1 kept the bookkeeping 16 slots lower (from 64): see META_V1_SHIFT.
+M_FREE1 = 80
+M_USED1 = 81
+M_CAP1 = 82
+M_NFREE1 = 83
+M_FREE0 = 84
+M_USED0 = 85
+M_CAP0 = 86
+M_NFREE0 = 87
+M_ENOMEM = 88       # injected metadata-allocation failures still to deliver
+M_LIMIT = 89        # maximum number of shareability ranges, -1 = unlimited
+M_NPAGES = 90
+M_ORDER = 91        # backing page order: 0, 9 or 18
+M_DMAP = 92         # 0 keep, 1 no-direct-map, 2 on-conversion
+M_MERGE = 93        # 1 eager re-merge on conversion to private, 0 never
+M_VMTYPE = 94       # 0 sw-protected, 1 snp, 2 tdx
+M_HUGETLB = 95
+M_FINALIZED = 96
+M_CONTENT_MODES = 97
+M_TAIL = 98         # pages of the last 1 GiB block beyond the end of the file
+M_INITW = 99        # their (never changing) state word
+M_GCNT = 104        # 8 slots: per counted bit, pages of the whole tree with it set
 META_SIZE = 128
+META_V1_SHIFT = 16  # bookkeeping of state format 1 started at M_FREE1 - 16
 RESERVE = 64        # free tables of each level guaranteed before a mutating kernel
 
 DMAP_KEEP = 0
@@ -191,6 +193,9 @@ C_PREFAULT_CALLS = 60
 C_TDX_BUSY_RETRIES = 61
 C_ACCEPT_MEMORY_CALLS = 62
 C_GUEST_PAGES_TOUCHED = 63
+C_IOMMU_MAPS = 64
+C_IOMMU_UNMAPS = 65
+C_SHARED_DISCARDS = 66
 
 
 # ======================================================================================

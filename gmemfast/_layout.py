@@ -125,6 +125,10 @@ COUNTER_NAMES = (
     "tdx_busy_retries",
     "accept_memory_calls",
     "guest_pages_touched",
+    # the VMM's side: device assignment and separate shared memory (docs/model.md §13)
+    "iommu_maps",
+    "iommu_unmaps",
+    "shared_discards",
 )
 COUNTER_INDEX = {name: i for i, name in enumerate(COUNTER_NAMES)}
 NCOUNTERS = len(COUNTER_NAMES)

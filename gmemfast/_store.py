@@ -60,6 +60,23 @@ _HOT = _HotKernels()
 ARRAY_NAMES = ("n2", "n1", "w0", "meta", "data_pages", "data_blob")
 
 
+def upgrade_meta(meta: np.ndarray, version: int) -> np.ndarray:
+    """A saved ``meta`` array of state format ``version`` in the current layout: format 1
+    kept 64 counters and the bookkeeping from index 64; format 2 keeps room for 80
+    counters (the new ones start at zero in an old file)."""
+    if version >= 2:
+        return meta
+    meta = np.asarray(meta)
+    if meta.shape != (K.META_SIZE,):
+        return meta                    # load_arrays refuses the wrong shape with its message
+    out = np.zeros_like(meta)
+    first = K.M_FREE1 - K.META_V1_SHIFT
+    out[:first] = meta[:first]
+    width = K.META_SIZE - K.M_FREE1
+    out[K.M_FREE1:] = meta[first:first + width]
+    return out
+
+
 def word_order(w: int) -> int:
     """Folio order of a page word: 0, 9 or 18, or -1 for a hole."""
     if not w & ALLOC:

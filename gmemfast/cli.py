@@ -153,6 +153,11 @@ def _add_guest_options(p: argparse.ArgumentParser, *, with_scenario_params=True)
                    metavar="{auto,4K,2M,1G}", help=c["private_mapping"].help)
     g.add_argument("--prefault", dest="prefault", action="store_const", const="true",
                    help=c["prefault"].help)
+    g.add_argument("--vfio", dest="vfio", action="store_const", const="true",
+                   help=c["vfio"].help.replace("%", "%%"))
+    for name in ("discard_on_share", "discard_on_private"):
+        g.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction,
+                       default=None, help=c[name].help.replace("%", "%%"))
     g.add_argument("--seed", type=_param_type(c["seed"]), metavar="N", help=c["seed"].help)
     if with_scenario_params:
         s = p.add_argument_group("scenario parameters (each applies to the scenarios named)")

@@ -156,6 +156,9 @@ COUNTER_UNITS: Mapping[str, str] = MappingProxyType({
     "accept_memory_calls": "guest accept_memory() call for one unit of the unaccepted-memory bitmap",
     "guest_pages_touched": "4 KiB page the guest's workload touches for the first time (fault, "
                            "allocation, zeroing, filling)",
+    "iommu_maps": "4 KiB IOMMU mapping made for an assigned device (a VFIO DMA map, the page pinned)",
+    "iommu_unmaps": "4 KiB IOMMU mapping removed (a VFIO DMA unmap, IOTLB invalidation, unpin)",
+    "shared_discards": "discard call on the VMM's separate shared memory (madvise or punch hole)",
 })
 
 #: Counters whose unit is a byte: their figures may be given as a bandwidth.

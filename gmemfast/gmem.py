@@ -16,7 +16,7 @@ import numpy as np
 from . import persist
 from ._layout import (ALLOC, DATA, DMAP_OFF, GIG, GMAP, HMAP, HUGE, INVARIANTS, K_PIN, PIN,
                       PRIV, TE_MASK, TE_SHIFT)
-from ._store import ARRAY_NAMES, PageStore, word_order
+from ._store import ARRAY_NAMES, PageStore, upgrade_meta, word_order
 from .errors import GmemError, SigBusError
 from .uapi import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_KNOWN_MODES,
                    GUEST_MEMFD_FLAG_HUGETLB, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
@@ -648,6 +648,9 @@ class GuestMemfd:
         else:
             self._binding.in_place = bool(header.get("in_place", True))
             self._binding.gmems[:] = [self]
+        version = header.get("version", persist.STATE_VERSION)
+        if version != persist.STATE_VERSION:
+            arrays = dict(arrays, meta=upgrade_meta(arrays["meta"], version))
         self._store.load_arrays(arrays)
         self._pins = {}
         self._pin_handles = {}

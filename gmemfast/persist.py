@@ -17,7 +17,10 @@ import os
 import numpy as np
 
 STATE_MAGIC = "gmemfast-guest-memfd-state"
-STATE_VERSION = 1
+STATE_VERSION = 2
+#: Versions this gmemfast reads: 1 kept the store's bookkeeping at other places of its
+#: ``meta`` array (``_store.upgrade_meta`` moves it), 2 is the current one.
+READABLE_VERSIONS = (1, 2)
 _CHECKSUM_KEYS = ("digest", "array_digests", "header_digest")
 
 
@@ -87,9 +90,9 @@ def load(path, names) -> tuple[dict, dict]:
         raise StateFileError(f"{path}: not a gmemfast guest_memfd state file ({exc})") from None
     if not isinstance(header, dict) or header.get("magic") != STATE_MAGIC:
         raise StateFileError(f"{path}: not a gmemfast guest_memfd state file (wrong magic)")
-    if header.get("version") != STATE_VERSION:
+    if header.get("version") not in READABLE_VERSIONS:
         raise StateFileError(f"{path}: state version {header.get('version')!r} is not supported "
-                             f"(this gmemfast reads version {STATE_VERSION})")
+                             f"(this gmemfast reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     if "header_digest" in header and header["header_digest"] != _header_digest(header):
         raise StateFileError(f"{path}: the header does not match its checksum (damaged file)")
     per_array = header.get("array_digests")

@@ -2,8 +2,10 @@
 
 :func:`plot_result` draws one run: the estimated wall time of each operation (elapsed,
 on the threads that run it), split in proportion to the CPU time of the counters that
-cost the most, and over the run (x: operations done) the huge pages left and the direct
-map's entries by size, with the run's stages marked. :func:`plot_compare` draws several
+cost the most, and over the run (x: operations done) the huge pages left, the direct
+map's entries by size and the host memory the guest holds (resident shared and private,
+the separate shared copies of legacy mode, pinned shared memory), with the run's stages
+marked. :func:`plot_compare` draws several
 runs side by side. A panel with nothing to show (huge pages on 4 KiB backing) is left
 out. :func:`plot_path` says which file a ``--plot`` argument names.
 matplotlib is imported only when a plot is drawn, with the non-interactive Agg backend.
@@ -186,18 +188,53 @@ def _dmap_panel(ax, series, marks):
     _mark_stages(ax, marks)
 
 
+_MEMORY_LINES = (("resident_private", "-", "resident private"), ("resident_shared", "-", "resident shared"),
+                 ("separate_shared", "--", "separate shared copies"), ("pinned_shared", ":", "pinned shared"))
+
+
+def _memory_panel(ax, series, marks):
+    """Host memory over the run (docs/model.md §13): one run, each figure; several, each
+    run's resident memory (shared + private)."""
+    top = max((s.get(k, 0) for _l, tl in series for s in tl for k, _st, _n in _MEMORY_LINES), default=0)
+    scale, unit = next(((1 << sh, u) for sh, u in ((40, "TiB"), (30, "GiB"), (20, "MiB"))
+                        if top >= 1 << sh), (1 << 10, "KiB"))
+    if len(series) == 1:
+        (_label, tl), = series
+        steps = [s["step"] for s in tl]
+        for key, style, name in _MEMORY_LINES:
+            ys = [s.get(key, 0) / scale for s in tl]
+            if any(ys) or key.startswith("resident"):
+                ax.plot(steps, ys, style, label=name, drawstyle="steps-post")
+        ax.set_title("host memory")
+    else:
+        for label, tl in series:
+            ax.plot([s["step"] for s in tl],
+                    [(s.get("resident_shared", 0) + s.get("resident_private", 0)) / scale for s in tl],
+                    label=label, drawstyle="steps-post")
+        ax.set_title("host memory (resident)")
+    ax.set_xlabel(_STEP_LABEL)
+    ax.set_ylabel(f"{unit}")
+    ax.set_ylim(bottom=0)
+    _count_axis(ax.xaxis)
+    ax.legend(fontsize="small")
+    _mark_stages(ax, marks)
+
+
 def _figure(results, series):
     """A figure with the cost panel and the timeline panels that have something to show."""
     plt = require_matplotlib()
     with_huge = any(r.summary.get("huge_pages_max") for r in results)
-    n = 3 if with_huge else 2
+    with_memory = any("resident_private" in s for _l, tl in series for s in tl)
+    n = 2 + with_huge + with_memory
     fig, axes = plt.subplots(1, n, figsize=(6 + 5.5 * (n - 1), 5.4),
                              gridspec_kw={"width_ratios": [1.5] + [1] * (n - 1)})
     marks = _shared_marks(results)
     if with_huge:
         _huge_panel(axes[1], [(lab, tl) for (lab, tl), r in zip(series, results)
                               if r.summary.get("huge_pages_max")], marks)
-    _dmap_panel(axes[-1], series, marks)
+    _dmap_panel(axes[1 + with_huge], series, marks)
+    if with_memory:
+        _memory_panel(axes[-1], series, marks)
     return plt, fig, axes
 
 
@@ -239,28 +276,33 @@ def plot_compare(results, labels, path) -> None:
 
 def plot_sweep(rows, swept, path, *, title="gmemfast sweep") -> None:
     """Save a picture of a sweep's rows (dicts): for each swept parameter, estimated wall
-    time (CPU time when the rows have none) and huge pages left against its values, one
-    line per value of the next swept parameter, the median over the others."""
+    time (CPU time when the rows have none), huge pages left and host memory (when the
+    rows have it) against its values, one line per value of the next swept parameter,
+    the median over the others."""
     plt = require_matplotlib()
     from statistics import median
     ok = [r for r in rows if r.get("error") is None]
     key = "wall_ns" if any(r.get("wall_ns") is not None for r in ok) else "cpu_ns"
     swept = list(swept) or ["config"]
-    fig, axes = plt.subplots(2, len(swept), figsize=(5.5 * len(swept), 8), squeeze=False)
     scale, unit = _time_unit(max((r[key] for r in ok), default=0.0))
+    metrics = [(key, f"estimated {key[:-3]} time ({unit})"), ("huge_pages_left", "huge pages left")]
+    if any(r.get("mem_total") is not None for r in ok):
+        metrics.append(("mem_total", "host memory (GiB): resident + metadata"))
+    fig, axes = plt.subplots(len(metrics), len(swept), figsize=(5.5 * len(swept), 4 * len(metrics)),
+                             squeeze=False)
+    divisor = {key: scale, "mem_total": float(1 << 30)}
     for j, name in enumerate(swept):
         other = swept[(j + 1) % len(swept)] if len(swept) > 1 else None
         xs = list(dict.fromkeys(r[name] for r in rows))
         groups = list(dict.fromkeys(r[other] for r in rows)) if other else [None]
-        for row_i, (metric, label) in enumerate(((key, f"estimated {key[:-3]} time ({unit})"),
-                                                 ("huge_pages_left", "huge pages left"))):
+        for row_i, (metric, label) in enumerate(metrics):
             ax = axes[row_i][j]
             for g in groups:
                 ys = []
                 for x in xs:
                     vals = [r[metric] for r in ok if r[name] == x and (other is None or r[other] == g)
                             and r.get(metric) is not None]
-                    ys.append(median(vals) / (scale if metric == key else 1) if vals else float("nan"))
+                    ys.append(median(vals) / divisor.get(metric, 1) if vals else float("nan"))
                 ax.plot(range(len(xs)), ys, marker="o", label=f"{other}={g}" if other else None)
             ax.set_xticks(range(len(xs)), [str(x) for x in xs])
             ax.set_xlabel(name)

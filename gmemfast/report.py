@@ -10,7 +10,7 @@ import textwrap
 from .units import format_size
 
 __all__ = ["format_ns", "format_size_short", "table", "estimate_table", "describe_guest",
-           "format_result", "format_compare", "format_scenarios", "format_counters", "format_sweep", "failures_text",
+           "format_memory", "memory_compare_rows", "format_result", "format_compare", "format_scenarios", "format_counters", "format_sweep", "failures_text",
            "TERMS"]
 
 #: What the words of a run's report mean.
@@ -146,6 +146,77 @@ def failures_text(summary: dict) -> list[str]:
     return out
 
 
+def _yes_no(v) -> str:
+    return "-" if v is None else ("yes" if v else "no")
+
+
+def format_memory(mem: dict) -> str:
+    """The host-memory table of a run (``ScenarioResult.memory``, docs/model.md §13)."""
+    r, p, v, m = mem["resident"], mem["pinned"], mem["vfio"], mem["metadata"]
+    sz = format_size_short
+    rows = [
+        ["resident shared", sz(r["shared"]),
+         f"separate copies {sz(r['separate_shared'])}, allocated twice {sz(r['doubly_allocated'])}"],
+        ["resident private", sz(r["private"]),
+         f"of GFNs now shared {sz(r['unused_private'])}" if r["unused_private"] else ""],
+        ["pinned shared", sz(p["shared"]), "long-term pins (the VMM's, VFIO's)"],
+        ["pinned private", sz(p["private"]), "held by the trusted entity"],
+    ]
+    if v["enabled"]:
+        warn = "over" if v["iommu_mappings_peak"] > v["dma_entry_limit"] else "within"
+        rows.append(["IOMMU mappings", f"{v['iommu_mappings']:,}",
+                     f"peak {v['iommu_mappings_peak']:,}, {warn} VFIO's {v['dma_entry_limit']:,}; QEMU "
+                     f"checks {v['iommu_mappings_possible']:,} possible"])
+    rows += [
+        ["attribute store", sz(m["attributes"]), ""],
+        ["vmemmap", sz(m["vmemmap"]), f"{sz(m['vmemmap_without_hvo'])} without HVO"],
+        ["direct-map page tables", sz(m["direct_map_tables"]),
+         "with the splits 4K RMP entries make (estimate)" if mem.get("vm_type") == "snp" else ""],
+    ]
+    if v["enabled"]:
+        rows.append(["IOMMU page tables", sz(m["iommu_tables"]), ""])
+    if m.get("dynamic_pamt"):
+        rows.append(["TDX dynamic PAMT", sz(m["dynamic_pamt"]), "with Dynamic PAMT"])
+    rows.append(["metadata", sz(m["total"]), ""])
+    rows.append(["total (resident + metadata)", sz(mem["total"]), ""])
+    names = {"snp_rmp": "SNP RMP", "tdx_pamt": "TDX PAMT", "tdx_pamt_with_dynamic": "TDX PAMT with Dynamic PAMT"}
+    hw = ", ".join(f"{names.get(k, k)} {sz(b)}" for k, b in mem.get("host_wide", {}).items())
+    out = ["host memory", table(rows, align="lrl", rule_after=(len(rows) - 3,))]
+    if hw:
+        out.append(f"host-wide tables (for all host memory, not per VM; this guest's memory's share): {hw}")
+    d = mem.get("discard", {})
+    out.append(f"discard on share: {_yes_no(d.get('on_share'))}, on private: {_yes_no(d.get('on_private'))}"
+               f"; VFIO: {'yes' if v['enabled'] else 'no'}")
+    return "\n".join(out)
+
+
+def memory_compare_rows(results) -> list:
+    """Rows of ``format_compare`` for the runs' host memory (those that have it)."""
+    mems = [getattr(r, "memory", None) or {} for r in results]
+    if not any(mems):
+        return []
+    sz = format_size_short
+
+    def cell(mem, *keys):
+        for k in keys:
+            if not isinstance(mem, dict) or k not in mem:
+                return "-"
+            mem = mem[k]
+        return sz(mem)
+    rows = [["host memory (resident + metadata)", *[cell(m, "total") for m in mems]]]
+    for label, keys in (("  resident shared", ("resident", "shared")),
+                        ("    separate copies", ("resident", "separate_shared")),
+                        ("  resident private", ("resident", "private")),
+                        ("  metadata", ("metadata", "total")),
+                        ("pinned shared", ("pinned", "shared")),
+                        ("pinned private", ("pinned", "private"))):
+        rows.append([label, *[cell(m, *keys) for m in mems]])
+    if any(m.get("vfio", {}).get("enabled") for m in mems):
+        rows.append(["IOMMU mappings (peak)", *[f"{m['vfio']['iommu_mappings_peak']:,}" if m else "-"
+                                                for m in mems]])
+    return rows
+
+
 def _wall_of(res, op: str):
     """(wall ns, threads, limit) of one phase of a result, or the CPU time on one thread
     for a result without wall times."""
@@ -223,6 +294,9 @@ def format_result(res, *, top: int = 15) -> str:
     out.append("")
     out.append("final state")
     out.append(table(srows, align="lrl"))
+    if getattr(res, "memory", None):
+        out.append("")
+        out.append(format_memory(res.memory))
     failed = failures_text(s)
     if failed:
         out.append("failed operations (the first of each kind):")
@@ -286,6 +360,7 @@ def format_compare(results, labels, *, top: int = 12) -> str:
         figures += [k for k in r.extra.get("figures", {}) if k not in figures]
     for key in figures:
         rows.append([key, *[str(r.extra.get("figures", {}).get(key, "-")) for r in results]])
+    rows += memory_compare_rows(results)
     rows.append(["model run time", *[f"{r.wall_seconds:.2f} s" for r in results]])
     out = [f"scenario {results[0].name}: {results[0].description}",
            "wall: estimated elapsed time, each phase on the threads that run it (in brackets: the "
@@ -344,14 +419,17 @@ def format_sweep(rows, swept) -> str:
     key = "wall_ns" if timed else "cpu_ns"
     ok = sorted((r for r in rows if r.get("error") is None), key=lambda r: r[key])
     bad = [r for r in rows if r.get("error") is not None]
-    header = ["configuration", *(["wall time"] if timed else []), "CPU time", "huge pages left",
-              "direct map 1G/2M/4K", "mapped at 4K", "attr ranges", "errors", "model s"]
+    header = ["configuration", *(["wall time"] if timed else []), "CPU time", "host memory", "pinned",
+              "huge pages left", "direct map 1G/2M/4K", "mapped at 4K", "attr ranges", "errors", "model s"]
     out = []
     for r in ok:
         huge = f"{r.get('huge_pages_left', 0):,}/{r['huge_pages_max']:,}" if r.get("huge_pages_max") else "-"
         dmap = "/".join(f"{r.get('dmap_' + k) or 0:,}" for k in ("1g", "2m", "4k"))
+        mem = r.get("mem_total")
+        pinned = r.get("mem_pinned_total")
         out.append([r.get("config") or "(defaults)", *([format_ns(r["wall_ns"])] if timed else []),
-                    format_ns(r["cpu_ns"]), huge, dmap, format_size_short(r.get("direct_map_4k_bytes") or 0),
+                    format_ns(r["cpu_ns"]), format_size_short(mem) if mem is not None else "-",
+                    format_size_short(pinned) if pinned is not None else "-", huge, dmap, format_size_short(r.get("direct_map_4k_bytes") or 0),
                     f"{r.get('attribute_ranges', 0):,}", f"{r.get('errors', 0):,}",
                     f"{r['run_seconds']:.2f}" if r.get("run_seconds") is not None else "-"])
     text = [f"{len(rows)} configurations swept over {', '.join(swept) or 'nothing'}, "

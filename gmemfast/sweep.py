@@ -229,9 +229,21 @@ def _flatten(summary: dict, into: dict, taken) -> None:
             into[name] = v
 
 
+def _flatten_memory(mem, into: dict, prefix: str = "mem") -> None:
+    """The host-memory figures as columns: ``mem_total``, ``mem_resident_shared``,
+    ``mem_vfio_iommu_mappings_peak``, ... (docs/model.md §13)."""
+    for k, v in mem.items():
+        name = f"{prefix}_{k}"
+        if isinstance(v, dict):
+            _flatten_memory(v, into, name)
+        else:
+            into[name] = v
+
+
 def result_fields(d: dict, taken=()) -> dict:
     """A row's result columns from ``ScenarioResult.to_dict()``: times in total and per
-    phase, the summary, the scalar extras (the launch measurement among them)."""
+    phase, the summary, the host memory (``mem_*``), the scalar extras (the launch
+    measurement among them)."""
     out = {"profile": d.get("profile"),
            "cpu_ns": float(d.get("cpu_ns", d["total_ns"])),
            "wall_ns": float(d["wall_ns"]) if d.get("wall_ns") is not None else None}
@@ -240,6 +252,7 @@ def result_fields(d: dict, taken=()) -> dict:
         out[f"wall_ns:{ph}"] = float(v["wall_ns"]) if v.get("wall_ns") is not None else None
     taken = set(taken) | set(out)
     _flatten(d.get("summary", {}), out, taken)
+    _flatten_memory(d.get("memory", {}), out)
     for k, v in d.get("extra", {}).items():
         if isinstance(v, (bool, int, float, str)):
             out[k if k not in taken and k not in out else f"extra_{k}"] = v

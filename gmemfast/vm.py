@@ -27,6 +27,7 @@ _MAX_GPA = 1 << 52
 _MAX_SLOTS = 1 << 15
 _ACCEPTED_STATE = {"tdx": SEPT_MAPPED, "snp": RMP_VALIDATED}
 _MAPPING_LEVELS = (4096, 2 << 20, 1 << 30)    # a private mapping: 4 KiB, 2 MiB or 1 GiB
+_TLB_CEILING = 33       # tlb_single_page_flush_ceiling: above it, one full flush
 _GMEM_POLICIES = ("direct_map", "merge", "metadata_limit", "content_modes")
 _PLATFORM_POLICIES = ("populate_converts", "pages_per_populate")
 
@@ -35,13 +36,16 @@ _PLATFORM_POLICIES = ("populate_converts", "pages_per_populate")
 class Memslot:
     """One memslot: ``[gpa, gpa+size)`` backed by ``[gmem_offset, ...)`` of ``gmem`` for
     private memory, and by host memory (``host``: page within the slot -> bytes) for
-    shared memory where shared memory is separate (legacy mode, ordinary memslots)."""
+    shared memory where shared memory is separate (legacy mode, ordinary memslots).
+    ``resident`` holds the pages of that separate memory the host has allocated (those
+    with bytes and those only touched), as page ranges within the slot."""
     slot: int
     gpa: int
     size: int
     gmem: object
     gmem_offset: int
     host: dict = field(default_factory=dict, compare=False, repr=False)
+    resident: "RangeSet" = field(default_factory=lambda: RangeSet(), compare=False, repr=False)
 
     @property
     def end(self) -> int:
@@ -104,6 +108,14 @@ class RangeSet:
 
     def __len__(self):
         return len(self.starts)
+
+    def total(self) -> int:
+        """How many integers the set holds."""
+        return sum(self.ends) - sum(self.starts)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The ranges, in order, as ``(start, end)`` pairs."""
+        return list(zip(self.starts, self.ends))
 
 
 class VM:
@@ -197,12 +209,12 @@ class VM:
         self._check_overlap(slot, gpa, size)
         if gmem is not None:
             self._check_bind(what, gmem, gmem_offset, size)
-        host = {}
+        host, resident = {}, RangeSet()
         if old is not None:
             self._remove_slot(old)                       # an ordinary memslot moves, its memory too
-            host = old.host
+            host, resident = old.host, old.resident
         self.memslots[slot] = Memslot(slot, gpa, size, gmem, gmem_offset if gmem is not None else 0,
-                                      host)
+                                      host, resident)
         bisect.insort(self._slot_starts, (gpa, slot))
 
     def _remove_slot(self, ms: "Memslot") -> None:
@@ -286,6 +298,76 @@ class VM:
     def attribute_ranges(self) -> int:
         """Entries of the legacy per-GFN store, as maximal ranges of private GFNs."""
         return len(self._attrs)
+
+    def private_gfn_ranges(self) -> list[tuple[int, int]]:
+        """The legacy per-GFN store's private GFNs, as maximal ``(start, end)`` ranges."""
+        return self._attrs.ranges()
+
+    # ---------------------------------------------------------------- separate shared memory
+    def _separate(self, ms) -> bool:
+        """Shared accesses to this memslot go to its separate host memory."""
+        return ms is not None and (ms.gmem is None or not self.in_place)
+
+    def shared_memory_pages(self) -> int:
+        """Pages of separate shared memory the host holds (docs/model.md §13): ordinary
+        memslots' memory, and a legacy VM's shared copies of guest_memfd memory."""
+        return sum(ms.resident.total() for ms in self.memslots.values())
+
+    def _separate_pieces(self, gpa, size, what: str):
+        gpa, size = as_int(gpa, "gpa"), as_int(size, "size")
+        check_range(gpa, size, _MAX_GPA, what)
+        ms = self.memslot_for(gpa)
+        pieces = [(ms, gpa, size)] if ms is not None and gpa + size <= ms.end else self._pieces(gpa, size)
+        gap = next((a for ms, a, _n in pieces if ms is None), None)
+        if gap is not None:
+            raise GmemError(errno.EFAULT, f"{what} [{gpa:#x}, +{size:#x}): no memslot at {gap:#x}")
+        return [(ms, (a - ms.gpa) >> PAGE_SHIFT, (a + n - ms.gpa) >> PAGE_SHIFT)
+                for ms, a, n in pieces if self._separate(ms)]
+
+    def _make_resident(self, ms, q0: int, q1: int) -> int:
+        """Allocate the pages of ``[q0, q1)`` (within the slot) its separate memory does not
+        hold yet: each a page fault in the VMM, a page allocated and zeroed."""
+        new = (q1 - q0) - ms.resident.covered(q0, q1)
+        if new:
+            ms.resident.assign(q0, q1, True)
+            self.count_work("host_faults", new)
+            self.count_work("pages_allocated", new)
+            self.count_work("pages_zeroed", new)
+            self.count_work("bytes_zeroed_4k", new * PAGE_SIZE)
+        return new
+
+    def fault_shared(self, gpa, size) -> int:
+        """The VMM (or a device it pins memory for) touches the separate shared memory of
+        ``[gpa, gpa+size)``: pages it does not hold yet are faulted in, allocated and
+        zeroed. Memory shared in place (guest_memfd) is not separate and is left alone.
+        ``EFAULT`` where no memslot covers the range. Returns the pages newly allocated."""
+        return sum(self._make_resident(ms, q0, q1)
+                   for ms, q0, q1 in self._separate_pieces(gpa, size, "fault shared memory"))
+
+    def discard_shared(self, gpa, size) -> int:
+        """The VMM discards the separate shared memory of ``[gpa, gpa+size)``
+        (``madvise(MADV_DONTNEED)`` or a punch hole on its backing, as QEMU does when the
+        guest converts memory to private): one call per memslot, the pages it held are
+        unmapped from the VMM and freed, and read as zeroes. ``EFAULT`` where no memslot
+        covers the range. Returns the pages freed."""
+        freed = 0
+        for ms, q0, q1 in self._separate_pieces(gpa, size, "discard shared memory"):
+            self.count_work("shared_discards")
+            n = ms.resident.covered(q0, q1)
+            if not n:
+                continue
+            ms.resident.assign(q0, q1, False)
+            for q in [q for q in ms.host if q0 <= q < q1]:
+                del ms.host[q]
+            self.count_work("host_ptes_zapped", n)
+            self.count_work("pages_freed", n)
+            if n > _TLB_CEILING:
+                self.count_work("tlb_flush_full")
+            else:
+                self.count_work("tlb_invlpg", n)
+            self.count_work("tlb_shootdowns")
+            freed += n
+        return freed
 
     def private_gfns(self, gpa, size) -> int:
         """How many GFNs of ``[gpa, gpa+size)`` the per-GFN attributes mark private."""
@@ -473,6 +555,8 @@ class VM:
             if ms.gmem is not None and (private or self.in_place):
                 self._gmem_write(ms.gmem, ms.gmem_offset + a - ms.gpa, mv[pos:pos + n])
             else:
+                self._make_resident(ms, (a - ms.gpa) >> PAGE_SHIFT,
+                                    (a + n - ms.gpa + PAGE_SIZE - 1) >> PAGE_SHIFT)
                 self._host_write(ms, a, mv[pos:pos + n])
             pos += n
 

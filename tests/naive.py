@@ -83,6 +83,9 @@ NOT_MODELLED = {
     "tdx_busy_retries": "TDX_OPERAND_BUSY retries the scenarios count for splits on many vCPUs",
     "accept_memory_calls": "the guest kernel's accept_memory() calls in the scenarios",
     "guest_pages_touched": "pages the scenarios' guest workload touches",
+    "iommu_maps": "4 KiB IOMMU mappings the VMM makes for an assigned device (tests/test_memory.py)",
+    "iommu_unmaps": "4 KiB IOMMU mappings the VMM removes (tests/test_memory.py)",
+    "shared_discards": "the VMM's discards of its separate shared memory (tests/test_memory.py)",
 }
 
 
@@ -976,6 +979,10 @@ class VM:
     def memslot_list(self):
         return sorted((i, s["gpa"], s["size"], s["offset"]) for i, s in self.slots.items())
 
+    def shared_memory_pages(self):
+        """Pages of separate shared memory held: here, those a shared guest write touched."""
+        return sum(len(s["host"]) for s in self.slots.values())
+
     def _slot_of(self, gpa):
         for i, s in self.slots.items():
             if s["gpa"] <= gpa < s["gpa"] + s["size"]:
@@ -1089,6 +1096,11 @@ class VM:
             page = pos - pos % PAGE_SIZE
             where, key = self._page_bytes(page, private)
             store = where.contents if isinstance(where, GuestMemfd) else where
+            if store is where and key not in store:
+                # separate shared memory: the page is faulted in, allocated and zeroed
+                for name, n in (("host_faults", 1), ("pages_allocated", 1), ("pages_zeroed", 1),
+                                ("bytes_zeroed_4k", PAGE_SIZE)):
+                    self.own_counters[name] += n
             chunk = min(page + PAGE_SIZE, gpa + len(data)) - pos
             buf = bytearray(store.get(key, ZERO_PAGE))
             buf[pos - page:pos - page + chunk] = data[pos - gpa:pos - gpa + chunk]

@@ -131,6 +131,25 @@ def test_wrong_magic_and_version(tmp_path):
     _refused(path, "version 99 is not supported")
 
 
+def test_a_format_1_file_loads_with_its_bookkeeping_moved(tmp_path):
+    """Format 1 kept the store's bookkeeping 16 slots lower in ``meta``; written so by
+    hand (counters first, then the bookkeeping from index 64), it loads as the same
+    state, with the counters kept and the counters format 1 did not have at zero."""
+    g, path = _state(tmp_path)
+    header, arrays = _read(path)
+    meta = arrays["meta"]
+    old = np.zeros_like(meta)
+    old[:64] = meta[:64]
+    old[64:64 + K.META_SIZE - K.M_FREE1] = meta[K.M_FREE1:]
+    assert not meta[64:K.M_FREE1].any()          # the new counters start at zero
+    _write(path, {**header, "version": 1}, {**arrays, "meta": old}, reseal=("arrays",))
+    loaded = gmemfast.GuestMemfd.load(str(path))
+    assert loaded.host_read(5 * PS, 9) == b"integrity"
+    assert loaded.private_pages() == 64 and loaded.allocated_pages() == g.allocated_pages()
+    assert dict(loaded.counters) == dict(g.counters)
+    loaded.check()
+
+
 def test_arrays_that_do_not_fit_the_header(tmp_path):
     """Every checksum right (written that way), but the arrays belong to another file."""
     _g, path = _state(tmp_path)

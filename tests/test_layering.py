@@ -39,6 +39,7 @@ LAYERS = [
     "firmware",
     "vm",
     "launch",
+    "memory",
     "cost",
     "wallclock",
     "trace",

@@ -17,6 +17,17 @@ def test_counter_indices_agree():
     assert L.NCOUNTERS <= K.M_FREE1, "counters would overlap the meta bookkeeping"
 
 
+def test_meta_bookkeeping_follows_the_counters():
+    """Each bookkeeping slot of the store's ``meta`` array is its own, after every
+    counter and inside the array; format 1's layout is the same one shifted down."""
+    slots = [getattr(K, n) for n in dir(K) if n.startswith("M_") and n != "M_GCNT"]
+    slots += [K.M_GCNT + k for k in range(len(L.COUNTED_BITS))]
+    assert len(set(slots)) == len(slots)
+    assert min(slots) == K.M_FREE1 >= L.NCOUNTERS
+    assert max(slots) < K.META_SIZE
+    assert K.M_FREE1 - K.META_V1_SHIFT == 64     # format 1: 64 counters, then the bookkeeping
+
+
 def test_counter_names_unique():
     assert len(set(L.COUNTER_NAMES)) == len(L.COUNTER_NAMES)
 

@@ -191,6 +191,7 @@ class VmComparison(RuleBasedStateMachine):
         for page in sorted(set(EDGES) | set(range(0, GPA_PAGES, 97))):
             gpa = page * PS
             assert self.eng.is_private(gpa) == self.ref.is_private(gpa), f"is_private({gpa:#x})"
+        assert self.eng.shared_memory_pages() == self.ref.shared_memory_pages()
         e, r = self.eng.counters, self.ref.counters
         bad = {n: (int(e[n]), r[n]) for n in naive.COUNTERS if int(e[n]) != r[n]}
         assert not bad, f"VM counters differ (engine, reference): {bad}"

@@ -133,6 +133,16 @@ def parse_bool(value) -> bool:
     raise ValueError(f"expected true or false, not {value!r}")
 
 
+def parse_auto_bool(value):
+    """True, false, or ``None`` for "auto" (the default of the mode)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto", "default")):
+        return None
+    return parse_bool(value)
+
+
+parse_auto_bool.choices = ("auto", "true", "false")
+
+
 def parse_name(value) -> str:
     """A name (a phase, a pin id): a non-empty string (or an integer, used as text)."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -261,6 +271,15 @@ COMMON_PARAMS: dict[str, Param] = {p.name: p for p in (
           "(auto: what upstream KVM does: 4K on TDX, the page order elsewhere, at most 2M on SNP)", True),
     Param("prefault", parse_bool, False, "the VMM maps private memory before the guest accepts it "
                                          "(KVM_PRE_FAULT_MEMORY; QEMU does it on SNP page-state changes)"),
+    Param("vfio", parse_bool, False, "a device is assigned through VFIO: the VMM maps (and pins) every "
+                                     "shared page in the IOMMU, 4K each, and unmaps it before it goes "
+                                     "private (docs/model.md §13)"),
+    Param("discard_on_share", parse_auto_bool, None,
+          "on conversion to shared the VMM punches the private page (its contents are gone) "
+          "(auto: legacy yes, as QEMU does; in place no)"),
+    Param("discard_on_private", parse_auto_bool, None,
+          "on conversion to private the VMM discards the shared page (legacy: its separate copy, "
+          "as QEMU does; in place: punches the page) (auto: legacy yes; in place no)"),
     Param("seed", parse_seed, 0, "random seed (an integer >= 0)"),
 )}
 
@@ -332,6 +351,9 @@ def resolve_params(scn: Scenario, given: dict | None = None) -> dict:
 def check_common(p: dict) -> None:
     if p["flow"] is None:
         p["flow"] = p["tracking"]
+    for name in ("discard_on_share", "discard_on_private"):
+        if name in p and p[name] is None:        # auto: QEMU's way in legacy mode, none in place
+            p[name] = p["tracking"] == "legacy"
     if p["flow"] == "in-place" and p["tracking"] == "legacy":
         raise ScenarioError("flow 'in-place' needs tracking 'in-place': a legacy VM cannot "
                             "host-map guest_memfd to load it while shared")

@@ -22,12 +22,15 @@ class ScenarioResult:
     all work on every thread. ``wall`` is the estimated elapsed time of each phase on
     the threads that ran it, and what limits it (docs/model.md §10). ``timeline``
     is a list of samples (dicts: step, phase, huge_pages, dmap_1g, dmap_2m, dmap_4k,
-    private_pages, allocated_pages, est_ns (CPU time so far), wall_ns (wall time so
-    far), wall_s (the model's own run time)); ``marks`` the starts of the run's stages
+    private_pages, allocated_pages, the host-memory figures in bytes (resident_shared,
+    resident_private, separate_shared, pinned_shared) and iommu_mappings, est_ns (CPU time so far), wall_ns (wall time so far), wall_s
+    (the model's own run time)); ``marks`` the starts of the run's stages
     (dicts: step, label); ``summary`` holds the final state, with the failed operations
     (``errors`` by errno, ``failures``: the first of each kind, and whether they were
     the ones expected); ``extra`` what a scenario adds (a launch measurement, say).
     ``ops`` holds the operations applied to the guest memory when the run was recorded.
+    ``memory`` is the guest's host memory at the end: resident, pinned, IOMMU mappings,
+    metadata and host-wide tables (``gmemfast.memory.host_memory``, docs/model.md §13).
     """
     name: str
     description: str
@@ -44,6 +47,7 @@ class ScenarioResult:
     wall: WallTime | None = None
     marks: list = field(default_factory=list)
     cost_source: str = ""           # where the cost figures come from (a built-in profile or a file)
+    memory: dict = field(default_factory=dict)   # host memory at the end (docs/model.md §13)
 
     @property
     def errors_as_expected(self) -> bool:
@@ -106,6 +110,7 @@ class ScenarioResult:
             "counters": dict(self.counters),
             "estimate": est,
             "summary": json_safe(self.summary),
+            "memory": json_safe(self.memory),
             "timeline": [json_safe(s) for s in self.timeline],
             "marks": json_safe(self.marks),
             "extra": json_safe(self.extra),

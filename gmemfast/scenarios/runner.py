@@ -13,8 +13,10 @@ from .. import trace as T
 from .._layout import COUNTER_NAMES, RMP_VALIDATED, SEPT_MAPPED
 from ..cost import CostModel
 from ..errors import GmemError, MemoryFaultExit, MmioExit, errno_name
+from ..memory import Vfio, host_memory, timeline_figures
 from ..uapi import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_HUGETLB,
-                    GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+                    GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+                    KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE)
 from ..units import PAGE_SHIFT, PAGE_SIZE, broadcast_column, check_range, format_size
 from ..vm import VM
 from ..wallclock import phase_time, wall_time
@@ -34,6 +36,14 @@ ACCEPT_UNIT = 4 << 20           # the guest kernel accepts in MAX_PAGE_ORDER blo
 _UNIT_PAGES = ACCEPT_UNIT >> PAGE_SHIFT
 _DEMOTE = COUNTER_NAMES.index("tdx_seamcall_demote")
 _SNP_PSC_ENTRIES = 64           # VMGEXIT_PSC_MAX_ENTRY: entries per page-state-change request
+
+
+def _direction_runs(attrs, s: int, e: int):
+    """``[a, b)`` runs of ``attrs[s:e]`` converting the same way (to private or to shared)."""
+    priv = attrs[s:e] != 0
+    cuts = (np.flatnonzero(priv[1:] != priv[:-1]) + 1 + s).tolist()
+    bounds = [s, *cuts, e]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def private_mapping(platform: str, policy, page_order: int) -> int:
@@ -97,6 +107,12 @@ class Runner:
         self.rng = np.random.default_rng(params["seed"])
         self.mapping = private_mapping(self.platform, params.get("private_mapping", "auto"), self.order)
         self.prefault = bool(params.get("prefault", False))
+        # the VMM's side (docs/model.md §13): device assignment and what it discards
+        self.vfio = Vfio(self.vm) if params.get("vfio") else None
+        auto = not self.in_place           # QEMU discards the other side in legacy mode
+        ds, dp = params.get("discard_on_share"), params.get("discard_on_private")
+        self.discard_on_share = auto if ds is None else bool(ds)
+        self.discard_on_private = auto if dp is None else bool(dp)
         self._unit_pages = np.zeros(-(-self.gmem.nr_pages // _UNIT_PAGES), np.int32)
         self.errors: Counter = Counter()
         self.steps = 0
@@ -217,10 +233,17 @@ class Runner:
             "dmap_1g": dm["1G"], "dmap_2m": dm["2M"], "dmap_4k": dm["4K"],
             "private_pages": self.private_pages(),
             "allocated_pages": g.allocated_pages(),
+            **timeline_figures(self.vm, self.vfio),
             "est_ns": float(snap @ self._ns),
             "wall_ns": self._wall_so_far(snap),
             "wall_s": time.perf_counter() - self._t0,
         })
+
+    def memory(self) -> dict:
+        """The guest's host memory now (docs/model.md §13; ``gmemfast.memory``)."""
+        return host_memory(self.vm, mapping=self.mapping, vfio=self.vfio,
+                           discard_on_share=self.discard_on_share,
+                           discard_on_private=self.discard_on_private)
 
     def is_private(self, off: int, size: int) -> bool:
         """Every page of the file range is private (per the mode's source of truth)."""
@@ -315,13 +338,18 @@ class Runner:
             return self._legacy_convert_many(offs, sizes, attrs, lines, label)
         eoffs = np.full(n, -1, np.int64)
         step = BATCH
+        hooks = self.vfio is not None or self.discard_on_share or self.discard_on_private
         for s in range(0, n, step):
             e = min(n, s + step)
-            res = self.gmem.set_memory_attributes_many(offs[s:e], np.ascontiguousarray(sizes[s:e]),
-                                                       np.ascontiguousarray(attrs[s:e]),
-                                                       np.ascontiguousarray(flags[s:e]))
-            errs[s:e] = res.errno
-            eoffs[s:e] = res.error_offset
+            for a, b in (_direction_runs(attrs, s, e) if hooks else ((s, e),)):
+                undo = self._before_convert(offs[a:b], sizes[a:b], attrs[a]) if hooks else None
+                res = self.gmem.set_memory_attributes_many(
+                    offs[a:b], np.ascontiguousarray(sizes[a:b]), np.ascontiguousarray(attrs[a:b]),
+                    np.ascontiguousarray(flags[a:b]))
+                errs[a:b] = res.errno
+                eoffs[a:b] = res.error_offset
+                if hooks:
+                    self._after_convert(offs[a:b], sizes[a:b], attrs[a], flags[a:b], res.errno, undo)
             self.steps += e - s
             if n > step and label is not None:
                 self.progress(label, e, n)
@@ -339,29 +367,83 @@ class Runner:
         return errs
 
     def _legacy_convert_many(self, offs, sizes, attrs, lines, label) -> np.ndarray:
-        """Legacy tracking: KVM_SET_MEMORY_ATTRIBUTES on the VM, per request; converting to
-        shared, the VMM also discards the guest_memfd range (QEMU's
-        ram_block_discard_guest_memfd_range). Content flags do not exist there."""
+        """Legacy tracking: KVM_SET_MEMORY_ATTRIBUTES on the VM, per request. Around it the
+        VMM (docs/model.md §13), as QEMU's kvm_convert_memory(): to private, unmaps the
+        range from the IOMMU first (``vfio``) and discards its separate shared copy after
+        (``discard_on_private``: ram_block_discard_range); to shared, punches the
+        guest_memfd range (``discard_on_share``: ram_block_discard_guest_memfd_range) and
+        maps the shared copy in the IOMMU. Content flags do not exist there."""
         n = len(offs)
         errs = np.zeros(n, np.int32)
         vm, g = self.vm, self.gmem
         every = max(1, n // 200)
         for i, (off, size, a) in enumerate(zip(offs.tolist(), sizes.tolist(), attrs.tolist())):
+            undo = []
             try:
                 check_range(off, size, self.size, "convert")
-                for gpa, sz in self._gpa_pieces(off, size):
+                pieces = self._gpa_pieces(off, size)
+                if a and self.vfio is not None:
+                    for gpa, sz in pieces:
+                        undo += self.vfio.unmap(gpa, sz)
+                for gpa, sz in pieces:
                     vm.set_memory_attributes(gpa, sz, a)
-                if not a:
+                undo = []
+                if a and self.discard_on_private:
+                    for gpa, sz in pieces:     # QEMU's ram_block_discard_range
+                        vm.discard_shared(gpa, sz)
+                if not a and self.discard_on_share:   # ram_block_discard_guest_memfd_range
                     g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, off, size)
+                if not a and self.vfio is not None:
+                    for gpa, sz in pieces:
+                        self.vfio.map(gpa, sz)
             except GmemError as exc:
                 errs[i] = exc.errno
                 self._fail(exc, "convert", off, size, int(lines[i]) if lines is not None else 0)
+                if undo:
+                    self.vfio.remap(undo)
             self.steps += 1
             if n > 1000 and i % every == 0 and label is not None:
                 self.progress(label, i, n)
         if n > 1000 and label is not None:
             self.progress(label, n, n)
         return errs
+
+    def _before_convert(self, offs, sizes, attrs: int):
+        """In place, before conversions to private: the VMM unmaps the pages from the IOMMU
+        (a pinned page cannot go private). Returns what to map again if one fails."""
+        if not attrs or self.vfio is None:
+            return None
+        undo = []
+        for off, size in zip(offs.tolist(), sizes.tolist()):
+            undo.append([r for gpa, sz in self._valid_pieces(off, size) for r in self.vfio.unmap(gpa, sz)])
+        return undo
+
+    def _after_convert(self, offs, sizes, attrs: int, flags, errs, undo) -> None:
+        """In place, after conversions: the discard policy punches the pages whose contents
+        are no longer wanted (not those converted with PRESERVE); to shared, the VMM maps
+        them in the IOMMU; a failed conversion to private maps back what was unmapped
+        before it (docs/model.md §13)."""
+        policy = self.discard_on_private if attrs else self.discard_on_share
+        for i, (off, size) in enumerate(zip(offs.tolist(), sizes.tolist())):
+            discard = policy and not flags[i] & KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE
+            try:
+                if errs[i]:
+                    if undo is not None and undo[i]:
+                        self.vfio.remap(undo[i])
+                    continue
+                if discard:
+                    self.gmem.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, off, size)
+                if not attrs and self.vfio is not None:
+                    for gpa, sz in self._valid_pieces(off, size):
+                        self.vfio.map(gpa, sz)
+            except GmemError as exc:
+                self._fail(exc, "discard" if discard else "vfio map", off, size)
+
+    def _valid_pieces(self, off: int, size: int):
+        """(gpa, size) pieces of a file range, or none if the range is not a valid one."""
+        if off < 0 or size <= 0 or (off | size) % PAGE_SIZE or off + size > self.size:
+            return []
+        return self._gpa_pieces(off, size)
 
     def convert(self, off: int, size: int, attrs: int, flags: int = 0, *, exits=False) -> int:
         return int(self.convert_many([off], size, attrs, flags, exits=exits)[0])
@@ -663,4 +745,5 @@ class Runner:
                              self.timeline, summary, self.extra, time.perf_counter() - self._t0,
                              self.ops.build() if self.ops is not None else None, wall=wall)
         res.marks = list(self.marks)
+        res.memory = self.memory()
         return res
