@@ -24,173 +24,185 @@ and never bounds-check. Kernels that can decline report it with a named return c
 import numpy as np
 from numba import njit
 
+# Every constant is an int64 scalar, not a Python int: numba types a Python int constant
+# passed to another kernel as a literal and compiles that kernel once per distinct value
+# (``walk_apply`` seven times over); an int64 argument compiles it once. For the same
+# reason no call below passes a bare number or ``True``/``False``: ``I0``, ``I1``, ``YES``
+# and ``NO`` stand in for them.
+_i = np.int64
+I0 = _i(0)
+I1 = _i(1)
+YES = np.bool_(True)
+NO = np.bool_(False)
+
 # ---- page state word bits (see _layout.py) ----
-ALLOC = 1
-PRIV = 2
-HMAP = 4
-GMAP = 8
-PIN = 16
-DATA = 32
-DMAP_OFF = 64
-HUGE = 128
-GIG = 256
-ORDER_MASK = 384
-TE_SHIFT = 9
-TE_MASK = 3584
-NCOUNTED = 8
-COUNTED_MASK = 255  # the counted bits of a word
+ALLOC = _i(1)
+PRIV = _i(2)
+HMAP = _i(4)
+GMAP = _i(8)
+PIN = _i(16)
+DATA = _i(32)
+DMAP_OFF = _i(64)
+HUGE = _i(128)
+GIG = _i(256)
+ORDER_MASK = _i(384)
+TE_SHIFT = _i(9)
+TE_MASK = _i(3584)
+NCOUNTED = _i(8)
+COUNTED_MASK = _i(255)  # the counted bits of a word
 # indices of the counted bits (count k counts pages with bit 1 << k)
-K_ALLOC = 0
-K_PRIV = 1
-K_HMAP = 2
-K_GMAP = 3
-K_PIN = 4
-K_DATA = 5
-K_DMAP_OFF = 6
-K_HUGE = 7
-PAGE_SHIFT = 12
-PAGE_BYTES = 4096
+K_ALLOC = _i(0)
+K_PRIV = _i(1)
+K_HMAP = _i(2)
+K_GMAP = _i(3)
+K_PIN = _i(4)
+K_DATA = _i(5)
+K_DMAP_OFF = _i(6)
+K_HUGE = _i(7)
+PAGE_SHIFT = _i(12)
+PAGE_BYTES = _i(4096)
 
 # ---- tree geometry and entry fields ----
-N1 = 512            # pages per 2 MiB block, entries per table
-N2 = 262144         # pages per 1 GiB block
-S1 = 9
-S2 = 18
-F_WORD = 0
-F_CHILD = 1
-F_DSPLIT = 2        # this block's direct-map entry is broken into smaller entries
-F_CNT = 3
-F_NX = 11           # 2 MiB entries: number of exception pages (see below)
-F_X0 = 12
-NX = 4
-NF = 16
-XQ_MASK = 0xFFFF    # an exception packs page index (low 16 bits) | word << 16
-XW_SHIFT = 16
+N1 = _i(512)            # pages per 2 MiB block, entries per table
+N2 = _i(262144)         # pages per 1 GiB block
+S1 = _i(9)
+S2 = _i(18)
+F_WORD = _i(0)
+F_CHILD = _i(1)
+F_DSPLIT = _i(2)        # this block's direct-map entry is broken into smaller entries
+F_CNT = _i(3)
+F_NX = _i(11)           # 2 MiB entries: number of exception pages (see below)
+F_X0 = _i(12)
+NX = _i(4)
+NF = _i(16)
+XQ_MASK = _i(0xFFFF)    # an exception packs page index (low 16 bits) | word << 16
+XW_SHIFT = _i(16)
 
 # ---- meta array: counters first, then bookkeeping ----
-M_FREE1 = 64
-M_USED1 = 65
-M_CAP1 = 66
-M_NFREE1 = 67
-M_FREE0 = 68
-M_USED0 = 69
-M_CAP0 = 70
-M_NFREE0 = 71
-M_ENOMEM = 72       # injected metadata-allocation failures still to deliver
-M_LIMIT = 73        # maximum number of shareability ranges, -1 = unlimited
-M_NPAGES = 74
-M_ORDER = 75        # backing page order: 0, 9 or 18
-M_DMAP = 76         # 0 keep, 1 no-direct-map, 2 on-conversion
-M_MERGE = 77        # 1 eager re-merge on conversion to private, 0 never
-M_VMTYPE = 78       # 0 sw-protected, 1 snp, 2 tdx
-M_HUGETLB = 79
-M_FINALIZED = 80
-M_CONTENT_MODES = 81
-M_TAIL = 82         # pages of the last 1 GiB block beyond the end of the file
-M_INITW = 83        # their (never changing) state word
-M_GCNT = 88         # 8 slots: per counted bit, pages of the whole tree with it set
-META_SIZE = 128
-RESERVE = 64        # free tables of each level guaranteed before a mutating kernel
+M_FREE1 = _i(64)
+M_USED1 = _i(65)
+M_CAP1 = _i(66)
+M_NFREE1 = _i(67)
+M_FREE0 = _i(68)
+M_USED0 = _i(69)
+M_CAP0 = _i(70)
+M_NFREE0 = _i(71)
+M_ENOMEM = _i(72)       # injected metadata-allocation failures still to deliver
+M_LIMIT = _i(73)        # maximum number of shareability ranges, -1 = unlimited
+M_NPAGES = _i(74)
+M_ORDER = _i(75)        # backing page order: 0, 9 or 18
+M_DMAP = _i(76)         # 0 keep, 1 no-direct-map, 2 on-conversion
+M_MERGE = _i(77)        # 1 eager re-merge on conversion to private, 0 never
+M_VMTYPE = _i(78)       # 0 sw-protected, 1 snp, 2 tdx
+M_HUGETLB = _i(79)
+M_FINALIZED = _i(80)
+M_CONTENT_MODES = _i(81)
+M_TAIL = _i(82)         # pages of the last 1 GiB block beyond the end of the file
+M_INITW = _i(83)        # their (never changing) state word
+M_GCNT = _i(88)         # 8 slots: per counted bit, pages of the whole tree with it set
+META_SIZE = _i(128)
+RESERVE = _i(64)        # free tables of each level guaranteed before a mutating kernel
 
-DMAP_KEEP = 0
-DMAP_NONE = 1
-DMAP_ONCONV = 2
-VM_SW = 0
-VM_SNP = 1
-VM_TDX = 2
+DMAP_KEEP = _i(0)
+DMAP_NONE = _i(1)
+DMAP_ONCONV = _i(2)
+VM_SW = _i(0)
+VM_SNP = _i(1)
+VM_TDX = _i(2)
 
-EAGAIN = 11
-ENOMEM = 12
-TLB_CEILING = 33    # tlb_single_page_flush_ceiling
-RC_GROW = -1        # nothing done: the pools need growing first
-RC_SLOW = -2        # nothing done: the single-page path declines, use ``convert``
+EAGAIN = _i(11)
+ENOMEM = _i(12)
+TLB_CEILING = _i(33)    # tlb_single_page_flush_ceiling
+RC_GROW = _i(-1)        # nothing done: the pools need growing first
+RC_SLOW = _i(-2)        # nothing done: the single-page path declines, use ``convert``
 
 # HugeTLB Vmemmap Optimization keeps one vmemmap page per huge folio and frees the rest:
 # 2 MiB -> 8 pages of struct page (7 freed), 1 GiB -> 4096 (4095 freed).
-HVO_FREED_2M = 7
-HVO_FREED_1G = 4095
+HVO_FREED_2M = _i(7)
+HVO_FREED_1G = _i(4095)
 
 # ---- invariants (numbers and texts: _layout.INVARIANTS)
-INV_HMAP = 1
-INV_PIN = 2
-INV_NEEDS_FOLIO = 3
-INV_HUGE = 4
-INV_DMAP_KEEP = 5
-INV_DMAP_NONE = 6
-INV_DMAP_ONCONV = 7
-INV_TE = 8
-INV_COUNTS = 10
-INV_HUGE_BLOCK = 11
-INV_TAIL = 12
-INV_DSPLIT = 13
-INV_GCOUNTS = 14
-INV_EXCEPTIONS = 15
+INV_HMAP = _i(1)
+INV_PIN = _i(2)
+INV_NEEDS_FOLIO = _i(3)
+INV_HUGE = _i(4)
+INV_DMAP_KEEP = _i(5)
+INV_DMAP_NONE = _i(6)
+INV_DMAP_ONCONV = _i(7)
+INV_TE = _i(8)
+INV_COUNTS = _i(10)
+INV_HUGE_BLOCK = _i(11)
+INV_TAIL = _i(12)
+INV_DSPLIT = _i(13)
+INV_GCOUNTS = _i(14)
+INV_EXCEPTIONS = _i(15)
+INV_ORDER = _i(16)
 
 # ---- counters (index into meta) ----
-C_HOST_FAULTS = 0
-C_HOST_PTES_ZAPPED = 1
-C_TLB_INVLPG = 2
-C_TLB_FLUSH_FULL = 3
-C_TLB_SHOOTDOWNS = 4
-C_GUEST_INVALIDATIONS = 5
-C_GUEST_PTES_ZAPPED = 6
-C_FOLIOS_CHECKED = 7
-C_LRU_DRAINS = 8
-C_FOLIO_SPLITS_2M = 9
-C_FOLIO_SPLITS_1G = 10
-C_FOLIO_MERGES_2M = 11
-C_FOLIO_MERGES_1G = 12
-C_VMEMMAP_PAGES_RESTORED = 13
-C_VMEMMAP_PAGES_FREED = 14
-C_PAGES_ALLOCATED = 15
-C_PAGES_FREED = 16
-C_PINS = 17
-C_UNPINS = 18
-C_PAGES_ZEROED = 19
-C_BYTES_ZEROED_4K = 20
-C_BYTES_ZEROED_2M = 21
-C_BYTES_ZEROED_1G = 22
-C_BYTES_COPIED = 23
-C_DMAP_ENTRIES_CHANGED = 24
-C_DMAP_SPLITS_1G = 25
-C_DMAP_SPLITS_2M = 26
-C_ATTR_WRITES_PAGE = 27
-C_ATTR_WRITES_RANGE = 28
-C_PAGES_TO_PRIVATE = 29
-C_PAGES_TO_SHARED = 30
-C_CONVERT_CALLS = 31
-C_CONVERT_NOOP = 32
-C_CONVERT_EINVAL = 33
-C_CONVERT_ENOMEM = 34
-C_CONVERT_EAGAIN = 35
-C_FALLOCATE_CALLS = 36
-C_PUNCH_CALLS = 37
-C_PUNCH_EAGAIN = 38
-C_VM_ATTR_CALLS = 39
-C_RMP_UPDATES = 40
-C_PSMASH = 41
-C_SNP_FW_LAUNCH_UPDATE = 42
-C_SNP_PVALIDATE_4K = 43
-C_SNP_PVALIDATE_2M = 44
-C_TDX_SEAMCALL_PAGE_ADD = 45
-C_TDX_SEAMCALL_MR_EXTEND = 46
-C_TDX_SEAMCALL_PAGE_AUG = 47
-C_TDX_SEAMCALL_BLOCK = 48
-C_TDX_SEAMCALL_TRACK = 49
-C_TDX_SEAMCALL_DEMOTE = 50
-C_TDX_SEAMCALL_PAGE_REMOVE = 51
-C_TDX_ACCEPTS = 52
-C_GUEST_EXITS = 53
-C_HASH_BYTES = 54
-C_PAGES_POPULATED_INPLACE = 55
-C_PAGES_POPULATED_LEGACY = 56
-C_SNP_FW_LAUNCH_FINISH = 57
-C_CONVERT_EOPNOTSUPP = 58
-C_ACCEPT_FALLBACKS = 59
-C_PREFAULT_CALLS = 60
-C_TDX_BUSY_RETRIES = 61
-C_ACCEPT_MEMORY_CALLS = 62
-C_GUEST_PAGES_TOUCHED = 63
+C_HOST_FAULTS = _i(0)
+C_HOST_PTES_ZAPPED = _i(1)
+C_TLB_INVLPG = _i(2)
+C_TLB_FLUSH_FULL = _i(3)
+C_TLB_SHOOTDOWNS = _i(4)
+C_GUEST_INVALIDATIONS = _i(5)
+C_GUEST_PTES_ZAPPED = _i(6)
+C_FOLIOS_CHECKED = _i(7)
+C_LRU_DRAINS = _i(8)
+C_FOLIO_SPLITS_2M = _i(9)
+C_FOLIO_SPLITS_1G = _i(10)
+C_FOLIO_MERGES_2M = _i(11)
+C_FOLIO_MERGES_1G = _i(12)
+C_VMEMMAP_PAGES_RESTORED = _i(13)
+C_VMEMMAP_PAGES_FREED = _i(14)
+C_PAGES_ALLOCATED = _i(15)
+C_PAGES_FREED = _i(16)
+C_PINS = _i(17)
+C_UNPINS = _i(18)
+C_PAGES_ZEROED = _i(19)
+C_BYTES_ZEROED_4K = _i(20)
+C_BYTES_ZEROED_2M = _i(21)
+C_BYTES_ZEROED_1G = _i(22)
+C_BYTES_COPIED = _i(23)
+C_DMAP_ENTRIES_CHANGED = _i(24)
+C_DMAP_SPLITS_1G = _i(25)
+C_DMAP_SPLITS_2M = _i(26)
+C_ATTR_WRITES_PAGE = _i(27)
+C_ATTR_WRITES_RANGE = _i(28)
+C_PAGES_TO_PRIVATE = _i(29)
+C_PAGES_TO_SHARED = _i(30)
+C_CONVERT_CALLS = _i(31)
+C_CONVERT_NOOP = _i(32)
+C_CONVERT_EINVAL = _i(33)
+C_CONVERT_ENOMEM = _i(34)
+C_CONVERT_EAGAIN = _i(35)
+C_FALLOCATE_CALLS = _i(36)
+C_PUNCH_CALLS = _i(37)
+C_PUNCH_EAGAIN = _i(38)
+C_VM_ATTR_CALLS = _i(39)
+C_RMP_UPDATES = _i(40)
+C_PSMASH = _i(41)
+C_SNP_FW_LAUNCH_UPDATE = _i(42)
+C_SNP_PVALIDATE_4K = _i(43)
+C_SNP_PVALIDATE_2M = _i(44)
+C_TDX_SEAMCALL_PAGE_ADD = _i(45)
+C_TDX_SEAMCALL_MR_EXTEND = _i(46)
+C_TDX_SEAMCALL_PAGE_AUG = _i(47)
+C_TDX_SEAMCALL_BLOCK = _i(48)
+C_TDX_SEAMCALL_TRACK = _i(49)
+C_TDX_SEAMCALL_DEMOTE = _i(50)
+C_TDX_SEAMCALL_PAGE_REMOVE = _i(51)
+C_TDX_ACCEPTS = _i(52)
+C_GUEST_EXITS = _i(53)
+C_HASH_BYTES = _i(54)
+C_PAGES_POPULATED_INPLACE = _i(55)
+C_PAGES_POPULATED_LEGACY = _i(56)
+C_SNP_FW_LAUNCH_FINISH = _i(57)
+C_CONVERT_EOPNOTSUPP = _i(58)
+C_ACCEPT_FALLBACKS = _i(59)
+C_PREFAULT_CALLS = _i(60)
+C_TDX_BUSY_RETRIES = _i(61)
+C_ACCEPT_MEMORY_CALLS = _i(62)
+C_GUEST_PAGES_TOUCHED = _i(63)
 
 
 # ======================================================================================
@@ -290,11 +302,12 @@ def cnt1(n1, e, k):
 @njit(cache=True, nogil=True, forceinline=True)
 def _xword(n1, e, q):
     """Word of page ``q`` of 2 MiB entry ``e`` (no page table)."""
+    w = n1[e, F_WORD]
     for x in range(n1[e, F_NX]):
         v = n1[e, F_X0 + x]
         if (v & XQ_MASK) == q:
-            return v >> XW_SHIFT
-    return n1[e, F_WORD]
+            return (v >> XW_SHIFT) | (w & ORDER_MASK)
+    return w
 
 
 @njit(cache=True, nogil=True)
@@ -319,7 +332,7 @@ def _init_cnt1(n1, e):
 def _split_l1(n1, w0, meta, e):
     """Give 2 MiB entry ``e`` (uniform, maybe with exceptions) a table of page words."""
     w = n1[e, F_WORD]
-    u = _new_l0(w0, meta, w)
+    u = _new_l0(w0, meta, w & ~ORDER_MASK)
     nx = n1[e, F_NX]
     if nx == 0:
         _init_cnt1(n1, e)
@@ -348,21 +361,24 @@ def _add_cnt(n2, n1, meta, i, e, w, nw):
 @njit(cache=True, nogil=True, forceinline=True)
 def _set_xpage(n2, n1, w0, meta, i, e, q, nw):
     """Set page ``q`` of 2 MiB entry ``e`` (no page table) to ``nw``, as an exception
-    if it fits. Returns False when the entry needs a page table instead (untouched)."""
+    if it fits. Returns False when the entry needs a page table instead (untouched).
+    ``nw`` keeps the block's folio order (its ``ORDER_MASK`` bits are the entry's)."""
     w = n1[e, F_WORD]
+    ob = w & ORDER_MASK
+    nws = nw & ~ORDER_MASK
     nx = n1[e, F_NX]
     for x in range(nx):
         v = n1[e, F_X0 + x]
         if (v & XQ_MASK) == q:
             old = v >> XW_SHIFT
-            if old == nw:
+            if old == nws:
                 return True
-            _add_cnt(n2, n1, meta, i, e, old, nw)
+            _add_cnt(n2, n1, meta, i, e, old | ob, nw)
             if nw == w:
                 n1[e, F_X0 + x] = n1[e, F_X0 + nx - 1]
                 n1[e, F_NX] = nx - 1
             else:
-                n1[e, F_X0 + x] = q | (nw << XW_SHIFT)
+                n1[e, F_X0 + x] = q | (nws << XW_SHIFT)
             return True
     if nw == w:
         return True
@@ -371,7 +387,7 @@ def _set_xpage(n2, n1, w0, meta, i, e, q, nw):
     if nx == 0:
         _init_cnt1(n1, e)
     _add_cnt(n2, n1, meta, i, e, w, nw)
-    n1[e, F_X0 + nx] = q | (nw << XW_SHIFT)
+    n1[e, F_X0 + nx] = q | (nws << XW_SHIFT)
     n1[e, F_NX] = nx + 1
     return True
 
@@ -381,6 +397,7 @@ def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
     """Apply a transform to every page of 2 MiB entry ``e`` (no page table, with
     exceptions) without a page table. Returns pages changed."""
     w = n1[e, F_WORD]
+    ob = w & ORDER_MASK
     nx = n1[e, F_NX]
     nw = (w & ~clr) | setb if (w & cmask) == cval else w
     changed = 0
@@ -398,13 +415,13 @@ def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
     keep = 0
     for x in range(nx):
         v = n1[e, F_X0 + x]
-        xw = v >> XW_SHIFT
+        xw = (v >> XW_SHIFT) | ob
         nxw = (xw & ~clr) | setb if (xw & cmask) == cval else xw
         if nxw != xw:
             changed += 1
             _add_cnt(n2, n1, meta, i, e, xw, nxw)
         if nxw != nw:
-            n1[e, F_X0 + keep] = (v & XQ_MASK) | (nxw << XW_SHIFT)
+            n1[e, F_X0 + keep] = (v & XQ_MASK) | ((nxw & ~ORDER_MASK) << XW_SHIFT)
             keep += 1
     n1[e, F_NX] = keep
     return changed
@@ -425,7 +442,7 @@ def _fold_l0(n1, w0, meta, e):
     for q in range(1, N1):
         if w0[base + q] != w:
             return
-    n1[e, F_WORD] = np.int64(w)
+    n1[e, F_WORD] = np.int64(w) | (n1[e, F_WORD] & ORDER_MASK)
     n1[e, F_CHILD] = -1
     _free_l0(w0, meta, u)
 
@@ -468,12 +485,13 @@ def get_word(n2, n1, w0, p):
         if n1[e, F_NX]:
             return _xword(n1, e, p & (N1 - 1))
         return n1[e, F_WORD]
-    return np.int64(w0[u * N1 + (p & (N1 - 1))])
+    return np.int64(w0[u * N1 + (p & (N1 - 1))]) | (n1[e, F_WORD] & ORDER_MASK)
 
 
 @njit(cache=True, nogil=True, forceinline=True)
 def set_word(n2, n1, w0, meta, p, nw):
-    """Set page ``p``'s word to ``nw`` (a one-page ``walk_apply``, without the walk)."""
+    """Set page ``p``'s word to ``nw`` (a one-page ``walk_apply``, without the walk).
+    The page's folio order does not change (``nw``'s ``ORDER_MASK`` bits are its own)."""
     i = p >> S2
     t = n2[i, F_CHILD]
     if t < 0:
@@ -489,10 +507,10 @@ def set_word(n2, n1, w0, meta, p, nw):
             return
         u = _split_l1(n1, w0, meta, e)
     r = u * N1 + q
-    w = np.int64(w0[r])
+    w = np.int64(w0[r]) | (n1[e, F_WORD] & ORDER_MASK)
     if w == nw:
         return
-    w0[r] = nw
+    w0[r] = nw & ~ORDER_MASK
     _add_cnt(n2, n1, meta, i, e, w, nw)
     _fold_l0(n1, w0, meta, e)
     _fold_l1(n2, n1, meta, i)
@@ -514,17 +532,18 @@ def get_words(n2, n1, w0, p0, p1, out):
         e = t * N1 + ((p >> S1) & (N1 - 1))
         hi = min(p1, c0 + N1)
         u = n1[e, F_CHILD]
+        ob = n1[e, F_WORD] & ORDER_MASK
         if u < 0:
             out[p - p0:hi - p0] = n1[e, F_WORD]
             for x in range(n1[e, F_NX]):
                 v = n1[e, F_X0 + x]
                 pg = c0 + (v & XQ_MASK)
                 if p <= pg < hi:
-                    out[pg - p0] = v >> XW_SHIFT
+                    out[pg - p0] = (v >> XW_SHIFT) | ob
         else:
             b = u * N1 + (p & (N1 - 1))
             for q in range(hi - p):
-                out[p - p0 + q] = w0[b + q]
+                out[p - p0 + q] = np.int64(w0[b + q]) | ob
         p = hi
 
 
@@ -537,17 +556,51 @@ def _single_bit(cmask):
     return -1
 
 
+@njit(cache=True, nogil=True, forceinline=True)
+def _match1(n1, e, cmask, cval):
+    """Whether every page (1), no page (0) of 2 MiB entry ``e`` (with counts) satisfies
+    ``w & cmask == cval``, as its counts and folio order show; -1 if they cannot tell."""
+    if cmask & ~(COUNTED_MASK | ORDER_MASK):
+        return -1
+    rep = n1[e, F_WORD] & ORDER_MASK
+    for k in range(NCOUNTED):
+        if (cmask >> k) & 1:
+            c = n1[e, F_CNT + k]
+            if c == N1:
+                rep |= np.int64(1) << k
+            elif c != 0:
+                return -1
+    return 1 if (rep & cmask) == cval else 0
+
+
+@njit(cache=True, nogil=True, forceinline=True)
+def _match2(n2, i, cmask, cval):
+    """``_match1`` for 1 GiB entry ``i`` (with a table), on counted bits only."""
+    if cmask & ~COUNTED_MASK:
+        return -1
+    rep = 0
+    for k in range(NCOUNTED):
+        if (cmask >> k) & 1:
+            c = n2[i, F_CNT + k]
+            if c == N2:
+                rep |= np.int64(1) << k
+            elif c != 0:
+                return -1
+    return 1 if (rep & cmask) == cval else 0
+
+
 @njit(cache=True, nogil=True)
 def _xcount(n1, e, c0, clo, chi, cmask, cval):
     """Pages of ``[clo, chi)`` in 2 MiB entry ``e`` (no page table) matching."""
     inside = 0
     hits = 0
+    ob = n1[e, F_WORD] & ORDER_MASK
     for x in range(n1[e, F_NX]):
         v = n1[e, F_X0 + x]
         pg = c0 + (v & XQ_MASK)
         if clo <= pg < chi:
             inside += 1
-            if ((v >> XW_SHIFT) & cmask) == cval:
+            if (((v >> XW_SHIFT) | ob) & cmask) == cval:
                 hits += 1
     if (n1[e, F_WORD] & cmask) == cval:
         hits += chi - clo - inside
@@ -572,22 +625,39 @@ def walk_count(n2, n1, w0, p0, p1, cmask, cval):
             c = n2[i, F_CNT + k]
             total += c if cval != 0 else N2 - c
             continue
+        m = _match2(n2, i, cmask, cval)
+        if m >= 0:
+            total += (hi - lo) * m
+            continue
         for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
             e = t * N1 + j
             c0 = b0 + (j << S1)
             clo = max(lo, c0)
             chi = min(hi, c0 + N1)
             u = n1[e, F_CHILD]
+            if u < 0 and n1[e, F_NX] == 0:
+                if (n1[e, F_WORD] & cmask) == cval:
+                    total += chi - clo
+                continue
             if k >= 0 and clo == c0 and chi == c0 + N1:
-                c = cnt1(n1, e, k)
+                c = n1[e, F_CNT + k]
                 total += c if cval != 0 else N1 - c
+                continue
+            m = _match1(n1, e, cmask, cval)
+            if m >= 0:
+                total += (chi - clo) * m
                 continue
             if u < 0:
                 total += _xcount(n1, e, c0, clo, chi, cmask, cval)
                 continue
+            ob = n1[e, F_WORD] & ORDER_MASK
+            if (ob & cmask) != (cval & ORDER_MASK):
+                continue
+            cm = cmask & ~ORDER_MASK
+            cv = cval & ~ORDER_MASK
             base = u * N1 - c0
             for p in range(clo, chi):
-                if (w0[base + p] & cmask) == cval:
+                if (w0[base + p] & cm) == cv:
                     total += 1
     return total
 
@@ -595,7 +665,6 @@ def walk_count(n2, n1, w0, p0, p1, cmask, cval):
 @njit(cache=True, nogil=True)
 def walk_first(n2, n1, w0, p0, p1, cmask, cval):
     """First page in ``[p0, p1)`` with ``w & cmask == cval``, or -1."""
-    k = _single_bit(cmask)
     for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
         b0 = i << S2
         lo = max(p0, b0)
@@ -605,32 +674,39 @@ def walk_first(n2, n1, w0, p0, p1, cmask, cval):
             if (n2[i, F_WORD] & cmask) == cval:
                 return lo
             continue
-        if k >= 0:
-            c = n2[i, F_CNT + k]
-            if (cval != 0 and c == 0) or (cval == 0 and c == N2):
-                continue
+        m = _match2(n2, i, cmask, cval)
+        if m == 0:
+            continue
+        if m == 1:
+            return lo
         for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
             e = t * N1 + j
             c0 = b0 + (j << S1)
             clo = max(lo, c0)
             chi = min(hi, c0 + N1)
-            if k >= 0:
-                c = cnt1(n1, e, k)
-                if (cval != 0 and c == 0) or (cval == 0 and c == N1):
-                    continue
             u = n1[e, F_CHILD]
+            if u < 0 and n1[e, F_NX] == 0:
+                if (n1[e, F_WORD] & cmask) == cval:
+                    return clo
+                continue
+            m = _match1(n1, e, cmask, cval)
+            if m == 0:
+                continue
+            if m == 1:
+                return clo
             if u < 0:
-                if n1[e, F_NX] == 0:
-                    if (n1[e, F_WORD] & cmask) == cval:
-                        return clo
-                    continue
                 for p in range(clo, chi):
                     if (_xword(n1, e, p - c0) & cmask) == cval:
                         return p
                 continue
+            ob = n1[e, F_WORD] & ORDER_MASK
+            if (ob & cmask) != (cval & ORDER_MASK):
+                continue
+            cm = cmask & ~ORDER_MASK
+            cv = cval & ~ORDER_MASK
             base = u * N1 - c0
             for p in range(clo, chi):
-                if (w0[base + p] & cmask) == cval:
+                if (w0[base + p] & cm) == cv:
                     return p
     return -1
 
@@ -641,6 +717,10 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
 
     Returns the number of pages whose word changed. Keeps every count and folds tables
     that become uniform. Creates at most two tables of each level (at the range's ends).
+    A change of folio order (``ORDER_MASK`` bits) must be the same for every page of each
+    2 MiB block it touches: the order is kept per 2 MiB entry, so changing it costs one
+    write per block whatever the pages below hold. A few pages of a uniform 2 MiB block
+    (up to ``NX``) become exceptions of its entry rather than a page table.
     """
     changed = 0
     for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
@@ -664,7 +744,10 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
                 changed += N2
                 continue
             t = _split_l2(n2, n1, meta, i)
+        elif _match2(n2, i, cmask, cval) == 0:
+            continue
         touched = False
+        order_only = ((clr | setb) & ~ORDER_MASK) == 0
         for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
             e = t * N1 + j
             c0 = b0 + (j << S1)
@@ -681,6 +764,25 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
                             touched = True
                             changed += ch
                         continue
+                    if chi - clo <= NX:
+                        # page by page, as exceptions while they fit
+                        fits = True
+                        for p in range(clo, chi):
+                            xw = _xword(n1, e, p - c0)
+                            if (xw & cmask) != cval:
+                                continue
+                            nxw = (xw & ~clr) | setb
+                            if nxw == xw:
+                                continue
+                            if not _set_xpage(n2, n1, w0, meta, i, e, p - c0, nxw):
+                                fits = False
+                                break
+                            touched = True
+                            changed += 1
+                        if fits:
+                            continue
+                    # the rest through a page table (pages already done match no more,
+                    # or change no more: the transform is idempotent)
                     u = _split_l1(n1, w0, meta, e)
                 else:
                     if (w & cmask) != cval:
@@ -699,20 +801,51 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
                         n1[e, F_WORD] = nw
                         changed += N1
                         continue
+                    if chi - clo <= NX:
+                        _init_cnt1(n1, e)
+                        nws = nw & ~ORDER_MASK
+                        for p in range(clo, chi):
+                            _add_cnt(n2, n1, meta, i, e, w, nw)
+                            n1[e, F_X0 + p - clo] = (p - c0) | (nws << XW_SHIFT)
+                        n1[e, F_NX] = chi - clo
+                        changed += chi - clo
+                        continue
                     u = _split_l1(n1, w0, meta, e)
+            ob = n1[e, F_WORD] & ORDER_MASK
+            m = _match1(n1, e, cmask, cval)
+            if m == 0:
+                continue
+            if whole:
+                if m == 1 and order_only:
+                    # a new folio order for the whole block: the entry's bits alone
+                    nob = (ob & ~clr) | setb
+                    if nob != ob:
+                        n1[e, F_WORD] = (n1[e, F_WORD] & ~ORDER_MASK) | nob
+                        if (ob ^ nob) & HUGE:
+                            d = N1 if nob & HUGE else -N1
+                            n1[e, F_CNT + K_HUGE] += d
+                            n2[i, F_CNT + K_HUGE] += d
+                            meta[M_GCNT + K_HUGE] += d
+                        touched = True
+                        changed += N1
+                    continue
             base = u * N1 - c0
             n_here = 0
+            nob = ob
             for p in range(clo, chi):
-                w = np.int64(w0[base + p])
+                w = np.int64(w0[base + p]) | ob
                 if (w & cmask) != cval:
                     continue
                 nw = (w & ~clr) | setb
                 if nw == w:
                     continue
-                w0[base + p] = nw
+                w0[base + p] = nw & ~ORDER_MASK
+                nob = nw & ORDER_MASK
                 n_here += 1
                 _add_cnt(n2, n1, meta, i, e, w, nw)
             if n_here:
+                if nob != ob:
+                    n1[e, F_WORD] = (n1[e, F_WORD] & ~ORDER_MASK) | nob
                 touched = True
                 changed += n_here
                 _fold_l0(n1, w0, meta, e)
@@ -723,7 +856,9 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
 
 @njit(cache=True, nogil=True)
 def walk_transitions(n2, n1, w0, p0, p1, bit):
-    """Number of ``p`` in ``(p0, p1)`` where ``bit`` differs between page p-1 and p."""
+    """Number of ``p`` in ``(p0, p1)`` where ``bit`` (a counted bit) differs between page
+    p-1 and p. Blocks whose counts show the bit uniform cost one step."""
+    k = _single_bit(bit)
     total = 0
     prev = -1
     for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
@@ -731,8 +866,12 @@ def walk_transitions(n2, n1, w0, p0, p1, bit):
         lo = max(p0, b0)
         hi = min(p1, b0 + N2)
         t = n2[i, F_CHILD]
+        v = -1
         if t < 0:
             v = 1 if n2[i, F_WORD] & bit else 0
+        elif n2[i, F_CNT + k] == 0 or n2[i, F_CNT + k] == N2:
+            v = 1 if n2[i, F_CNT + k] else 0
+        if v >= 0:
             if prev >= 0 and v != prev:
                 total += 1
             prev = v
@@ -743,8 +882,9 @@ def walk_transitions(n2, n1, w0, p0, p1, bit):
             clo = max(lo, c0)
             chi = min(hi, c0 + N1)
             u = n1[e, F_CHILD]
-            if u < 0 and n1[e, F_NX] == 0:
-                v = 1 if n1[e, F_WORD] & bit else 0
+            c = cnt1(n1, e, k)
+            if c == 0 or c == N1:
+                v = 1 if c else 0
                 if prev >= 0 and v != prev:
                     total += 1
                 prev = v
@@ -790,7 +930,7 @@ def zap_host(n2, n1, w0, meta, p0, p1):
     """Unmap the host userspace mappings of ``[p0, p1)`` (every process)."""
     if gcount(meta, K_HMAP) == 0:
         return 0
-    z = walk_apply(n2, n1, w0, meta, p0, p1, HMAP, HMAP, HMAP, 0)
+    z = walk_apply(n2, n1, w0, meta, p0, p1, HMAP, HMAP, HMAP, I0)
     meta[C_HOST_PTES_ZAPPED] += z
     _tlb_flush(meta, z)
     return z
@@ -802,7 +942,7 @@ def zap_guest(n2, n1, w0, meta, p0, p1):
     meta[C_GUEST_INVALIDATIONS] += 1
     if gcount(meta, K_GMAP) == 0:
         return 0
-    z = walk_apply(n2, n1, w0, meta, p0, p1, GMAP, GMAP, GMAP, 0)
+    z = walk_apply(n2, n1, w0, meta, p0, p1, GMAP, GMAP, GMAP, I0)
     meta[C_GUEST_PTES_ZAPPED] += z
     return z
 
@@ -827,8 +967,8 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
         if m == 0:
             continue
         total += m
-        if (m == N2 and n2[i, F_DSPLIT] == 0
-                and walk_count(n2, n1, w0, lo, hi, cmask | GIG, cval | GIG) == N2):
+        if (m == N2 and n2[i, F_DSPLIT] == 0 and meta[M_ORDER] == S2
+                and cnt2(n2, i, K_HUGE) == N2):
             entries += 1
         else:
             if n2[i, F_DSPLIT] == 0:
@@ -846,7 +986,7 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
                 if t >= 0:
                     split = n1[t * N1 + j, F_DSPLIT]
                 if (m2 == N1 and split == 0
-                        and walk_count(n2, n1, w0, clo, chi, cmask | HUGE, cval | HUGE) == N1):
+                        and walk_count(n2, n1, w0, clo, chi, HUGE, HUGE) == N1):
                     entries += 1
                     continue
                 if split == 0:
@@ -904,8 +1044,8 @@ def split_folios(n2, n1, w0, meta, p0, p1):
             c1 = hi if whole else c0 + N1
             t = n2[i, F_CHILD]
             # 2 MiB blocks whose counts show no huge folio are skipped too
-            if whole or t < 0 or cnt1(n1, t * N1 + ((c0 - b0) >> S1), 7):
-                ch += walk_apply(n2, n1, w0, meta, c0, c1, HUGE, HUGE, ORDER_MASK, 0)
+            if whole or t < 0 or cnt1(n1, t * N1 + ((c0 - b0) >> S1), K_HUGE):
+                ch += walk_apply(n2, n1, w0, meta, c0, c1, HUGE, HUGE, ORDER_MASK, I0)
             c0 = c1
     nf = ch >> order
     _count_split(meta, nf)
@@ -962,7 +1102,7 @@ def merge_folios(n2, n1, w0, meta, p0, p1):
                 j += 1
                 if not _mergeable(cnt1(n1, e, K_ALLOC), cnt1(n1, e, K_PRIV), cnt1(n1, e, K_PIN), cnt1(n1, e, K_HUGE), N1):
                     continue
-            walk_apply(n2, n1, w0, meta, b0 + (a << S1), b0 + (j << S1), 0, 0, 0, ob)
+            walk_apply(n2, n1, w0, meta, b0 + (a << S1), b0 + (j << S1), I0, I0, I0, ob)
             merged += 1 if order == S2 else j - a
     if merged:
         if order == S1:
@@ -999,11 +1139,11 @@ def _alloc_block(n2, n1, w0, meta, q0, q1, holes, npriv, order):
             setb = ALLOC | _order_bits(order)
         else:
             # allocated huge, split at once: a huge folio may not hold shared pages
-            _count_split(meta, 1)
+            _count_split(meta, I1)
         _count_zero(meta, n, order)
     else:
-        _count_zero(meta, holes, 0)
-    walk_apply(n2, n1, w0, meta, q0, q1, ALLOC, 0, 0, setb)
+        _count_zero(meta, holes, I0)
+    walk_apply(n2, n1, w0, meta, q0, q1, ALLOC, I0, I0, setb)
     meta[C_PAGES_ALLOCATED] += holes
 
 
@@ -1016,9 +1156,9 @@ def allocate(n2, n1, w0, meta, p0, p1):
     order = meta[M_ORDER]
     before = meta[C_PAGES_ALLOCATED]
     if order == 0:
-        ch = walk_apply(n2, n1, w0, meta, p0, p1, ALLOC, 0, 0, ALLOC)
+        ch = walk_apply(n2, n1, w0, meta, p0, p1, ALLOC, I0, I0, ALLOC)
         meta[C_PAGES_ALLOCATED] += ch
-        _count_zero(meta, ch, 0)
+        _count_zero(meta, ch, I0)
     else:
         bmask = (np.int64(1) << order) - 1
         q0 = p0 & ~bmask
@@ -1035,7 +1175,7 @@ def allocate(n2, n1, w0, meta, p0, p1):
                 w = n2[i, F_WORD]
                 if w & ALLOC:
                     continue
-                walk_apply(n2, n1, w0, meta, lo, hi, 0, 0, 0, ALLOC | (HUGE if w & PRIV else 0))
+                walk_apply(n2, n1, w0, meta, lo, hi, I0, I0, I0, ALLOC | (HUGE if w & PRIV else 0))
                 if not w & PRIV:
                     _count_split(meta, (hi - lo) >> S1)
                 _count_zero(meta, hi - lo, S1)
@@ -1061,7 +1201,7 @@ def allocate(n2, n1, w0, meta, p0, p1):
         if pol != DMAP_KEEP:
             # no-direct-map: every new page leaves it; on-conversion: the private ones
             priv = PRIV if pol == DMAP_ONCONV else 0
-            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | priv | DMAP_OFF, ALLOC | priv, True)
+            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | priv | DMAP_OFF, ALLOC | priv, YES)
     return done
 
 
@@ -1076,10 +1216,10 @@ def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state, map_pages, prefault)
     pages, already bounded by the caller; 0: at the chunk's level) and ``prefault`` says
     the VMM mapped it before the guest asked (KVM_PRE_FAULT_MEMORY). The work counted
     per case is docs/model.md §4.9."""
-    n_new = walk_count(n2, n1, w0, p0, p1, TE_MASK, 0)
+    n_new = walk_count(n2, n1, w0, p0, p1, TE_MASK, I0)
     if n_new == 0:
         return 0
-    walk_apply(n2, n1, w0, meta, p0, p1, TE_MASK, 0, 0, (te_state << TE_SHIFT) | GMAP)
+    walk_apply(n2, n1, w0, meta, p0, p1, TE_MASK, I0, I0, (te_state << TE_SHIFT) | GMAP)
     chunks = (n_new + chunk_pages - 1) // chunk_pages
     vt = meta[M_VMTYPE]
     if vt != VM_TDX and vt != VM_SNP:
@@ -1138,7 +1278,7 @@ def _te_release(n2, n1, w0, meta, p0, p1):
     vt = meta[M_VMTYPE]
     if vt == VM_SW:
         return 0
-    ch = walk_apply(n2, n1, w0, meta, p0, p1, 0, 0, TE_MASK, 0)
+    ch = walk_apply(n2, n1, w0, meta, p0, p1, I0, I0, TE_MASK, I0)
     if ch == 0:
         return 0
     if vt == VM_SNP:
@@ -1171,7 +1311,7 @@ def _te_split_cost(meta, nsplit_folios):
 @njit(cache=True, nogil=True)
 def attribute_ranges(n2, n1, w0, meta):
     """Maximal runs of equal shareability over the file (the per-file store's size)."""
-    return 1 + walk_transitions(n2, n1, w0, 0, meta[M_NPAGES], PRIV)
+    return 1 + walk_transitions(n2, n1, w0, I0, meta[M_NPAGES], PRIV)
 
 
 @njit(cache=True, nogil=True)
@@ -1256,7 +1396,7 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     # 8. contents of the pages whose shareability changes (zeroed: they hold no bytes)
     clr = PRIV
     if zero and gcount(meta, K_ALLOC) > 0:
-        _count_zero(meta, walk_count(n2, n1, w0, p0, p1, ALLOC | PRIV, ALLOC | old), 0)
+        _count_zero(meta, walk_count(n2, n1, w0, p0, p1, ALLOC | PRIV, ALLOC | old), I0)
         clr = PRIV | DATA
     # 9. store the attributes (one range entry in the per-file store)
     ch = walk_apply(n2, n1, w0, meta, p0, p1, PRIV, old, clr, want)
@@ -1304,7 +1444,7 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
         if w & HMAP:
             nw &= ~HMAP
             meta[C_HOST_PTES_ZAPPED] += 1
-            _tlb_flush(meta, 1)
+            _tlb_flush(meta, I1)
         if w & ALLOC:
             meta[C_FOLIOS_CHECKED] += 1
         if w & PIN:
@@ -1326,7 +1466,7 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
             meta[C_TDX_SEAMCALL_TRACK] += 1
             meta[C_TDX_SEAMCALL_PAGE_REMOVE] += 1
     if zero and (w & ALLOC):
-        _count_zero(meta, 1, 0)
+        _count_zero(meta, I1, I0)
         nw &= ~DATA
     if to_private:
         nw |= PRIV
@@ -1396,9 +1536,9 @@ def punch(n2, n1, w0, meta, p0, p1):
         if p1 & bmask:
             split_folios(n2, n1, w0, meta, p1 - 1, p1)
     if gcount(meta, K_DMAP_OFF) > 0:
-        dmap_change(n2, n1, w0, meta, p0, p1, DMAP_OFF, DMAP_OFF, False)
+        dmap_change(n2, n1, w0, meta, p0, p1, DMAP_OFF, DMAP_OFF, NO)
     ch = walk_apply(n2, n1, w0, meta, p0, p1, ALLOC, ALLOC,
-                    ALLOC | ORDER_MASK | HMAP | GMAP | PIN | DATA | DMAP_OFF | TE_MASK, 0)
+                    ALLOC | ORDER_MASK | HMAP | GMAP | PIN | DATA | DMAP_OFF | TE_MASK, I0)
     meta[C_PAGES_FREED] += ch
     return 0, -1
 
@@ -1485,7 +1625,10 @@ def check_tree(n2, n1, w0, meta):
                 return INV_EXCEPTIONS, c0
             for x in range(nx):
                 v = n1[e, F_X0 + x]
-                if (v >> XW_SHIFT) == n1[e, F_WORD] or (v & XQ_MASK) >= N1:
+                if (v >> XW_SHIFT) & ORDER_MASK:
+                    return INV_ORDER, c0 + (v & XQ_MASK)
+                if ((v >> XW_SHIFT) | (n1[e, F_WORD] & ORDER_MASK)) == n1[e, F_WORD] \
+                        or (v & XQ_MASK) >= N1:
                     return INV_EXCEPTIONS, c0
                 for y in range(x):
                     if (n1[e, F_X0 + y] & XQ_MASK) == (v & XQ_MASK):
@@ -1496,6 +1639,9 @@ def check_tree(n2, n1, w0, meta):
                     w = _xword(n1, e, q)
                 else:
                     w = np.int64(w0[u * N1 + q])
+                    if w & ORDER_MASK:
+                        return INV_ORDER, c0 + q
+                    w |= n1[e, F_WORD] & ORDER_MASK
                 p = c0 + q
                 if p >= npages:
                     if w != meta[M_INITW]:
@@ -1542,3 +1688,49 @@ def dmap_entries(n2, n1, npages):
             else:
                 e2m += 1
     return e1g, e2m, e4k
+
+
+# ======================================================================================
+# the saved form: every stored page word complete
+# ======================================================================================
+
+@njit(cache=True, nogil=True)
+def order_bits_to_pages(n2, n1, w0, meta, on):
+    """Copy (``on``) each 2 MiB entry's folio order into its page table and exceptions,
+    the form a state is saved in, or take it back out (``not on``) into the entry, the
+    form the kernels keep. Taking it out checks what it relies on, for a loaded state:
+    returns ``(INV_HUGE_BLOCK, page)`` if the pages of a 2 MiB block differ in order,
+    ``(INV_COUNTS, page)`` if a table index is out of range, else ``(0, -1)``."""
+    for i in range(n2.shape[0]):
+        t = n2[i, F_CHILD]
+        if t < 0:
+            continue
+        if (t + 1) * N1 > n1.shape[0]:
+            return INV_COUNTS, i << S2
+        for j in range(N1):
+            e = t * N1 + j
+            c0 = (i << S2) + (j << S1)
+            u = n1[e, F_CHILD]
+            nx = n1[e, F_NX]
+            if u < 0 and nx == 0:
+                continue
+            if (u + 1) * N1 > w0.shape[0] or nx < 0 or nx > NX:
+                return INV_COUNTS, c0
+            ob = n1[e, F_WORD] & ORDER_MASK
+            if u >= 0:
+                base = u * N1
+                if not on:
+                    ob = np.int64(w0[base]) & ORDER_MASK
+                    for q in range(N1):
+                        if (np.int64(w0[base + q]) & ORDER_MASK) != ob:
+                            return INV_HUGE_BLOCK, c0 + q
+                    n1[e, F_WORD] = (n1[e, F_WORD] & ~ORDER_MASK) | ob
+                for q in range(N1):
+                    w0[base + q] = (np.int64(w0[base + q]) & ~ORDER_MASK) | (ob if on else I0)
+            for x in range(nx):
+                v = n1[e, F_X0 + x]
+                xw = v >> XW_SHIFT
+                if not on and (xw & ORDER_MASK) != ob:
+                    return INV_HUGE_BLOCK, c0 + (v & XQ_MASK)
+                n1[e, F_X0 + x] = (v & XQ_MASK) | (((xw & ~ORDER_MASK) | (ob if on else I0)) << XW_SHIFT)
+    return 0, -1

@@ -16,7 +16,7 @@ from numba.core import types
 
 from . import _kernels as K
 from ._layout import (ALLOC, COUNTER_INDEX, COUNTER_NAMES, DATA, DIRECT_MAP_CODES, GIG, HMAP,
-                      HUGE, K_DATA, K_HUGE, MERGE_CODES, NCOUNTERS, PRIV, TE_MASK, TE_SHIFT,
+                      HUGE, INVARIANTS, K_DATA, K_HUGE, MERGE_CODES, NCOUNTERS, PRIV, TE_MASK, TE_SHIFT,
                       VM_TYPE_CODES)
 from .units import PAGE_SHIFT, PAGE_SIZE
 
@@ -359,10 +359,15 @@ class PageStore:
         m = self._meta
         pages = self.data_pages()
         blob = np.frombuffer(b"".join(self._data[p] for p in pages), np.uint8)
+        # saved with complete page words (the folio order in every page word), as the
+        # format has always been; the kernels keep the order per 2 MiB entry
+        n1 = self._n1[: int(m[K.M_USED1]) * K.N1].copy()
+        w0 = self._w0[: int(m[K.M_USED0]) * K.N1].copy()
+        K.order_bits_to_pages(self._n2, n1, w0, m, True)
         return {
             "n2": self._n2,
-            "n1": self._n1[: int(m[K.M_USED1]) * K.N1],
-            "w0": self._w0[: int(m[K.M_USED0]) * K.N1],
+            "n1": n1,
+            "w0": w0,
             "meta": m,
             "data_pages": np.array(pages, np.int64),
             "data_blob": blob,
@@ -385,6 +390,10 @@ class PageStore:
             raise ValueError("stored contents do not match their page list (damaged file)")
         meta[K.M_CAP1] = meta[K.M_USED1]
         meta[K.M_CAP0] = meta[K.M_USED0]
+        rule, page = K.order_bits_to_pages(n2, n1, w0, meta, False)
+        if rule:
+            raise ValueError(f"state is inconsistent (damaged file): page-state invariant {rule} "
+                             f"({INVARIANTS[rule]}) broken at page {page}")
         self._n2, self._n1, self._w0, self._meta = n2, n1, w0, meta
         self._data = {p: blob[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i, p in enumerate(pages)}
         self.reserve()
