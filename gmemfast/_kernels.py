@@ -24,6 +24,12 @@ and never bounds-check. Kernels that can decline report it with a named return c
 import numpy as np
 from numba import njit
 
+# Kernels never allocate (the callers hand them every array), so they run without numba's
+# reference counting (``_nrt=False``): with it, every call passing arrays costs atomic
+# increments and decrements, 25 ns a call, several times the work of most calls here.
+_KERNEL = {"cache": True, "nogil": True, "_nrt": False}
+_INLINE = {**_KERNEL, "forceinline": True}
+
 # Every constant is an int64 scalar, not a Python int: numba types a Python int constant
 # passed to another kernel as a literal and compiles that kernel once per distinct value
 # (``walk_apply`` seven times over); an int64 argument compiles it once. For the same
@@ -111,6 +117,7 @@ VM_SNP = _i(1)
 VM_TDX = _i(2)
 
 EAGAIN = _i(11)
+EFAULT = _i(14)
 ENOMEM = _i(12)
 TLB_CEILING = _i(33)    # tlb_single_page_flush_ceiling
 RC_GROW = _i(-1)        # nothing done: the pools need growing first
@@ -209,7 +216,7 @@ C_GUEST_PAGES_TOUCHED = _i(63)
 # pools
 # ======================================================================================
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _new_l1(n1, meta, w):
     t = meta[M_FREE1]
     if t >= 0:
@@ -228,14 +235,14 @@ def _new_l1(n1, meta, w):
     return t
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _free_l1(n1, meta, t):
     n1[t * N1, F_CHILD] = meta[M_FREE1]
     meta[M_FREE1] = t
     meta[M_NFREE1] += 1
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _new_l0(w0, meta, w):
     u = meta[M_FREE0]
     base = 0
@@ -254,7 +261,7 @@ def _new_l0(w0, meta, w):
     return u
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _free_l0(w0, meta, u):
     base = u * N1
     v = meta[M_FREE0] + 1   # stored +1 so that "none" (-1) packs as 0
@@ -266,7 +273,7 @@ def _free_l0(w0, meta, u):
     meta[M_NFREE0] += 1
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def free_tables(meta):
     """Free tables of (level 1, level 0) available without growing the pools."""
     return (meta[M_CAP1] - meta[M_USED1] + meta[M_NFREE1],
@@ -283,7 +290,7 @@ def free_tables(meta):
 # block then cost no page table. A fifth exception turns the entry into a page table.
 # ======================================================================================
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def cnt2(n2, i, k):
     """Pages of 1 GiB entry ``i`` with counted bit ``k`` set."""
     if n2[i, F_CHILD] < 0:
@@ -291,7 +298,7 @@ def cnt2(n2, i, k):
     return n2[i, F_CNT + k]
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def cnt1(n1, e, k):
     """Pages of 2 MiB entry ``e`` with counted bit ``k`` set."""
     if n1[e, F_CHILD] < 0 and n1[e, F_NX] == 0:
@@ -299,7 +306,7 @@ def cnt1(n1, e, k):
     return n1[e, F_CNT + k]
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _xword(n1, e, q):
     """Word of page ``q`` of 2 MiB entry ``e`` (no page table)."""
     w = n1[e, F_WORD]
@@ -310,7 +317,7 @@ def _xword(n1, e, q):
     return w
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _split_l2(n2, n1, meta, i):
     """Give uniform 1 GiB entry ``i`` a table of 512 uniform entries."""
     w = n2[i, F_WORD]
@@ -321,14 +328,14 @@ def _split_l2(n2, n1, meta, i):
     return t
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _init_cnt1(n1, e):
     w = n1[e, F_WORD]
     for k in range(NCOUNTED):
         n1[e, F_CNT + k] = N1 if (w >> k) & 1 else 0
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _split_l1(n1, w0, meta, e):
     """Give 2 MiB entry ``e`` (uniform, maybe with exceptions) a table of page words."""
     w = n1[e, F_WORD]
@@ -345,7 +352,7 @@ def _split_l1(n1, w0, meta, e):
     return u
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _add_cnt(n2, n1, meta, i, e, w, nw):
     """Count page word ``w`` becoming ``nw`` in entries ``e`` (2 MiB) and ``i`` (1 GiB)."""
     diff = (w ^ nw) & COUNTED_MASK
@@ -358,7 +365,7 @@ def _add_cnt(n2, n1, meta, i, e, w, nw):
                 meta[M_GCNT + k] += d
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _set_xpage(n2, n1, w0, meta, i, e, q, nw):
     """Set page ``q`` of 2 MiB entry ``e`` (no page table) to ``nw``, as an exception
     if it fits. Returns False when the entry needs a page table instead (untouched).
@@ -392,7 +399,7 @@ def _set_xpage(n2, n1, w0, meta, i, e, q, nw):
     return True
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
     """Apply a transform to every page of 2 MiB entry ``e`` (no page table, with
     exceptions) without a page table. Returns pages changed."""
@@ -427,7 +434,7 @@ def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
     return changed
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _fold_l0(n1, w0, meta, e):
     """Fold entry ``e``'s page table into the entry if all its pages are equal."""
     u = n1[e, F_CHILD]
@@ -447,7 +454,7 @@ def _fold_l0(n1, w0, meta, e):
     _free_l0(w0, meta, u)
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _fold_l1(n2, n1, meta, i):
     """Fold 1 GiB entry ``i``'s table into the entry if all its entries are equal."""
     t = n2[i, F_CHILD]
@@ -473,7 +480,7 @@ def _fold_l1(n2, n1, meta, i):
 # walks: read and transform page ranges
 # ======================================================================================
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def get_word(n2, n1, w0, p):
     i = p >> S2
     t = n2[i, F_CHILD]
@@ -488,7 +495,7 @@ def get_word(n2, n1, w0, p):
     return np.int64(w0[u * N1 + (p & (N1 - 1))]) | (n1[e, F_WORD] & ORDER_MASK)
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def set_word(n2, n1, w0, meta, p, nw):
     """Set page ``p``'s word to ``nw`` (a one-page ``walk_apply``, without the walk).
     The page's folio order does not change (``nw``'s ``ORDER_MASK`` bits are its own)."""
@@ -516,7 +523,7 @@ def set_word(n2, n1, w0, meta, p, nw):
     _fold_l1(n2, n1, meta, i)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def get_words(n2, n1, w0, p0, p1, out):
     """Fill ``out[0:p1-p0]`` with the page words of ``[p0, p1)``."""
     p = p0
@@ -547,7 +554,7 @@ def get_words(n2, n1, w0, p0, p1, out):
         p = hi
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _single_bit(cmask):
     """Index k if ``cmask`` is exactly one counted bit, else -1."""
     for k in range(NCOUNTED):
@@ -556,7 +563,7 @@ def _single_bit(cmask):
     return -1
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _match1(n1, e, cmask, cval):
     """Whether every page (1), no page (0) of 2 MiB entry ``e`` (with counts) satisfies
     ``w & cmask == cval``, as its counts and folio order show; -1 if they cannot tell."""
@@ -573,7 +580,7 @@ def _match1(n1, e, cmask, cval):
     return 1 if (rep & cmask) == cval else 0
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _match2(n2, i, cmask, cval):
     """``_match1`` for 1 GiB entry ``i`` (with a table), on counted bits only."""
     if cmask & ~COUNTED_MASK:
@@ -589,7 +596,7 @@ def _match2(n2, i, cmask, cval):
     return 1 if (rep & cmask) == cval else 0
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _xcount(n1, e, c0, clo, chi, cmask, cval):
     """Pages of ``[clo, chi)`` in 2 MiB entry ``e`` (no page table) matching."""
     inside = 0
@@ -607,7 +614,7 @@ def _xcount(n1, e, c0, clo, chi, cmask, cval):
     return hits
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def walk_count(n2, n1, w0, p0, p1, cmask, cval):
     """Number of pages in ``[p0, p1)`` whose word satisfies ``w & cmask == cval``."""
     k = _single_bit(cmask)
@@ -662,7 +669,7 @@ def walk_count(n2, n1, w0, p0, p1, cmask, cval):
     return total
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def walk_first(n2, n1, w0, p0, p1, cmask, cval):
     """First page in ``[p0, p1)`` with ``w & cmask == cval``, or -1."""
     for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
@@ -711,7 +718,7 @@ def walk_first(n2, n1, w0, p0, p1, cmask, cval):
     return -1
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
     """For pages of ``[p0, p1)`` with ``w & cmask == cval``: ``w = (w & ~clr) | setb``.
 
@@ -854,7 +861,7 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
     return changed
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def walk_transitions(n2, n1, w0, p0, p1, bit):
     """Number of ``p`` in ``(p0, p1)`` where ``bit`` (a counted bit) differs between page
     p-1 and p. Blocks whose counts show the bit uniform cost one step."""
@@ -901,7 +908,7 @@ def walk_transitions(n2, n1, w0, p0, p1, bit):
     return total
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def gcount(meta, k):
     """Pages of the file with counted bit ``k`` set."""
     c = meta[M_GCNT + k]
@@ -914,7 +921,7 @@ def gcount(meta, k):
 # mechanisms: TLB, direct map, folios
 # ======================================================================================
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _tlb_flush(meta, npages):
     if npages <= 0:
         return
@@ -925,7 +932,7 @@ def _tlb_flush(meta, npages):
     meta[C_TLB_SHOOTDOWNS] += 1
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def zap_host(n2, n1, w0, meta, p0, p1):
     """Unmap the host userspace mappings of ``[p0, p1)`` (every process)."""
     if gcount(meta, K_HMAP) == 0:
@@ -936,7 +943,7 @@ def zap_host(n2, n1, w0, meta, p0, p1):
     return z
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def zap_guest(n2, n1, w0, meta, p0, p1):
     """Invalidate the guest (stage-2) mappings of ``[p0, p1)``."""
     meta[C_GUEST_INVALIDATIONS] += 1
@@ -947,7 +954,7 @@ def zap_guest(n2, n1, w0, meta, p0, p1):
     return z
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
     """Remove (or restore) the pages of ``[p0, p1)`` matching the condition from the
     kernel direct map.
@@ -1003,12 +1010,12 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
     return total
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _vmemmap_per_folio(order):
     return HVO_FREED_2M if order == S1 else HVO_FREED_1G
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _count_split(meta, nfolios):
     if nfolios <= 0:
         return
@@ -1021,7 +1028,7 @@ def _count_split(meta, nfolios):
         meta[C_VMEMMAP_PAGES_RESTORED] += nfolios * _vmemmap_per_folio(order)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def split_folios(n2, n1, w0, meta, p0, p1):
     """Split to order 0 every huge folio touching ``[p0, p1)``. Returns folios split."""
     order = meta[M_ORDER]
@@ -1052,7 +1059,7 @@ def split_folios(n2, n1, w0, meta, p0, p1):
     return nf
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _order_bits(order):
     if order == S1:
         return HUGE
@@ -1061,12 +1068,12 @@ def _order_bits(order):
     return 0
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _mergeable(cnt_alloc, cnt_priv, cnt_pin, cnt_huge, n):
     return cnt_alloc == n and cnt_priv == n and cnt_pin == 0 and cnt_huge == 0
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def merge_folios(n2, n1, w0, meta, p0, p1):
     """Merge back to the backing order every huge block touching ``[p0, p1)`` that is
     wholly private, wholly allocated and holds no extra references."""
@@ -1114,7 +1121,7 @@ def merge_folios(n2, n1, w0, meta, p0, p1):
     return merged
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _count_zero(meta, npages, order):
     if npages <= 0:
         return
@@ -1127,7 +1134,7 @@ def _count_zero(meta, npages, order):
         meta[C_BYTES_ZEROED_4K] += npages * PAGE_BYTES
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _alloc_block(n2, n1, w0, meta, q0, q1, holes, npriv, order):
     """Allocate the holes of one aligned block ``[q0, q1)`` of the backing order."""
     if holes == 0:
@@ -1147,7 +1154,7 @@ def _alloc_block(n2, n1, w0, meta, q0, q1, holes, npriv, order):
     meta[C_PAGES_ALLOCATED] += holes
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def allocate(n2, n1, w0, meta, p0, p1):
     """Allocate every hole of ``[p0, p1)`` widened to whole blocks of the backing order.
 
@@ -1205,7 +1212,7 @@ def allocate(n2, n1, w0, meta, p0, p1):
     return done
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state, map_pages, prefault):
     """The guest accepts (TDX) or validates (SNP) the private pages of ``[p0, p1)`` in
     chunks of ``chunk_pages`` (1 or 512): each page (already allocated by the caller) is
@@ -1270,7 +1277,7 @@ def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state, map_pages, prefault)
     return chunks
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _te_release(n2, n1, w0, meta, p0, p1):
     """The trusted entity gives pages of ``[p0, p1)`` back to the host: SNP RMP entries
     become hypervisor-owned (an RMPUPDATE each), TDX secure-EPT entries are removed (a
@@ -1291,7 +1298,7 @@ def _te_release(n2, n1, w0, meta, p0, p1):
     return ch
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _te_split_cost(meta, nsplit_folios):
     """Breaking a huge folio's trusted-entity mapping: PSMASH per 2 MiB RMP entry on
     SNP, TDH.MEM.PAGE.DEMOTE per 2 MiB secure-EPT mapping on TDX."""
@@ -1308,13 +1315,13 @@ def _te_split_cost(meta, nsplit_folios):
 # operations
 # ======================================================================================
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def attribute_ranges(n2, n1, w0, meta):
     """Maximal runs of equal shareability over the file (the per-file store's size)."""
     return 1 + walk_transitions(n2, n1, w0, I0, meta[M_NPAGES], PRIV)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _ranges_after(n2, n1, w0, meta, p0, p1, v):
     npages = meta[M_NPAGES]
     lo = max(p0 - 1, 0)
@@ -1330,7 +1337,7 @@ def _ranges_after(n2, n1, w0, meta, p0, p1, v):
     return attribute_ranges(n2, n1, w0, meta) + after - before
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _folios_checked(n2, n1, w0, meta, p0, p1):
     if gcount(meta, K_ALLOC) == 0:
         return 0
@@ -1344,7 +1351,7 @@ def _folios_checked(n2, n1, w0, meta, p0, p1):
     return small + (walk_count(n2, n1, w0, q0, q1, HUGE, HUGE) >> order)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     """``KVM_SET_MEMORY_ATTRIBUTES2`` on the file for a validated range.
 
@@ -1415,7 +1422,7 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     return 0, -1
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def convert_page(n2, n1, w0, meta, p, to_private, zero):
     """``convert`` of the single page ``p``: one read and one write of its word.
 
@@ -1481,15 +1488,83 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
     return 0, -1
 
 
-@njit(cache=True, nogil=True)
-def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, start, out_err, out_page):
-    """Apply conversions ``start..`` of validated page ranges ``[p0s[x], p1s[x])`` in
-    order, each with its own result in ``out_err``/``out_page``. Items whose ``out_err``
-    is already set (refused by the caller's validation) are skipped.
+@njit(**_KERNEL)
+def group_items(p0s, p1s, to_private, zero, skip, shift, start, order, g0, g1, gpriv, gzero):
+    """The items whose ``skip`` is 0 grouped by the block ``p0 >> shift`` they lie in
+    (blocks in ascending order, the items of one block in their own order): a counting
+    sort, ``start`` (zeros, one more than the blocks) its scratch. Fills ``order`` with
+    their indices and ``g0``, ``g1``, ``gpriv``, ``gzero`` with their arguments in that
+    order (written block by block as they are read: one pass over each array). Returns
+    how many, or -1 (nothing grouped) if an item spans two blocks."""
+    n = p0s.shape[0]
+    nblocks = start.shape[0] - 1
+    for x in range(n):
+        if skip[x] != 0:
+            continue
+        b = p0s[x] >> shift
+        if ((p1s[x] - 1) >> shift) != b:
+            return -1
+        start[b + 1] += 1
+    for b in range(nblocks):
+        start[b + 1] += start[b]
+    m = start[nblocks]
+    for x in range(n):
+        if skip[x] != 0:
+            continue
+        b = p0s[x] >> shift
+        k = start[b]
+        start[b] = k + 1
+        order[k] = x
+        g0[k] = p0s[x]
+        g1[k] = p1s[x]
+        gpriv[k] = to_private[x]
+        gzero[k] = zero[x]
+    return m
 
-    Returns the index to resume at: ``len(p0s)`` when done, earlier when the pools need
+
+@njit(**_KERNEL)
+def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, order, skip_set, start, out_err,
+                 out_page):
+    """Apply conversions ``start..`` of validated page ranges ``[p0s[k], p1s[k])`` in that
+    order; the result of conversion ``k`` is item ``order[k]``'s, in ``out_err`` and
+    ``out_page``, which start at 0 and -1 for every item to do. ``skip_set``: items whose
+    ``out_err`` is already set (refused by the caller's validation) are among them, and
+    skipped.
+
+    The conversions are the batch's items in order, or grouped by block where the results
+    cannot differ (``group_items``): the work on one block then stays in cache. Returns
+    the conversion to resume at: ``len(p0s)`` when done, earlier when the pools need
     growing first.
     """
+    n = p0s.shape[0]
+    for k in range(start, n):
+        x = order[k]
+        if skip_set and out_err[x] != 0:
+            continue
+        f1, f0 = free_tables(meta)
+        if f1 < RESERVE or f0 < RESERVE:
+            return k
+        p0 = p0s[k]
+        p1 = p1s[k]
+        e, pg = RC_SLOW, -1
+        if p1 == p0 + 1:
+            e, pg = convert_page(n2, n1, w0, meta, p0, to_private[k] != 0, zero[k] != 0)
+        if e == RC_SLOW:
+            e, pg = convert(n2, n1, w0, meta, p0, p1, to_private[k] != 0, zero[k] != 0)
+        if e != 0 or pg != -1:       # (``out_err`` and ``out_page`` start at 0 and -1)
+            out_err[x] = e
+            out_page[x] = pg
+    return n
+
+
+@njit(**_KERNEL)
+def accept_many(n2, n1, w0, meta, p0s, p1s, chunk_pages, te_state, map_pages, prefault, check,
+                start, out_err, out_page, out_chunks):
+    """``accept`` of the page ranges ``[p0s[x], p1s[x])`` from item ``start`` on, in order,
+    each allocated first; items whose ``out_err`` is set are skipped. ``check``: an item
+    with a shared page is refused (``EFAULT`` at that page, nothing done): the guest's
+    private access faults. Fills ``out_chunks``; returns the item to resume at (``len``
+    when done, earlier when the pools need growing)."""
     n = p0s.shape[0]
     for x in range(start, n):
         if out_err[x] != 0:
@@ -1499,17 +1574,44 @@ def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, start, out_err, o
             return x
         p0 = p0s[x]
         p1 = p1s[x]
-        e, pg = RC_SLOW, -1
-        if p1 == p0 + 1:
-            e, pg = convert_page(n2, n1, w0, meta, p0, to_private[x] != 0, zero[x] != 0)
-        if e == RC_SLOW:
-            e, pg = convert(n2, n1, w0, meta, p0, p1, to_private[x] != 0, zero[x] != 0)
-        out_err[x] = e
-        out_page[x] = pg
+        if check:
+            f = walk_first(n2, n1, w0, p0, p1, PRIV, I0)
+            if f >= 0:
+                out_err[x] = EFAULT
+                out_page[x] = f
+                continue
+        allocate(n2, n1, w0, meta, p0, p1)
+        out_chunks[x] = accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state, map_pages, prefault)
     return n
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
+def fallocate_many(n2, n1, w0, meta, punch_hole, p0s, p1s, start, out_err, out_page):
+    """Allocations and hole punches (``punch_hole[x]``) of validated page ranges, in order
+    from item ``start``; items whose ``out_err`` is set are skipped, empty punches do
+    nothing. Fills ``out_err``/``out_page`` (a punch's ``EAGAIN`` at a pinned page);
+    returns the item to resume at, as ``accept_many``."""
+    n = p0s.shape[0]
+    for x in range(start, n):
+        if out_err[x] != 0:
+            continue
+        f1, f0 = free_tables(meta)
+        if f1 < RESERVE or f0 < RESERVE:
+            return x
+        p0 = p0s[x]
+        p1 = p1s[x]
+        if p0 >= p1:
+            continue
+        if punch_hole[x]:
+            e, pg = punch(n2, n1, w0, meta, p0, p1)
+            out_err[x] = e
+            out_page[x] = pg
+        else:
+            allocate(n2, n1, w0, meta, p0, p1)
+    return n
+
+
+@njit(**_KERNEL)
 def punch(n2, n1, w0, meta, p0, p1):
     """Punch a hole over ``[p0, p1)`` (already clamped to the file).
 
@@ -1547,7 +1649,7 @@ def punch(n2, n1, w0, meta, p0, p1):
 # invariants
 # ======================================================================================
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _word_ok(w, meta):
     """0 if a page word is consistent, else the ``INV_*`` number of the broken rule."""
     a = (w & ALLOC) != 0
@@ -1574,19 +1676,21 @@ def _word_ok(w, meta):
     return 0
 
 
-@njit(cache=True, nogil=True)
-def check_tree(n2, n1, w0, meta):
+@njit(**_KERNEL)
+def check_tree(n2, n1, w0, meta, scratch):
     """Verify every invariant of the store. Returns ``(rule, page)``; rule 0 = all good.
 
     The rules are the ``INV_*`` numbers (texts in ``_layout.INVARIANTS``): 1-8 about a
-    page word (``_word_ok``), the others about the tree's counts and shape.
+    page word (``_word_ok``), the others about the tree's counts and shape. ``scratch``:
+    a (3, 8) int64 array the check counts in.
     """
     nl2 = n2.shape[0]
     npages = meta[M_NPAGES]
     order = meta[M_ORDER]
-    g = np.zeros(NCOUNTED, np.int64)
-    c1 = np.zeros(NCOUNTED, np.int64)
-    c2 = np.zeros(NCOUNTED, np.int64)
+    g = scratch[0]
+    c1 = scratch[1]
+    c2 = scratch[2]
+    g[:] = 0
     for i in range(nl2):
         b0 = i << S2
         for k in range(NCOUNTED):
@@ -1669,7 +1773,7 @@ def check_tree(n2, n1, w0, meta):
     return 0, -1
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def dmap_entries(n2, n1, npages):
     """Direct-map entries over the file by size: (1 GiB, 2 MiB, 4 KiB)."""
     e1g = 0
@@ -1694,7 +1798,7 @@ def dmap_entries(n2, n1, npages):
 # the saved form: every stored page word complete
 # ======================================================================================
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def order_bits_to_pages(n2, n1, w0, meta, on):
     """Copy (``on``) each 2 MiB entry's folio order into its page table and exceptions,
     the form a state is saved in, or take it back out (``not on``) into the entry, the

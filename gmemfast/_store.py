@@ -15,6 +15,7 @@ import numpy as np
 from numba.core import types
 
 from . import _kernels as K
+from . import _warm
 from ._layout import (ALLOC, COUNTER_INDEX, COUNTER_NAMES, DATA, DIRECT_MAP_CODES, GIG, HMAP,
                       HUGE, INVARIANTS, K_DATA, K_HUGE, MERGE_CODES, NCOUNTERS, PRIV, TE_MASK, TE_SHIFT,
                       VM_TYPE_CODES)
@@ -23,6 +24,7 @@ from .units import PAGE_SHIFT, PAGE_SIZE
 ZERO_PAGE = bytes(PAGE_SIZE)
 _POOL_FIRST_BYTES = 1 << 30   # address space first reserved per pool (see reserve)
 _GC_SLACK = 64                # stored pages beyond twice the live ones before a sweep
+GROUP_MIN = 64               # batches from this size on are applied grouped by block
 
 _RC_GROW = K.RC_GROW
 _RC_SLOW = K.RC_SLOW
@@ -81,6 +83,7 @@ class PageStore:
     def __init__(self, nr_pages: int, *, page_order: int, init_private: bool, vm_type: str,
                  direct_map: str, merge: str, hugetlb: bool, metadata_limit: int | None,
                  content_modes: bool):
+        _warm.ensure_compiled()
         self.nr_pages = nr_pages
         self.page_order = page_order
         nl2 = -(-nr_pages // K.N2)
@@ -190,7 +193,8 @@ class PageStore:
     def check(self) -> tuple[int, int]:
         """``(rule, page)`` of the first broken invariant (``_layout.INVARIANTS``), or
         ``(0, -1)``; also that stored bytes lie inside the file."""
-        rule, page = K.check_tree(self._n2, self._n1, self._w0, self._meta)
+        rule, page = K.check_tree(self._n2, self._n1, self._w0, self._meta,
+                                  np.zeros((3, K.NCOUNTED), np.int64))
         if rule:
             return int(rule), int(page)
         for p in self._data:
@@ -284,13 +288,51 @@ class PageStore:
         return err, pg
 
     def convert_many(self, p0s, p1s, to_private, zero, out_err, out_page) -> None:
-        """Conversions of validated page ranges in order; items whose ``out_err`` is set
-        are skipped. Fills ``out_err`` (0 = done) and ``out_page`` (-1 = none)."""
-        x, n = 0, len(p0s)
+        """Conversions of validated page ranges; items whose ``out_err`` is set are
+        skipped. Fills ``out_err`` (0 = done) and ``out_page`` (-1 = none), which must
+        hold 0 and -1 for the items to do.
+
+        The results are those of applying the items in order. A large batch is applied
+        grouped by block (1 GiB with 1 GiB folios, else 2 MiB; the items of one block in
+        their order) where that cannot change any result: conversions of different
+        blocks touch disjoint state but for counters that add up. Where it could (a
+        metadata limit, injected ``ENOMEM``, an item spanning blocks), in order."""
+        n = len(p0s)
+        meta = self._meta
+        args = (p0s, p1s, to_private, zero, np.arange(n, dtype=np.int64), True)
+        if n >= GROUP_MIN and meta[K.M_LIMIT] < 0 and meta[K.M_ENOMEM] <= 0:
+            shift = K.S2 if self.page_order == 18 or (self.nr_pages >> K.S1) > 8 * n else K.S1
+            nblocks = ((self.nr_pages - 1) >> shift) + 1
+            order, g0, g1 = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+            gpriv, gzero = np.empty(n, to_private.dtype), np.empty(n, zero.dtype)
+            m = int(K.group_items(p0s, p1s, to_private, zero, out_err, shift,
+                                  np.zeros(nblocks + 1, np.int64), order, g0, g1, gpriv, gzero))
+            if m >= 0:
+                args = (g0[:m], g1[:m], gpriv[:m], gzero[:m], order[:m], False)
+        x, n = 0, len(args[0])
         while x < n:
-            x = K.convert_many(*self._tree(), p0s, p1s, to_private, zero, x, out_err, out_page)
+            x = K.convert_many(*self._tree(), *args, x, out_err, out_page)
         if len(self._data) > _GC_SLACK:
             self.gc_bytes()
+
+    def accept_many(self, p0s, p1s, chunk_pages: int, te_state: int, map_pages: int,
+                    prefault: bool, check: bool, out_err, out_page):
+        """``accept`` of many page ranges in order (``accept_many`` in the kernels); returns
+        the chunks of each item."""
+        chunks = np.zeros(len(p0s), np.int64)
+        x, n = 0, len(p0s)
+        while x < n:
+            x = K.accept_many(*self._tree(), p0s, p1s, chunk_pages, te_state, map_pages,
+                              bool(prefault), bool(check), x, out_err, out_page, chunks)
+        return chunks
+
+    def fallocate_many(self, punch_hole, p0s, p1s, out_err, out_page) -> None:
+        """Allocations and punches of validated page ranges in order (empty punches do
+        nothing); fills ``out_err`` and ``out_page``."""
+        x, n = 0, len(p0s)
+        while x < n:
+            x = K.fallocate_many(*self._tree(), punch_hole, p0s, p1s, x, out_err, out_page)
+        self.gc_bytes()
 
     # ---------------------------------------------------------------- page bytes
     def page_bytes(self, p: int, word: int | None = None) -> bytes:

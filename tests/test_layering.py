@@ -27,6 +27,7 @@ LAYERS = [
     "_layout",
     "report",
     "_kernels",
+    "_warm",
     "_store",
     "persist",
     "gmem",

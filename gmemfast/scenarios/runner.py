@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 
 from .. import trace as T
-from .._layout import COUNTER_NAMES, RMP_VALIDATED, SEPT_MAPPED
+from .._layout import COUNTER_NAMES
 from ..cost import CostModel
 from ..errors import GmemError, MemoryFaultExit, MmioExit, errno_name
 from ..uapi import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_HUGETLB,
@@ -261,6 +261,8 @@ class Runner:
         n = len(offs)
         errs = np.zeros(n, np.int32)
         vm, g = self.vm, self.gmem
+        if n > 1 and self._disjoint(offs, sizes):
+            return self._legacy_convert_batched(offs, sizes, attrs, lines)
         every = max(1, n // 200)
         for i, (off, size, a) in enumerate(zip(offs.tolist(), sizes.tolist(), attrs.tolist())):
             try:
@@ -279,6 +281,58 @@ class Runner:
         if n > 1000:
             self.progress(label, n, n)
         return errs
+
+    @staticmethod
+    def _disjoint(offs, sizes) -> bool:
+        """Whether no two of the ranges share a page (then the order in which the VM's
+        attributes and the file's punches interleave changes nothing)."""
+        o = np.argsort(offs, kind="stable")
+        a, z = offs[o], sizes[o]
+        return bool((z > 0).all() and (a[1:] >= a[:-1] + z[:-1]).all())
+
+    def _legacy_convert_batched(self, offs, sizes, attrs, lines) -> np.ndarray:
+        """``_legacy_convert_many`` for disjoint ranges, through the batched forms: every
+        item's attributes (per memslot piece) in one call, then the punches of the items
+        converted to shared. Items are disjoint, so this is their per-item order's result."""
+        n = len(offs)
+        errs = np.zeros(n, np.int32)
+        bad = (sizes <= 0) | (offs < 0) | (((offs | sizes) & (PAGE_SIZE - 1)) != 0) | (offs >= self.size) \
+            | (sizes > self.size - offs)
+        errs[bad] = errno.EINVAL
+        item, gpas, gsizes = [], [], []
+        for gpa, o, size in self._slots():                 # the memslot pieces of each item
+            a = np.maximum(offs, o)
+            b = np.minimum(offs + sizes, o + size)
+            mine = ~bad & (a < b)
+            item.append(np.flatnonzero(mine))
+            gpas.append(gpa + a[mine] - o)
+            gsizes.append((b - a)[mine])
+        item, gpas, gsizes = (np.concatenate(v) for v in (item, gpas, gsizes))
+        o = np.argsort(item, kind="stable")                # each item's pieces in turn
+        item, gpas, gsizes = item[o], gpas[o], gsizes[o]
+        r = self.vm.set_memory_attributes_many(gpas, gsizes, attrs[item])
+        np.maximum.at(errs, item, r.errno)
+        share = np.flatnonzero(~bad & (errs == 0) & (attrs == 0))
+        if len(share):
+            r = self.gmem.fallocate_many(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offs[share], sizes[share])
+            errs[share] = r.errno
+        self.steps += n
+        self._count_failed(errs, offs, sizes, lines, "convert")
+        return errs
+
+    def _count_failed(self, errs, offs, sizes, lines, what: str) -> None:
+        """Count the failed items of a batch by errno (``strict``: raise at the first)."""
+        bad = np.flatnonzero(errs)
+        if not len(bad):
+            return
+        if self.strict:
+            i = int(bad[0])
+            line = int(lines[i]) if lines is not None else 0
+            raise ScenarioError((f"line {line}: " if line else "")
+                                + f"{what} [{int(offs[i]):#x}, +{int(sizes[i]):#x}) failed: "
+                                f"{errno_name(int(errs[i]))}")
+        for code, c in zip(*np.unique(errs[bad], return_counts=True)):
+            self.errors[errno_name(int(code))] += int(c)
 
     def convert(self, off: int, size: int, attrs: int, flags: int = 0, *, exits=False) -> int:
         return int(self.convert_many([off], size, attrs, flags, exits=exits)[0])
@@ -309,6 +363,15 @@ class Runner:
             self.gmem.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, off, size)
         except GmemError as exc:
             self._fail(exc, f"punch [{off:#x}, +{size:#x})", line)
+
+    def punch_many(self, offs, size: int) -> None:
+        """Punch holes over many ranges (in order, one batched call)."""
+        offs = np.ascontiguousarray(offs, np.int64)
+        if self.ops is not None:
+            self.ops.add_many(T.PUNCH, offs, size, 0, 0)
+        self.steps += len(offs)
+        r = self.gmem.fallocate_many(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offs, size)
+        self._count_failed(r.errno, offs, np.broadcast_to(np.int64(size), offs.shape), None, "punch")
 
     def write(self, off: int, size: int, fill: int = T.DEFAULT_FILL, line: int = 0, data=None) -> None:
         """The host writes through its mmap (``data``, or ``size`` bytes of ``fill``)."""
@@ -403,38 +466,35 @@ class Runner:
         return done
 
     def accept_many(self, offs, size: int, chunk: int = PAGE_SIZE, *, label="accepting",
-                    just_converted=False) -> None:
-        """The guest accepts many small ranges (after converting them back to private).
-
-        ``just_converted``: every range was converted to private without error right
-        before, so VM.guest_accept's checks (memslot, private view, alignment) hold and
-        are skipped: its per-call Python overhead (~40 us) would dominate churns.
-        """
+                    just_converted=False, count_chunks=False) -> None:
+        """The guest accepts many small ranges (after converting them back to private), in
+        order, through ``VM.guest_accept_many``. Failed items are counted as
+        :meth:`accept` counts them; ``count_chunks``: each chunk is an operation, as in
+        :meth:`accept` (else each range). (``just_converted`` is accepted for callers that
+        know the ranges are private; the batched form needs no hint.)"""
         offs = np.asarray(offs, np.int64)
         if self.ops is not None:
             self.ops.add_many(T.ACCEPT, offs, size, chunk, 0)
         n = len(offs)
-        every = max(1, n // 200)
-        fast = (just_converted and self.in_place and size % chunk == 0
-                and not (offs % chunk).any())
-        if fast:
-            state = {"tdx": SEPT_MAPPED, "snp": RMP_VALIDATED}.get(self.platform, 0)
-            acc, cp, npg = self.gmem.store.accept, chunk >> PAGE_SHIFT, size >> PAGE_SHIFT
-            mp, pf = self.mapping >> PAGE_SHIFT, self.prefault
-            for i, p in enumerate((offs >> PAGE_SHIFT).tolist()):
-                acc(p, p + npg, cp, state, mp, pf)
-                if n > 5000 and i % every == 0:
-                    self.progress(label, i, n)
-        else:
-            for i, off in enumerate(offs.tolist()):
-                try:
-                    self.vm.guest_accept(self.gpa(off), size, chunk=chunk, mapping=self.mapping,
-                                         prefault=self.prefault)
+        step = max(BATCH, -(-n // 200))
+        gpas = np.where(offs < self.low, offs, FOUR_GIB + offs - self.low)
+        within = (offs < self.low) == (offs + size <= self.low)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            r = self.vm.guest_accept_many(gpas[s:e], size, chunk=chunk, mapping=self.mapping,
+                                          prefault=self.prefault)
+            for i in np.flatnonzero(r.errno | ~within[s:e]).tolist():
+                off = int(offs[s + i])
+                try:        # alone: the exit or error it raises, or over the 2 GiB hole, in pieces
+                    pieces = [(int(gpas[s + i]), size)] if within[s + i] else self._gpa_pieces(off, size)
+                    for gpa, n in pieces:
+                        self.vm.guest_accept(gpa, n, chunk=chunk, mapping=self.mapping,
+                                             prefault=self.prefault)
                 except (GmemError, MemoryFaultExit, MmioExit) as exc:
                     self._fail(exc, f"accept [{off:#x}, +{size:#x})")
-                if n > 5000 and i % every == 0:
-                    self.progress(label, i, n)
-        self.steps += n
+            if n > 5000:
+                self.progress(label, e, n)
+        self.steps += n * (max(1, size // chunk) if count_chunks else 1)
 
     def accept_units(self, off: int, size: int, chunk: int = TWO_MIB, *, slices: int = 1,
                      label: str = "accepting", kernel: bool = True) -> tuple[int, int]:

@@ -366,18 +366,16 @@ def do_balloon(run: Runner, nbytes: int, granule: int, rounds: int, *, chunk: in
             blocks = np.sort(np.array(picked, np.int64)) * granule
         run.phase("inflate")
         every = max(1, want // 50)
-        for i, off in enumerate(blocks.tolist()):
-            run.punch(off, granule)
-            if i % every == 0:
-                run.progress(f"inflating (round {r + 1}/{rounds})", i, want)
-                if want >= 200:
-                    run.sample()
+        for s, e in batches(want, every):
+            run.punch_many(blocks[s:e], granule)
+            run.progress(f"inflating (round {r + 1}/{rounds})", e, want)
+            if want >= 200:
+                run.sample()
         run.sample()
         run.phase("deflate")
-        for i, off in enumerate(blocks.tolist()):
-            run.accept(off, granule, chunk)
-            if i % every == 0:
-                run.progress(f"deflating (round {r + 1}/{rounds})", i, want)
-                if want >= 200:
-                    run.sample()
+        for s, e in batches(want, every):
+            run.accept_many(blocks[s:e], granule, chunk, count_chunks=True)
+            run.progress(f"deflating (round {r + 1}/{rounds})", e, want)
+            if want >= 200:
+                run.sample()
         run.sample()
