@@ -105,6 +105,9 @@ M_FINALIZED = _i(80)
 M_CONTENT_MODES = _i(81)
 M_TAIL = _i(82)         # pages of the last 1 GiB block beyond the end of the file
 M_INITW = _i(83)        # their (never changing) state word
+M_DSPLIT1 = _i(84)      # 1 GiB direct-map entries broken up (n2 entries with F_DSPLIT)
+M_DSPLIT1_2M = _i(85)   # 2 MiB blocks under them
+M_DSPLIT2 = _i(86)      # 2 MiB direct-map entries broken up (n1 entries with F_DSPLIT)
 M_GCNT = _i(88)         # 8 slots: per counted bit, pages of the whole tree with it set
 META_SIZE = _i(128)
 RESERVE = _i(64)        # free tables of each level guaranteed before a mutating kernel
@@ -144,6 +147,7 @@ INV_DSPLIT = _i(13)
 INV_GCOUNTS = _i(14)
 INV_EXCEPTIONS = _i(15)
 INV_ORDER = _i(16)
+INV_DMAP_COUNTS = _i(17)    # checked by the store (dmap_entries against dmap_counts)
 
 # ---- counters (index into meta) ----
 C_HOST_FAULTS = _i(0)
@@ -719,6 +723,32 @@ def walk_first(n2, n1, w0, p0, p1, cmask, cval):
 
 
 @njit(**_KERNEL)
+def _order_l2(n2, n1, meta, i, clr, setb):
+    """A new folio order (``ORDER_MASK`` bits only) for every page of 1 GiB entry ``i``
+    (with a table): one write per 2 MiB entry, whatever its pages hold. Returns the
+    pages changed."""
+    t = n2[i, F_CHILD]
+    changed = 0
+    dh = 0
+    for e in range(t * N1, (t + 1) * N1):
+        w = n1[e, F_WORD]
+        ob = w & ORDER_MASK
+        nob = (ob & ~clr) | setb
+        if nob == ob:
+            continue
+        n1[e, F_WORD] = (w & ~ORDER_MASK) | nob
+        changed += N1
+        if (ob ^ nob) & HUGE:
+            d = N1 if nob & HUGE else -N1
+            dh += d
+            if n1[e, F_CHILD] >= 0 or n1[e, F_NX]:
+                n1[e, F_CNT + K_HUGE] += d
+    n2[i, F_CNT + K_HUGE] += dh
+    meta[M_GCNT + K_HUGE] += dh
+    return changed
+
+
+@njit(**_KERNEL)
 def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
     """For pages of ``[p0, p1)`` with ``w & cmask == cval``: ``w = (w & ~clr) | setb``.
 
@@ -751,8 +781,16 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
                 changed += N2
                 continue
             t = _split_l2(n2, n1, meta, i)
-        elif _match2(n2, i, cmask, cval) == 0:
-            continue
+        else:
+            m = _match2(n2, i, cmask, cval)
+            if m == 0:
+                continue
+            if m == 1 and lo == b0 and hi == b0 + N2 and ((clr | setb) & ~ORDER_MASK) == 0:
+                ch = _order_l2(n2, n1, meta, i, clr, setb)
+                if ch:
+                    changed += ch
+                    _fold_l1(n2, n1, meta, i)
+                continue
         touched = False
         order_only = ((clr | setb) & ~ORDER_MASK) == 0
         for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
@@ -981,6 +1019,8 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
             if n2[i, F_DSPLIT] == 0:
                 n2[i, F_DSPLIT] = 1
                 meta[C_DMAP_SPLITS_1G] += 1
+                meta[M_DSPLIT1] += 1
+                meta[M_DSPLIT1_2M] += min(N1, (meta[M_NPAGES] - b0 + N1 - 1) >> S1)
             for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
                 c0 = b0 + (j << S1)
                 clo = max(lo, c0)
@@ -1001,6 +1041,7 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
                         t = _split_l2(n2, n1, meta, i)
                     n1[t * N1 + j, F_DSPLIT] = 1
                     meta[C_DMAP_SPLITS_2M] += 1
+                    meta[M_DSPLIT2] += 1
                 entries += m2
         bit = DMAP_OFF if remove else 0
         walk_apply(n2, n1, w0, meta, lo, hi, cmask, cval, DMAP_OFF - bit, bit)
@@ -1773,9 +1814,39 @@ def check_tree(n2, n1, w0, meta, scratch):
     return 0, -1
 
 
+@njit(**_INLINE)
+def dmap_counts(n2, meta):
+    """Direct-map entries over the file by size, (1 GiB, 2 MiB, 4 KiB), from the counts
+    ``dmap_change`` keeps as it breaks entries up (``dmap_entries`` counts them again)."""
+    return (n2.shape[0] - meta[M_DSPLIT1], meta[M_DSPLIT1_2M] - meta[M_DSPLIT2],
+            meta[M_DSPLIT2] * N1)
+
+
+@njit(**_KERNEL)
+def count_dsplits(n2, n1, meta):
+    """Set the counts ``dmap_counts`` reads from the split flags (a loaded state)."""
+    npages = meta[M_NPAGES]
+    meta[M_DSPLIT1] = 0
+    meta[M_DSPLIT1_2M] = 0
+    meta[M_DSPLIT2] = 0
+    for i in range(n2.shape[0]):
+        if n2[i, F_DSPLIT] == 0:
+            continue
+        b0 = i << S2
+        meta[M_DSPLIT1] += 1
+        meta[M_DSPLIT1_2M] += min(N1, (npages - b0 + N1 - 1) >> S1)
+        t = n2[i, F_CHILD]
+        if t < 0:
+            continue
+        for j in range(N1):
+            if b0 + (j << S1) < npages and n1[t * N1 + j, F_DSPLIT]:
+                meta[M_DSPLIT2] += 1
+
+
 @njit(**_KERNEL)
 def dmap_entries(n2, n1, npages):
-    """Direct-map entries over the file by size: (1 GiB, 2 MiB, 4 KiB)."""
+    """Direct-map entries over the file by size: (1 GiB, 2 MiB, 4 KiB), counted from the
+    split flags."""
     e1g = 0
     e2m = 0
     e4k = 0

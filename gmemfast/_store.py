@@ -181,7 +181,7 @@ class PageStore:
 
     def dmap_entries(self) -> tuple[int, int, int]:
         """Kernel direct-map entries covering the file: (1 GiB, 2 MiB, 4 KiB)."""
-        e1g, e2m, e4k = K.dmap_entries(self._n2, self._n1, self.nr_pages)
+        e1g, e2m, e4k = K.dmap_counts(self._n2, self._meta)
         return int(e1g), int(e2m), int(e4k)
 
     def footprint(self) -> int:
@@ -197,6 +197,8 @@ class PageStore:
                                   np.zeros((3, K.NCOUNTED), np.int64))
         if rule:
             return int(rule), int(page)
+        if tuple(K.dmap_entries(self._n2, self._n1, self.nr_pages)) != tuple(K.dmap_counts(self._n2, self._meta)):
+            return int(K.INV_DMAP_COUNTS), 0
         for p in self._data:
             if p >= self.nr_pages:
                 return 12, p
@@ -437,5 +439,6 @@ class PageStore:
             raise ValueError(f"state is inconsistent (damaged file): page-state invariant {rule} "
                              f"({INVARIANTS[rule]}) broken at page {page}")
         self._n2, self._n1, self._w0, self._meta = n2, n1, w0, meta
+        K.count_dsplits(n2, n1, meta)
         self._data = {p: blob[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i, p in enumerate(pages)}
         self.reserve()

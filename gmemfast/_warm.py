@@ -48,6 +48,8 @@ SIGNATURES = {
     "walk_count": _TREE[:3] + (_I, _I, _I, _I),
     "walk_first": _TREE[:3] + (_I, _I, _I, _I),
     "dmap_entries": _TREE[:2] + (_I,),
+    "dmap_counts": (_TREE[0], _TREE[3]),
+    "count_dsplits": (_TREE[0], _TREE[1], _TREE[3]),
     "attribute_ranges": _TREE,
     "check_tree": _TREE + (T.int64[:, ::1],),
     "walk_apply": _TREE + (_I, _I, _I, _I, _I, _I),
@@ -67,11 +69,11 @@ SIGNATURES = {
 # How the kernels are shared out between the two compiling processes: each group is
 # compiled in one process, so the helpers its kernels share are compiled once there.
 GROUPS = (
-    ("convert", "convert_page", "convert_many", "group_items", "attribute_ranges",
-     "gcount", "free_tables", "get_word"),
+    ("convert", "convert_many", "convert_page", "group_items", "gcount", "free_tables",
+     "get_word", "attribute_ranges", "check_tree"),
     ("allocate", "accept", "accept_many", "fallocate_many", "punch", "zap_guest",
-     "walk_apply", "walk_count", "walk_first", "get_words", "dmap_entries", "check_tree",
-     "order_bits_to_pages"),
+     "walk_apply", "walk_count", "walk_first", "get_words", "dmap_entries", "dmap_counts",
+     "count_dsplits", "order_bits_to_pages"),
 )
 
 _DONE = False
@@ -128,7 +130,7 @@ def ensure_compiled(announce=None) -> bool:
                 _DONE = True
                 return False
             text = ("gmemfast: compiling the model's kernels, once per install "
-                    "(about half a minute of CPU time)...")
+                    "(some 25 s of CPU time, shared by two processes)...")
             if announce is None:
                 print(text, file=sys.stderr, flush=True)
             else:
