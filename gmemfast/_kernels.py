@@ -4,7 +4,8 @@ The store is a three-level tree shaped like a page table, so that work follows t
 number of distinct regions touched, not the number of pages:
 
 * level 2, one entry per 1 GiB block (``n2``, dense over the file);
-* level 1, tables of 512 entries, one per 2 MiB block (``n1``, a pool);
+* level 1, tables of 512 entries, one per 2 MiB block (``n1``, a pool, int32: an entry
+  is one 64-byte cache line);
 * level 0, tables of 512 page words (``w0``, a pool, uint16).
 
 An entry with no child table is *uniform*: its ``F_WORD`` is the state word of every page

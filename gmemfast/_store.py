@@ -22,14 +22,15 @@ from ._layout import (ALLOC, COUNTER_INDEX, COUNTER_NAMES, DATA, DIRECT_MAP_CODE
 from .units import PAGE_SHIFT, PAGE_SIZE
 
 ZERO_PAGE = bytes(PAGE_SIZE)
-_POOL_FIRST_BYTES = 1 << 30   # address space first reserved per pool (see reserve)
+_POOL_FIRST_BYTES = 1 << 30   # address space first reserved for page tables (see reserve)
+_L1_FIRST_BYTES = 4 << 30     # ... for tables of 2 MiB entries (int32: 32 KiB a 1 GiB block)
 _GC_SLACK = 64                # stored pages beyond twice the live ones before a sweep
 GROUP_MIN = 64               # batches from this size on are applied grouped by block
 
 _RC_GROW = K.RC_GROW
 _RC_SLOW = K.RC_SLOW
 # The tree arrays' numba types: (n2, n1, w0, meta).
-_TREE_TYPES = (types.int64[:, ::1], types.int64[:, ::1], types.uint16[::1], types.int64[::1])
+_TREE_TYPES = (types.int64[:, ::1], types.int32[:, ::1], types.uint16[::1], types.int64[::1])
 
 
 def _entry(kernel, *arg_types):
@@ -106,7 +107,7 @@ class PageStore:
         meta[K.M_INITW] = initw
         meta[K.M_GCNT + 1] = nl2 * K.N2 if initw else 0
         self._n2 = n2
-        self._n1 = np.zeros((0, K.NF), np.int64)
+        self._n1 = np.zeros((0, K.NF), np.int32)
         self._w0 = np.zeros(0, np.uint16)
         self._meta = meta
         self._data: dict[int, bytes] = {}    # page -> 4096 bytes; valid only with DATA set
@@ -125,8 +126,9 @@ class PageStore:
         if f1 < K.RESERVE:
             cap = max(2 * int(meta[K.M_CAP1]), int(meta[K.M_USED1]) + 2 * K.RESERVE)
             if meta[K.M_CAP1] == 0:
-                cap = max(cap, min(len(self._n2), _POOL_FIRST_BYTES // (K.N1 * K.NF * 8)) + K.RESERVE)
-            n1 = np.zeros((cap * K.N1, K.NF), np.int64)
+                # one table per 1 GiB block at most: reserve them all (address space)
+                cap = max(cap, min(len(self._n2), _L1_FIRST_BYTES // (K.N1 * K.NF * 4)) + K.RESERVE)
+            n1 = np.zeros((cap * K.N1, K.NF), np.int32)
             n1[: len(self._n1)] = self._n1
             self._n1 = n1
             meta[K.M_CAP1] = cap
@@ -187,7 +189,7 @@ class PageStore:
     def footprint(self) -> int:
         """Bytes of page state held (summaries, tables in use, contents)."""
         m = self._meta
-        return int(self._n2.nbytes + m[K.M_USED1] * K.N1 * K.NF * 8 + m[K.M_USED0] * K.N1 * 2
+        return int(self._n2.nbytes + m[K.M_USED1] * K.N1 * K.NF * 4 + m[K.M_USED0] * K.N1 * 2
                    + len(self._data) * PAGE_SIZE)
 
     def check(self) -> tuple[int, int]:
@@ -408,6 +410,7 @@ class PageStore:
         n1 = self._n1[: int(m[K.M_USED1]) * K.N1].copy()
         w0 = self._w0[: int(m[K.M_USED0]) * K.N1].copy()
         K.order_bits_to_pages(self._n2, n1, w0, m, True)
+        n1 = n1.astype(np.int64)     # saved as int64, as it has always been
         return {
             "n2": self._n2,
             "n1": n1,
@@ -432,6 +435,9 @@ class PageStore:
         pages = np.asarray(arrays["data_pages"]).tolist()
         if len(blob) != len(pages) * PAGE_SIZE:
             raise ValueError("stored contents do not match their page list (damaged file)")
+        if len(n1) and (n1.min() < np.iinfo(np.int32).min or n1.max() > np.iinfo(np.int32).max):
+            raise ValueError("state arrays hold values out of range (damaged file)")
+        n1 = n1.astype(np.int32)     # saved as int64, kept as int32
         meta[K.M_CAP1] = meta[K.M_USED1]
         meta[K.M_CAP0] = meta[K.M_USED0]
         rule, page = K.order_bits_to_pages(n2, n1, w0, meta, False)

@@ -31,7 +31,7 @@ from . import _kernels as K
 
 __all__ = ["GROUPS", "SIGNATURES", "ensure_compiled", "compile_group", "jit_enabled"]
 
-_TREE = (T.int64[:, ::1], T.int64[:, ::1], T.uint16[::1], T.int64[::1])
+_TREE = (T.int64[:, ::1], T.int32[:, ::1], T.uint16[::1], T.int64[::1])
 _I = T.int64
 _B = T.boolean
 _IA = T.int64[::1]
