@@ -84,7 +84,7 @@ class PageStore:
     def __init__(self, nr_pages: int, *, page_order: int, init_private: bool, vm_type: str,
                  direct_map: str, merge: str, hugetlb: bool, metadata_limit: int | None,
                  content_modes: bool):
-        _warm.ensure_compiled()
+        _warm.ensure_compiled("run")
         self.nr_pages = nr_pages
         self.page_order = page_order
         nl2 = -(-nr_pages // K.N2)
@@ -195,6 +195,7 @@ class PageStore:
     def check(self) -> tuple[int, int]:
         """``(rule, page)`` of the first broken invariant (``_layout.INVARIANTS``), or
         ``(0, -1)``; also that stored bytes lie inside the file."""
+        _warm.ensure_compiled("state")
         rule, page = K.check_tree(self._n2, self._n1, self._w0, self._meta,
                                   np.zeros((3, K.NCOUNTED), np.int64))
         if rule:
@@ -405,6 +406,7 @@ class PageStore:
         m = self._meta
         pages = self.data_pages()
         blob = np.frombuffer(b"".join(self._data[p] for p in pages), np.uint8)
+        _warm.ensure_compiled("state")
         # saved with complete page words (the folio order in every page word), as the
         # format has always been; the kernels keep the order per 2 MiB entry
         n1 = self._n1[: int(m[K.M_USED1]) * K.N1].copy()
@@ -423,6 +425,7 @@ class PageStore:
     def load_arrays(self, arrays: dict) -> None:
         """Replace the state with saved arrays; ``ValueError`` if they do not fit this
         store's shape (the invariants are checked by the caller, with ``check``)."""
+        _warm.ensure_compiled("state")
         n2, n1, w0, meta = (np.array(arrays[k]) for k in ("n2", "n1", "w0", "meta"))
         ok = (n2.shape == self._n2.shape and n2.dtype == np.int64
               and meta.shape == self._meta.shape and meta.dtype == np.int64

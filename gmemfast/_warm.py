@@ -29,7 +29,7 @@ from numba.core import types as T
 
 from . import _kernels as K
 
-__all__ = ["GROUPS", "SIGNATURES", "ensure_compiled", "compile_group", "jit_enabled"]
+__all__ = ["GROUPS", "KINDS", "SIGNATURES", "ensure_compiled", "compile_group", "jit_enabled"]
 
 _TREE = (T.int64[:, ::1], T.int32[:, ::1], T.uint16[::1], T.int64[::1])
 _I = T.int64
@@ -66,17 +66,23 @@ SIGNATURES = {
     "order_bits_to_pages": _TREE + (_B,),
 }
 
-# How the kernels are shared out between the two compiling processes: each group is
-# compiled in one process, so the helpers its kernels share are compiled once there.
-GROUPS = (
+# The kernels a run needs, and how they are shared out between the two compiling
+# processes: each group is compiled in one process, so the helpers its kernels share are
+# compiled once there (the first, the conversion's, is the longest).
+RUN_GROUPS = (
     ("convert", "convert_many", "convert_page", "group_items", "gcount", "free_tables",
-     "get_word", "attribute_ranges", "check_tree"),
+     "get_word", "attribute_ranges"),
     ("allocate", "accept", "accept_many", "fallocate_many", "punch", "zap_guest",
-     "walk_apply", "walk_count", "walk_first", "get_words", "dmap_entries", "dmap_counts",
-     "count_dsplits", "order_bits_to_pages"),
+     "walk_apply", "walk_count", "walk_first", "get_words", "dmap_counts"),
 )
+# The kernels of checking, saving and loading a state, compiled when first needed.
+STATE_GROUPS = (
+    ("check_tree", "dmap_entries", "order_bits_to_pages", "count_dsplits"),
+)
+KINDS = {"run": RUN_GROUPS, "state": STATE_GROUPS}
+GROUPS = RUN_GROUPS + STATE_GROUPS
 
-_DONE = False
+_DONE: set = set()
 _LOCK = threading.Lock()
 
 
@@ -92,7 +98,7 @@ def compile_group(names) -> float:
     return time.perf_counter() - t0
 
 
-def _stamp_path() -> str:
+def _stamp_path(kind: str = "run") -> str:
     with open(K.__file__, "rb") as f:
         h = hashlib.sha256(f.read())
     try:
@@ -100,8 +106,8 @@ def _stamp_path() -> str:
         cpu = ll.get_host_cpu_name()
     except Exception:        # pragma: no cover - llvmlite always has it
         cpu = platform.machine()
-    h.update(f"{numba.__version__} {sys.version_info[:2]} {cpu}".encode())
-    return os.path.join(K.convert.stats.cache_path, f"gmemfast-kernels-{h.hexdigest()[:16]}.ok")
+    h.update(f"{numba.__version__} {sys.version_info[:2]} {cpu} {KINDS[kind]}".encode())
+    return os.path.join(K.convert.stats.cache_path, f"gmemfast-kernels-{kind}-{h.hexdigest()[:16]}.ok")
 
 
 def _context():
@@ -111,37 +117,39 @@ def _context():
     return multiprocessing.get_context("spawn")
 
 
-def ensure_compiled(announce=None) -> bool:
-    """Compile every kernel now if this install has not compiled them yet (see the module
+def ensure_compiled(kind: str = "run", announce=None) -> bool:
+    """Compile the kernels of ``kind`` (``"run"``: what a run needs; ``"state"``: checking,
+    saving and loading) now if this install has not compiled them yet (see the module
     docstring). ``announce(text)`` is told before compiling starts (default: one line on
     standard error). Returns True if it compiled."""
-    global _DONE
-    if _DONE or not jit_enabled():
+    if kind in _DONE or not jit_enabled():
         return False
     with _LOCK:
-        if _DONE:
+        if kind in _DONE:
             return False
-        stamp = _stamp_path()
+        stamp = _stamp_path(kind)
         if os.path.exists(stamp):
-            _DONE = True
+            _DONE.add(kind)
             return False
         with _FileLock(stamp + ".lock"):
             if os.path.exists(stamp):       # another process compiled them meanwhile
-                _DONE = True
+                _DONE.add(kind)
                 return False
-            text = ("gmemfast: compiling the model's kernels, once per install "
-                    "(some 25 s of CPU time, shared by two processes)...")
+            text = ("gmemfast: compiling the model's kernels, once per install (some 20 s of "
+                    "CPU time, in two processes)..." if kind == "run" else
+                    "gmemfast: compiling the state checks, once per install (a few seconds)...")
             if announce is None:
                 print(text, file=sys.stderr, flush=True)
             else:
                 announce(text)
-            rest = list(GROUPS)
-            if (os.cpu_count() or 1) > 1:
+            groups = KINDS[kind]
+            rest = list(groups)
+            if len(groups) > 1 and (os.cpu_count() or 1) > 1:
                 try:
                     with ProcessPoolExecutor(1, mp_context=_context()) as pool:
-                        others = [pool.submit(compile_group, g) for g in GROUPS[1:]]
-                        compile_group(GROUPS[0])
-                        rest = [g for g, f in zip(GROUPS[1:], others) if f.exception() is not None]
+                        others = [pool.submit(compile_group, g) for g in groups[1:]]
+                        compile_group(groups[0])
+                        rest = [g for g, f in zip(groups[1:], others) if f.exception() is not None]
                 except OSError:                  # no process to be had: all here
                     pass
             for g in rest:                       # what no worker did (this process loads the
@@ -151,7 +159,7 @@ def ensure_compiled(announce=None) -> bool:
                     f.write(f"{time.time():.0f}\n")
             except OSError:                      # a read-only cache: compile again next time
                 pass
-        _DONE = True
+        _DONE.add(kind)
         return True
 
 

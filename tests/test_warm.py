@@ -50,22 +50,24 @@ def test_runs_compile_nothing_beyond_the_warmed_signatures():
         assert all(tuple(s) == tuple(sig) for s in sigs), f"{name} compiled for {sigs}, warmed {sig}"
 
 
-def test_first_compile_is_announced_once_and_stamped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", sorted(_warm.KINDS))
+def test_first_compile_is_announced_once_and_stamped(tmp_path, monkeypatch, kind):
     stamp = tmp_path / "kernels.ok"
     compiled = []
-    monkeypatch.setattr(_warm, "_DONE", False)
+    monkeypatch.setattr(_warm, "_DONE", set())
     monkeypatch.setattr(_warm, "jit_enabled", lambda: True)
-    monkeypatch.setattr(_warm, "_stamp_path", lambda: str(stamp))
+    monkeypatch.setattr(_warm, "_stamp_path", lambda kind: str(stamp))
     monkeypatch.setattr(_warm, "compile_group", lambda names: compiled.append(tuple(names)))
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     said = []
-    assert _warm.ensure_compiled(said.append) is True
+    assert _warm.ensure_compiled(kind, said.append) is True
     assert len(said) == 1 and "compiling" in said[0]
-    assert compiled == [tuple(g) for g in _warm.GROUPS]
+    assert compiled == [tuple(g) for g in _warm.KINDS[kind]]
     assert stamp.exists()
-    monkeypatch.setattr(_warm, "_DONE", False)          # a new process: the stamp is there
-    assert _warm.ensure_compiled(said.append) is False
-    assert len(said) == 1 and len(compiled) == len(_warm.GROUPS)
+    assert _warm.ensure_compiled(kind, said.append) is False       # this process: done
+    monkeypatch.setattr(_warm, "_DONE", set())                      # a new process: the stamp
+    assert _warm.ensure_compiled(kind, said.append) is False
+    assert len(said) == 1 and len(compiled) == len(_warm.KINDS[kind])
 
 
 def record_group(names):
@@ -75,19 +77,20 @@ def record_group(names):
 
 
 def test_first_compile_shares_the_groups_with_a_worker(tmp_path, monkeypatch):
-    """With two CPUs the first group is compiled here and the others in a worker process."""
-    monkeypatch.setattr(_warm, "_DONE", False)
+    """With two CPUs a run's first group is compiled here and the other in a worker."""
+    monkeypatch.setattr(_warm, "_DONE", set())
     monkeypatch.setattr(_warm, "jit_enabled", lambda: True)
-    monkeypatch.setattr(_warm, "_stamp_path", lambda: str(tmp_path / "kernels.ok"))
+    monkeypatch.setattr(_warm, "_stamp_path", lambda kind: str(tmp_path / "kernels.ok"))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setenv("GMEMFAST_TEST_WARM_DIR", str(tmp_path))
     monkeypatch.setattr(_warm, "compile_group", record_group)
     if _warm._context().get_start_method() != "fork":
         pytest.skip("the worker is spawned: it would not see the recording stand-in")
-    assert _warm.ensure_compiled(lambda text: None) is True
+    assert _warm.ensure_compiled("run", lambda text: None) is True
     by_pid = {}
     for pid, first in (m.name.split("-", 1) for m in tmp_path.iterdir() if "-" in m.name):
         by_pid.setdefault(pid, []).append(first)
-    assert by_pid.get(str(os.getpid())) == [_warm.GROUPS[0][0]], "only the first group compiles here"
-    assert sorted(f for fs in by_pid.values() for f in fs) == sorted(g[0] for g in _warm.GROUPS)
+    groups = _warm.RUN_GROUPS
+    assert by_pid.get(str(os.getpid())) == [groups[0][0]], "only the first group compiles here"
+    assert sorted(f for fs in by_pid.values() for f in fs) == sorted(g[0] for g in groups)
     assert len(by_pid) == 2, f"the groups ran in {len(by_pid)} process(es): {by_pid}"
