@@ -24,7 +24,7 @@ def _run(name, **params):
 class Scenarios:
     """Built-in scenarios at sizes that take about a second each."""
 
-    params = [["boot 1T", "boot 1T lazy 4K", "fragmentation 1T", "swiotlb-churn 64G", "balloon 64G"]]
+    params = [["boot 4T", "boot 1T lazy 4K", "fragmentation 4T", "swiotlb-churn 64G", "balloon 64G"]]
     param_names = ["scenario"]
     timeout = 600
     number = 1
@@ -32,9 +32,9 @@ class Scenarios:
     warmup_time = 0
 
     RUNS = {
-        "boot 1T": ("boot", {"size": "1T"}),
+        "boot 4T": ("boot", {"size": "4T"}),
         "boot 1T lazy 4K": ("boot", {"size": "1T", "accept": "lazy", "accept_chunk": "4K"}),
-        "fragmentation 1T": ("fragmentation", {"size": "1T", "conversions": 50_000, "window": 10_000}),
+        "fragmentation 4T": ("fragmentation", {"size": "4T"}),
         "swiotlb-churn 64G": ("swiotlb-churn", {"size": "64G", "conversions": 50_000}),
         "balloon 64G": ("balloon", {"size": "64G"}),
     }
@@ -52,7 +52,7 @@ class Scenarios:
             assert s["private_pages"] < s["guest_pages"], "SWIOTLB was not converted"
             assert res.counters.get("guest_exits", 0) > 0
         elif self.name == "fragmentation":
-            assert res.counters["convert_calls"] >= self.params["conversions"]
+            assert res.counters["convert_calls"] >= 200_000 and res.summary["huge_pages_left"] > 0
         elif self.name == "balloon":
             assert res.counters["punch_calls"] > 0 and res.counters["pages_freed"] > 0
 
@@ -101,11 +101,12 @@ class OvmfLaunch:
         from gmemfast import snp_measure_ovmf, tdx_measure_ovmf
         from gmemfast.firmware import synthetic_ovmf
         self.image = synthetic_ovmf()
+        self.kw = {"vcpus": 2} if platform == "snp" else {}
         self.measure = snp_measure_ovmf if platform == "snp" else tdx_measure_ovmf
-        self.want = self.measure(self.image, vcpus=2).digest
+        self.want = self.measure(self.image, **self.kw).digest
 
     def time_launch(self, platform):
-        r = self.measure(self.image, vcpus=2)
+        r = self.measure(self.image, **self.kw)
         assert r.digest == self.want and len(r.digest) == 48
 
 
@@ -138,6 +139,8 @@ class BootedGuestRoundTrip:
         self.calls += len(self.offs)
 
     def teardown(self, platform, direct_map):
+        if not hasattr(self, "g"):            # a skipped combination
+            return
         c = self.g.counters
         for name in ("folio_splits_1g", "folio_merges_1g"):
             assert c[name] - self.before[name] == self.calls, f"{name}: not one per round trip"

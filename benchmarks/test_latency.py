@@ -302,5 +302,6 @@ def test_launch_synthetic_ovmf(benchmark, platform):
     W.warm_engine()
     image = synthetic_ovmf()
     measure = gm.snp_measure_ovmf if platform == "snp" else gm.tdx_measure_ovmf
-    want = measure(image, vcpus=2).digest
-    assert benchmark(measure, image, vcpus=2).digest == want
+    kw = {"vcpus": 2} if platform == "snp" else {}
+    want = measure(image, **kw).digest
+    assert benchmark(measure, image, **kw).digest == want
