@@ -26,6 +26,7 @@ from .platforms.snp import SnpLaunchUpdate
 from .platforms.tdx import TdxRegion
 from .launch import LaunchResult, snp_measure_ovmf, tdx_measure_ovmf
 from .cost import CostModel, Estimate
+from .sweep import sweep
 
 
 __all__ = [
@@ -65,4 +66,5 @@ __all__ = [
     "Estimate",
     "parse_size",
     "format_size",
+    "sweep",
 ]

@@ -113,7 +113,7 @@ COUNTER_UNITS: Mapping[str, str] = MappingProxyType({
     "bytes_zeroed_4k": "byte zeroed in 4 KiB chunks",
     "bytes_zeroed_2m": "byte zeroed in 2 MiB chunks",
     "bytes_zeroed_1g": "byte zeroed in 1 GiB chunks",
-    "bytes_copied": "byte copied by the host kernel",
+    "bytes_copied": "byte copied by a kernel memcpy: the host's, or the guest's SWIOTLB bounce copies",
     "dmap_entries_changed": "kernel direct-map entry changed (removed or restored)",
     "dmap_splits_1g": "1 GiB direct-map entry split into 2 MiB entries",
     "dmap_splits_2m": "2 MiB direct-map entry split into 4 KiB entries",
@@ -429,7 +429,7 @@ class CostModel:
             path = Path(name_or_path)
             where = f"profile file {str(path)!r}"
             try:
-                text = path.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8-sig")   # a byte-order mark is fine
             except UnicodeDecodeError as err:
                 raise ValueError(f"{where} is not UTF-8 text: {err}") from None
             model = cls._from_toml(text, where, path.stem)

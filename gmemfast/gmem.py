@@ -24,6 +24,7 @@ from .uapi import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_KNOWN_MODES
                    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_SET_MEMORY_ATTRIBUTES2_KNOWN_FLAGS,
                    KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE, KVM_SET_MEMORY_ATTRIBUTES2_ZERO, VM_TYPES)
 from .units import PAGE_SHIFT, PAGE_SIZE, as_int, check_range, format_size, parse_size
+from .units import broadcast_column, check_count
 
 __all__ = ["BatchResult", "GuestMemfd", "HostMapping", "Pin", "conversion_errnos"]
 
@@ -119,10 +120,10 @@ def int_array(value, name) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def int_column(value, name, n: int) -> np.ndarray:
-    """A batched call's argument broadcast to ``n`` items: a writable, contiguous int64
-    array (the kernels are compiled for exactly that)."""
-    a = np.ascontiguousarray(np.broadcast_to(int_array(value, name), (n,)))
+def int_column(value, name, n: int, first: str = "offsets") -> np.ndarray:
+    """A batched call's argument broadcast to ``n`` items (``units.broadcast_column``): a
+    writable, contiguous int64 array (the kernels are compiled for exactly that)."""
+    a = broadcast_column(int_array(value, name), n, name, first)
     return a if a.flags.writeable else a.copy()
 
 
@@ -174,7 +175,10 @@ class GuestMemfd:
         if not hugetlb and page_order != 0:
             raise GmemError(errno.EINVAL, f"page_order {page_order} needs GUEST_MEMFD_FLAG_HUGETLB (else 0)")
         unit = PAGE_SIZE << page_order
-        if size <= 0 or size % unit or size > _MAX_SIZE:
+        if size > _MAX_SIZE:
+            raise GmemError(errno.EINVAL, f"size {size:#x} is larger than {format_size(_MAX_SIZE)} (2^57 "
+                            "bytes), the largest file the model holds")
+        if size <= 0 or size % unit:
             raise GmemError(errno.EINVAL, f"size {size:#x} is not a positive multiple of {format_size(unit)}"
                             + (" (the huge page size)" if hugetlb else ""))
         if direct_map is None:
@@ -191,6 +195,7 @@ class GuestMemfd:
         if unknown or (vm is not None and vm_policies):
             raise TypeError(f"unexpected policies {unknown or sorted(vm_policies)}"
                             + (": set them on the VM" if vm is not None else ""))
+        check_count(vm_policies.get("pages_per_populate"), "pages_per_populate", optional=True)
         if vm is not None and not vm.in_place and vm_type != "sw-protected":
             # docs/model.md §4.1: in legacy mode shared memory is separate host memory
             if flags & GUEST_MEMFD_FLAG_MMAP:

@@ -5,10 +5,18 @@ return text; they import nothing above them, so any module can print through the
 """
 from __future__ import annotations
 
+import textwrap
+
 from .units import format_size
 
 __all__ = ["format_ns", "format_size_short", "table", "estimate_table", "describe_guest",
-           "format_result", "format_compare", "format_scenarios"]
+           "format_result", "format_compare", "format_scenarios", "format_counters", "format_sweep", "failures_text",
+           "TERMS"]
+
+#: What the words of a run's report mean.
+TERMS = ("operations: the calls the run made on guest memory (each conversion, fallocate, host "
+         "access, pin and unpin, launch run and legacy set-private call, and each 4K or 2M piece "
+         "the guest accepted); errors: the operations that failed, by errno")
 
 _GUEST_KEYS = ("size", "platform", "page_order", "direct_map", "tracking", "flow", "merge")
 _ORDER_NAMES = {0: "4K", 9: "2M", 18: "1G"}
@@ -116,7 +124,26 @@ def huge_pages_text(summary: dict) -> str:
 
 
 def errors_text(summary: dict) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in summary["errors"].items()) or "none"
+    """'EAGAIN 1', with whether those were the failures the scenario expects."""
+    text = ", ".join(f"{k} {v:,}" for k, v in summary["errors"].items()) or "none"
+    expected = summary.get("expected_errors")
+    if expected is None:
+        return text
+    if dict(summary["errors"]) == expected:
+        return f"{text} (as expected)"
+    want = ", ".join(f"{k} {v:,}" for k, v in expected.items()) or "none"
+    return f"{text} (expected {want})"
+
+
+def failures_text(summary: dict) -> list[str]:
+    """The first failed operation of each kind: where, what, errno (one line each)."""
+    out = []
+    for f in summary.get("failures", []):
+        at = f" at {f['error_offset']:#x}" if f.get("error_offset") is not None else ""
+        times = f" (x{f['count']:,})" if f["count"] > 1 else ""
+        out.append(f"  {f['errno']}{times}: {f['op']} [{f['offset']:#x}, +{f['size']:#x}){at}, "
+                   f"first at {f['where']}")
+    return out
 
 
 def _wall_of(res, op: str):
@@ -148,6 +175,8 @@ def format_result(res, *, top: int = 15) -> str:
            f"cpu time {format_ns(total)}",
            "(wall: elapsed time, each phase on the threads that run it; cpu: all work on every "
            "thread, the sum of the counters below)", ""]
+    if getattr(res, "cost_source", ""):
+        out.insert(3, f"cost figures: {res.cost_source}")
     shown = res.params_shown or {k: str(v) for k, v in res.params.items()}
     extra_params = {k: v for k, v in shown.items() if k not in _GUEST_KEYS}
     if extra_params:
@@ -194,9 +223,21 @@ def format_result(res, *, top: int = 15) -> str:
     out.append("")
     out.append("final state")
     out.append(table(srows, align="lrl"))
+    failed = failures_text(s)
+    if failed:
+        out.append("failed operations (the first of each kind):")
+        out.extend(failed)
+    out.append("")
+    out.extend(textwrap.wrap(TERMS, 100))
     if "measurement" in res.extra:
         out.append("")
-        out.append(f"{res.extra['measurement_kind']}: {res.extra['measurement']}")
+        out.append(f"{res.extra['measurement_kind']}: {res.extra['measurement']}"
+                   + (f"  ({res.extra['measured_with']})" if res.extra.get("measured_with") else ""))
+    figures = res.extra.get("figures")
+    if figures:
+        out.append("")
+        out.append(f"{res.name}")
+        out.append(table([[k, str(v)] for k, v in figures.items()], align="ll"))
     return "\n".join(out)
 
 
@@ -240,11 +281,20 @@ def format_compare(results, labels, *, top: int = 12) -> str:
     rows.append(["direct map 1G/2M/4K", *["/".join(f"{r.summary['direct_map'][k]:,}" for k in ("1G", "2M", "4K"))
                                           for r in results]])
     rows.append(["errors", *[errors_text(r.summary) for r in results]])
+    figures: list[str] = []            # what the scenario reports of itself, in its order
+    for r in results:
+        figures += [k for k in r.extra.get("figures", {}) if k not in figures]
+    for key in figures:
+        rows.append([key, *[str(r.extra.get("figures", {}).get(key, "-")) for r in results]])
     rows.append(["model run time", *[f"{r.wall_seconds:.2f} s" for r in results]])
     out = [f"scenario {results[0].name}: {results[0].description}",
            "wall: estimated elapsed time, each phase on the threads that run it (in brackets: the "
            "resource that limits it, when not the threads); cpu: all work on every thread",
-           table(rows, header), ""]
+           table(rows, header), *textwrap.wrap(TERMS, 100)]
+    sources = {getattr(r, "cost_source", "") for r in results} - {""}
+    if len(sources) == 1:
+        out.append(f"cost figures: {sources.pop()}")
+    out.append("")
     # the counters that cost the most anywhere, where the configurations differ
     worst: dict[str, float] = {}
     for r in results:
@@ -284,4 +334,49 @@ def format_scenarios(scenarios, common) -> str:
     out.append("")
     out.append("A .toml scenario file or a .csv/.jsonl trace can stand in for a scenario name "
                "(formats: examples/README.md).")
+    return "\n".join(out)
+
+
+def format_sweep(rows, swept) -> str:
+    """The rows of a sweep (dicts), fastest first by estimated wall time (CPU time when
+    the rows have none); failed configurations last, with their errors."""
+    timed = any(r.get("wall_ns") is not None for r in rows if r.get("error") is None)
+    key = "wall_ns" if timed else "cpu_ns"
+    ok = sorted((r for r in rows if r.get("error") is None), key=lambda r: r[key])
+    bad = [r for r in rows if r.get("error") is not None]
+    header = ["configuration", *(["wall time"] if timed else []), "CPU time", "huge pages left",
+              "direct map 1G/2M/4K", "mapped at 4K", "attr ranges", "errors", "model s"]
+    out = []
+    for r in ok:
+        huge = f"{r.get('huge_pages_left', 0):,}/{r['huge_pages_max']:,}" if r.get("huge_pages_max") else "-"
+        dmap = "/".join(f"{r.get('dmap_' + k) or 0:,}" for k in ("1g", "2m", "4k"))
+        out.append([r.get("config") or "(defaults)", *([format_ns(r["wall_ns"])] if timed else []),
+                    format_ns(r["cpu_ns"]), huge, dmap, format_size_short(r.get("direct_map_4k_bytes") or 0),
+                    f"{r.get('attribute_ranges', 0):,}", f"{r.get('errors', 0):,}",
+                    f"{r['run_seconds']:.2f}" if r.get("run_seconds") is not None else "-"])
+    text = [f"{len(rows)} configurations swept over {', '.join(swept) or 'nothing'}, "
+            f"by estimated {'wall' if timed else 'CPU'} time", table(out, header)]
+    if bad:
+        text.append("")
+        text.append(f"failed ({len(bad)})")
+        text.append(table([[r.get("config") or "(defaults)", r["error"]] for r in bad], align="ll"))
+    return "\n".join(text)
+
+
+def format_counters(rows, profile=None, description="") -> str:
+    """The counter list of ``gmemfast counters``: each counter and what one count is
+    (``rows``: dicts with name, unit and, for a profile, ns and source)."""
+    if profile is None:
+        out = [table([[r["name"], r["unit"]] for r in rows], ["counter", "unit (what one count is)"], "ll"),
+               "",
+               f"{len(rows)} counters. A cost profile gives each a figure in ns per unit: "
+               "gmemfast counters --profile snp|tdx|sw-protected|FILE lists the figures and their sources."]
+        return "\n".join(out)
+    out = [f"cost profile: {profile}" + (f": {description}" if description else ""),
+           "figures in ns per unit; a counter without a figure costs nothing and is reported as unpriced", ""]
+    for r in rows:
+        figure = format_ns(r["ns"]) if r.get("ns") is not None else "unpriced"
+        out.append(f"{r['name']}: {figure} per {r['unit']}")
+        if r.get("source"):
+            out.append(f"    source: {r['source']}")
     return "\n".join(out)

@@ -74,6 +74,8 @@ One JSON object per line; blank lines and lines starting with ``#`` are skipped:
 from __future__ import annotations
 
 import csv
+import difflib
+import errno
 import io
 import json
 import os
@@ -84,7 +86,8 @@ import numpy as np
 
 from .uapi import (KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE,
                    KVM_SET_MEMORY_ATTRIBUTES2_ZERO)
-from .units import PAGE_SIZE, format_size, parse_size
+from .errors import errno_name
+from .units import MAX_FILE_SIZE, PAGE_SIZE, format_size, parse_size
 
 __all__ = [
     "TraceError",
@@ -97,6 +100,8 @@ __all__ = [
     "parse_attrs",
     "parse_flags",
     "parse_number",
+    "parse_error_counts",
+    "ERROR_KINDS",
 ]
 
 # Operation codes (the ``kind`` column of TraceOps).
@@ -123,9 +128,16 @@ _ALL_FIELDS = ("op", "offset", "size", "attrs", "flags", "fill", "chunk", "id", 
 
 #: Keys a ``guest`` record (or CSV ``# gmemfast:`` line) may give.
 GUEST_KEYS = ("size", "platform", "page_order", "direct_map", "tracking", "flow", "merge", "seed")
+#: The key of the guest record that declares the failed operations a replay expects.
+EXPECT_KEY = "expect_errors"
+
+#: What a failed operation is counted as: its errno name (EAGAIN, EINVAL, EFAULT for a
+#: SIGBUS, ...), or one of the two VM exits a guest access can cause.
+ERROR_KINDS = frozenset(errno_name(e) for e in errno.errorcode) | {"MemoryFaultExit", "MmioExit"}
 
 ALL = -1            # size "all": to the end of the file
 DEFAULT_FILL = 0xA5
+HOST_ACCESS_MAX = 256 << 20     # the model keeps written bytes: one host access is at most this
 
 
 class TraceError(ValueError):
@@ -159,6 +171,7 @@ class TraceOps:
     names: list = field(default_factory=list)
     source: str = "<ops>"
     guest: dict = field(default_factory=dict)
+    expect: dict | None = None      # the failed operations a replay expects (errno name -> count)
 
     def __len__(self):
         return len(self.kind)
@@ -210,6 +223,7 @@ class OpList:
         self._name_index: dict[str, int] = {}
         self.source = source
         self.guest: dict = {}
+        self.expect: dict | None = None
 
     def name(self, text: str) -> int:
         i = self._name_index.get(text)
@@ -230,13 +244,32 @@ class OpList:
     def build(self) -> TraceOps:
         cols = [np.concatenate(c) if c else np.zeros(0, np.int64) for c in self._cols]
         return TraceOps(cols[0].astype(np.int8), cols[1], cols[2], cols[3], cols[4], cols[5],
-                        list(self._names), self.source, dict(self.guest))
+                        list(self._names), self.source, dict(self.guest),
+                        None if self.expect is None else dict(self.expect))
 
 
 # ---------------------------------------------------------------------------- values
 
-def parse_number(value, what: str, *, sizes: bool = True, allow_all: bool = False) -> int:
-    """An int from a record field: ints, ``"0x1000"``, ``"4096"``, or (``sizes``) ``"2M"``."""
+def parse_number(value, what: str, *, sizes: bool = True, allow_all: bool = False,
+                 limit: int | None = None) -> int:
+    """An int from a record field: ints, ``"0x1000"``, ``"4096"``, or (``sizes``) ``"2M"``.
+
+    With ``limit`` the value must lie in ``[0, limit]`` (``ValueError`` naming the limit).
+    """
+    if allow_all and isinstance(value, str) and value.strip().lower() in ("all", "rest"):
+        return ALL
+    n = _number(value, what, sizes, False)
+    if limit is not None:
+        if n < 0:
+            raise ValueError(f"{what}: {value!r} is negative")
+        if n > limit:
+            raise ValueError(f"{what}: {value!r} is larger than {format_size(limit)}"
+                             + (" (2^57 bytes), the largest file the model holds" if limit == MAX_FILE_SIZE
+                                else ""))
+    return n
+
+
+def _number(value, what, sizes, allow_all) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{what}: expected a number, not {value!r}")
     if isinstance(value, int):
@@ -248,7 +281,7 @@ def parse_number(value, what: str, *, sizes: bool = True, allow_all: bool = Fals
         if allow_all and text.lower() in ("all", "rest"):
             return ALL
         try:
-            return int(text, 0)
+            return int(text.replace("_", ""), 0)
         except ValueError:
             pass
         if sizes:
@@ -261,6 +294,37 @@ def parse_number(value, what: str, *, sizes: bool = True, allow_all: bool = Fals
             kinds += " or 'all'"
         raise ValueError(f"{what}: cannot read {value!r}: expected {kinds}")
     raise ValueError(f"{what}: expected a number, not {type(value).__name__} {value!r}")
+
+
+def parse_error_counts(value, what: str = EXPECT_KEY) -> dict:
+    """Expected failed operations: a mapping ``{"EAGAIN": 1}`` or text ``"EAGAIN:1,EINVAL:2"``
+    (``"none"`` or empty: none) -> ``{name: count}`` without zero counts. Names are
+    :data:`ERROR_KINDS`; counts are integers >= 0."""
+    if isinstance(value, str):
+        text = value.strip()
+        items = {}
+        if text.lower() not in ("", "none"):
+            for part in text.split(","):
+                name, sep, count = part.replace("=", ":").partition(":")
+                if not sep:
+                    raise ValueError(f"{what}: {part.strip()!r} is not NAME:COUNT (e.g. EAGAIN:1)")
+                items[name.strip()] = count.strip()
+        value = items
+    if not isinstance(value, dict):
+        raise ValueError(f"{what}: expected a table of errno names and counts like {{EAGAIN = 1}}, "
+                         f"not {type(value).__name__} {value!r}")
+    out = {}
+    for name, count in value.items():
+        if name not in ERROR_KINDS:
+            close = difflib.get_close_matches(str(name).upper(), ERROR_KINDS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{what}: {name!r} is not an errno name like EAGAIN or EINVAL{hint}")
+        n = _number(count, f"{what}.{name}", False, False)
+        if n < 0:
+            raise ValueError(f"{what}.{name}: a count is >= 0, not {count!r}")
+        if n:
+            out[name] = n
+    return out
 
 
 def parse_attrs(value) -> int:
@@ -297,6 +361,8 @@ def parse_flags(value) -> int:
         raise ValueError(f"flags: {value!r} is not 'preserve', 'zero', 'none' or a number") from None
     if n < 0:
         raise ValueError(f"flags: {value!r} is negative")
+    if n >= 1 << 63:
+        raise ValueError(f"flags: {value!r} does not fit the model's 63-bit flags (below 2^63)")
     return n     # other bits are passed on: the model answers EINVAL like the kernel
 
 
@@ -329,31 +395,27 @@ def _add_record(ops: OpList, rec: dict, line: int):
         raise ValueError(f"op {name!r} does not take field(s) {', '.join(extra)} (it takes: {allowed})")
     get = rec.get
     if kind == PHASE:
-        text = str(get("name")).strip()
-        if not text:
-            raise ValueError("phase: name is empty")
-        ops.add(PHASE, a=ops.name(text), line=line)
+        ops.add(PHASE, a=ops.name(_text(get("name"), "name")), line=line)
         return
     if kind == UNPIN:
         if "id" in present:
-            ops.add(UNPIN, a=ops.name(str(get("id"))), b=1, line=line)
+            ops.add(UNPIN, a=ops.name(_text(get("id"), "id")), b=1, line=line)
         elif "offset" in present:
-            off = parse_number(get("offset"), "offset")
+            off = parse_number(get("offset"), "offset", limit=MAX_FILE_SIZE)
             ops.add(UNPIN, offset=off, a=ops.name(str(off)), b=1, line=line)
         else:
             raise ValueError("unpin needs 'id' (or the 'offset' of the pin)")
         return
-    off = parse_number(get("offset"), "offset")
-    if off < 0:
-        raise ValueError(f"offset: {get('offset')!r} is negative")
+    off = parse_number(get("offset"), "offset", limit=MAX_FILE_SIZE)
     if kind == PIN:
-        size = parse_number(get("size"), "size") if "size" in present else PAGE_SIZE
-        pid = str(get("id")) if "id" in present else str(off)
+        size = parse_number(get("size"), "size", limit=MAX_FILE_SIZE) if "size" in present else PAGE_SIZE
+        pid = _text(get("id"), "id") if "id" in present else str(off)
         ops.add(PIN, off, size, ops.name(pid), line=line)
         return
-    size = parse_number(get("size"), "size", allow_all=True)
-    if size < 0 and size != ALL:
-        raise ValueError(f"size: {get('size')!r} is negative")
+    size = parse_number(get("size"), "size", allow_all=True, limit=MAX_FILE_SIZE)
+    if kind in (WRITE, READ) and size > HOST_ACCESS_MAX:
+        raise ValueError(f"size: {get('size')!r}: one host access is at most {format_size(HOST_ACCESS_MAX)} "
+                         "(the model keeps the bytes written)")
     if kind == CONVERT:
         ops.add(CONVERT, off, size, parse_attrs(get("attrs")), parse_flags(get("flags")), line)
     elif kind == WRITE:
@@ -368,16 +430,30 @@ def _add_record(ops: OpList, rec: dict, line: int):
         ops.add(kind, off, size, line=line)
 
 
-def _guest_record(rec: dict) -> dict:
-    extra = sorted(set(rec) - set(GUEST_KEYS) - {"op"})
+def _text(value, what: str) -> str:
+    """A name field (pin id, phase name): text or an integer, not empty."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{what}: expected a name, not {type(value).__name__} {value!r}")
+    text = str(value).strip()
+    if not text:
+        raise ValueError(f"{what} is empty")
+    return text
+
+
+def _guest_record(rec: dict, ops: "OpList") -> None:
+    """Take a guest record (or CSV directive) into ``ops``: guest keys and expected errors."""
+    extra = sorted(set(rec) - set(GUEST_KEYS) - {"op", EXPECT_KEY})
     if extra:
-        raise ValueError(f"guest record: unknown key(s) {', '.join(extra)} (known: {', '.join(GUEST_KEYS)})")
-    return {k: v for k, v in rec.items() if k != "op"}
+        raise ValueError(f"guest record: unknown key(s) {', '.join(extra)} "
+                         f"(known: {', '.join(GUEST_KEYS)}, {EXPECT_KEY})")
+    if EXPECT_KEY in rec:
+        ops.expect = parse_error_counts(rec[EXPECT_KEY])
+    ops.guest.update({k: v for k, v in rec.items() if k not in ("op", EXPECT_KEY)})
 
 
-def parse_records(records, *, source="<records>") -> TraceOps:
+def parse_records(records, *, source="<records>", ops: "OpList | None" = None) -> TraceOps:
     """TraceOps from an iterable of ``(line, dict)`` records (the reader's output)."""
-    ops = OpList(source)
+    ops = OpList(source) if ops is None else ops
     first = True
     for line, rec in records:
         try:
@@ -386,7 +462,7 @@ def parse_records(records, *, source="<records>") -> TraceOps:
             if str(rec.get("op", "")).strip().lower() == "guest":
                 if not first:
                     raise ValueError("the 'guest' record must come first")
-                ops.guest.update(_guest_record(rec))
+                _guest_record(rec, ops)
             else:
                 _add_record(ops, rec, line)
         except TraceError:
@@ -407,10 +483,14 @@ def _jsonl_records(text: str, source: str):
         except json.JSONDecodeError as exc:
             raise TraceError(f"not valid JSON ({exc.msg} at column {exc.colno})", source=source,
                              line=line) from None
+        except RecursionError:
+            raise TraceError("not valid JSON (nested too deeply)", source=source, line=line) from None
+        except ValueError as exc:        # a number too long to convert, say
+            raise TraceError(f"not valid JSON ({exc})", source=source, line=line) from None
         yield line, rec
 
 
-def _csv_directive(text: str, source: str, line: int) -> dict:
+def _csv_directive(text: str, source: str, line: int, ops: "OpList") -> None:
     out = {}
     for item in text.split():
         if "=" not in item:
@@ -418,22 +498,34 @@ def _csv_directive(text: str, source: str, line: int) -> dict:
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     try:
-        return _guest_record(out)
+        _guest_record(out, ops)
     except ValueError as exc:
         raise TraceError(str(exc), source=source, line=line) from None
 
 
-def _csv_records(text: str, source: str, guest: dict):
+def _csv_rows(reader, source: str):
+    """The reader's rows; a row the csv module cannot read is a TraceError naming its line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise TraceError(f"not valid CSV ({exc})", source=source, line=reader.line_num) from None
+        yield row
+
+
+def _csv_records(text: str, source: str, ops: "OpList"):
     header = None
     reader = csv.reader(io.StringIO(text))
-    for row in reader:
+    for row in _csv_rows(reader, source):
         line = reader.line_num
         if not row or not any(c.strip() for c in row):
             continue
         if row[0].lstrip().startswith("#"):
             joined = ",".join(row).lstrip()[1:].strip()
             if joined.lower().startswith("gmemfast:"):
-                guest.update(_csv_directive(joined[len("gmemfast:"):], source, line))
+                _csv_directive(joined[len("gmemfast:"):], source, line, ops)
             continue
         cells = [c.strip() for c in row]
         if header is None:
@@ -460,25 +552,30 @@ def trace_format(path) -> str:
 
 
 def read_trace(path) -> TraceOps:
-    """Read a CSV or JSON-lines trace file (see the module docs)."""
+    """Read a CSV or JSON-lines trace file (see the module docs). A UTF-8 byte-order mark
+    at the start is allowed."""
     source = os.fspath(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise TraceError("not a text file", source=source) from None
+        raise TraceError("not a text file (UTF-8)", source=source) from None
+    except OSError as exc:
+        raise TraceError(f"cannot read: {exc.strerror or exc}", source=source) from None
+    ops = OpList(source)
     if trace_format(path) == "csv":
-        guest: dict = {}
-        ops = parse_records(_csv_records(text, source, guest), source=source)
-        ops.guest = {**guest, **ops.guest}
-        return ops
-    return parse_records(_jsonl_records(text, source), source=source)
+        return parse_records(_csv_records(text, source, ops), source=source, ops=ops)
+    return parse_records(_jsonl_records(text, source), source=source, ops=ops)
 
 
 # ---------------------------------------------------------------------------- writing
 
 def write_trace(path, ops: TraceOps, guest: dict | None = None) -> int:
-    """Write ``ops`` as CSV (``.csv``) or JSON lines; returns the number of records."""
+    """Write ``ops`` as CSV (``.csv``) or JSON lines; returns the number of records.
+    The guest record carries the expected errors (``ops.expect``) if there are any."""
     guest = {k: v for k, v in (guest if guest is not None else ops.guest).items() if v is not None}
+    if ops.expect:
+        guest[EXPECT_KEY] = (",".join(f"{k}:{v}" for k, v in ops.expect.items())
+                             if trace_format(path) == "csv" else dict(ops.expect))
     path = Path(path)
     n = 0
     with open(path, "w", newline="") as f:

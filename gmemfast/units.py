@@ -11,6 +11,12 @@ PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 ACCEPT_CHUNKS = (PAGE_SIZE, 2 << 20)    # the guest accepts 4 KiB or 2 MiB pages
 
+#: The largest guest_memfd the model holds: 2^57 bytes (128P), so that page indices and
+#: byte offsets stay in 64-bit integer arithmetic everywhere.
+MAX_FILE_SIZE = 1 << 57
+#: Guest physical addresses lie below 2^52: x86-64's largest physical address width.
+MAX_GPA = 1 << 52
+
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
 
@@ -48,6 +54,27 @@ def as_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, not {type(value).__name__} ({value!r})")
     return int(value)
+
+
+def check_count(value, name: str, *, optional: bool = False):
+    """A count argument: an int of at least 1 (or ``None`` when ``optional``), else
+    ``ValueError`` naming the argument."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer of at least 1{' (or None)' if optional else ''}, "
+                         f"not {value!r}")
+    return int(value)
+
+
+def broadcast_column(value, n: int, name: str, first: str = "offsets"):
+    """``value`` (a scalar or a 1-D array) as ``n`` items, for a batched call whose
+    ``first`` array has ``n``; arrays of another length are a ``ValueError`` naming both."""
+    import numpy as np
+    if getattr(value, "ndim", 0) == 1 and value.shape[0] != n:
+        raise ValueError(f"{name} has {value.shape[0]:,} items but {first} has {n:,}: give arrays "
+                         "of the same length, or a scalar for all")
+    return np.ascontiguousarray(np.broadcast_to(value, (n,)))
 
 
 def check_range(offset, size, limit: int, what: str = "range", *, allow_past_end: bool = False):

@@ -19,6 +19,7 @@ from .platforms.tdx import TdxPlatform
 from .populate import GmemRange, advance_source
 from .uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, VM_TYPES
 from .units import PAGE_SHIFT, PAGE_SIZE, as_int, check_accept_chunk, check_range
+from .units import check_count
 
 __all__ = ["VM", "Memslot", "RangeSet", "GmemRange", "advance_source"]
 
@@ -121,6 +122,7 @@ class VM:
         self.in_place = bool(in_place)
         self._gmem_policies = {k: policies.pop(k) for k in _GMEM_POLICIES if k in policies}
         self._platform_policies = {k: policies.pop(k) for k in _PLATFORM_POLICIES if k in policies}
+        check_count(self._platform_policies.get("pages_per_populate"), "pages_per_populate", optional=True)
         if policies:
             raise TypeError(f"unknown policies {sorted(policies)}")
         ppp = self._platform_policies.get("pages_per_populate")
@@ -417,7 +419,7 @@ class VM:
         (a bad one raises, as the per-call form does, before any item)."""
         g = int_array(gpas, "gpas")
         n = g.shape[0] if g.ndim else 1
-        g, sz = (int_column(v, name, n) for v, name in ((g, "gpas"), (sizes, "sizes")))
+        g, sz = (int_column(v, name, n, "gpas") for v, name in ((g, "gpas"), (sizes, "sizes")))
         chunk = check_accept_chunk(chunk)
         if mapping is not None:
             mapping = as_int(mapping, "mapping")
@@ -516,7 +518,7 @@ class VM:
         Arguments are integer arrays or scalars (broadcast)."""
         g = int_array(gpas, "gpas")
         n = g.shape[0] if g.ndim else 1
-        g, sz, at = (int_column(v, name, n)
+        g, sz, at = (int_column(v, name, n, "gpas")
                      for v, name in ((g, "gpas"), (sizes, "sizes"), (attributes, "attributes")))
         bad = ((at & ~KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0) | (sz <= 0) | (g < 0)
         bad |= (((g | sz) & (PAGE_SIZE - 1)) != 0) | (g >= _MAX_GPA) | (sz > _MAX_GPA - g)

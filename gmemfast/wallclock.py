@@ -15,7 +15,9 @@ A phase's wall time is the largest bound, and the bound that sets it is what lim
 phase. Every bound is at most the CPU time, the threads bound is the CPU time on one
 thread and shrinks with more, and no other bound depends on the threads, so:
 wall <= cpu; wall == cpu on one thread; more threads never make a phase slower. Phases
-run one after another, so a run's wall time is the sum of its phases'.
+run one after another, so a run's wall time is the sum of its phases'. The one exception
+to wall <= cpu is a phase given an external bound, time that is not work (a device
+serving the phase's I/O): it may last longer than its work.
 
 Contention that adds work (``TDX_OPERAND_BUSY`` retries) is counted as work by the
 callers (docs/model.md §4.9), not added here.
@@ -94,13 +96,17 @@ def _check_threads(threads, what: str) -> int:
 
 
 def phase_time(model: CostModel, counts: Mapping[str, int], threads: int = 1, *, vms: int = 1,
-               name: str = "") -> PhaseTime:
+               name: str = "", external: Mapping[str, float] | None = None) -> PhaseTime:
     """The wall time of one phase whose work is ``counts`` (counter -> count, the work of
     all ``vms`` VMs together), run on ``threads`` threads.
 
     ``vms`` > 1 models that many VMs doing the same work at once (concurrent launches):
     a resource of scope ``"vm"`` is one per VM, so its work divides by ``vms``; a
     ``"host"`` resource (the PSP, memory bandwidth) is shared by all of them.
+
+    ``external`` adds bounds that are not work, in ns by name: the time the phase's I/O
+    takes on its device, say. They are not capped at the CPU time, so a phase with one
+    can take longer than its work (docs/model.md §10.1).
     """
     threads = _check_threads(threads, f"phase {name!r}")
     vms = _check_threads(vms, f"phase {name!r} (vms)")
@@ -127,6 +133,11 @@ def phase_time(model: CostModel, counts: Mapping[str, int], threads: int = 1, *,
             busy = math.fsum(moved) * share
         if busy > 0:
             bounds[r.name] = min(busy, cpu * share)
+    for key, ns in (external or {}).items():
+        if not math.isfinite(ns) or ns < 0:
+            raise ValueError(f"phase {name!r}: bound {key!r} must be a finite time >= 0, not {ns!r}")
+        if ns > 0:
+            bounds[key] = max(bounds.get(key, 0.0), float(ns))
     limit = THREADS
     for key, value in bounds.items():
         if value > bounds[limit]:
@@ -135,13 +146,15 @@ def phase_time(model: CostModel, counts: Mapping[str, int], threads: int = 1, *,
 
 
 def wall_time(model: CostModel, by_phase: Mapping[str, Mapping[str, int]],
-              threads: Mapping[str, int] | int = 1, *, vms: int = 1) -> WallTime:
+              threads: Mapping[str, int] | int = 1, *, vms: int = 1,
+              external: Mapping[str, Mapping[str, float]] | None = None) -> WallTime:
     """The phases of a run, in order: ``by_phase`` maps phase name -> counts, ``threads``
     gives each phase's threads (a mapping, missing phases run on one; or one number for
-    all)."""
+    all); ``external`` a phase's bounds that are not work (see :func:`phase_time`)."""
     out = {}
     for name, counts in by_phase.items():
         t = threads if not isinstance(threads, Mapping) else threads.get(name, 1)
-        out[name] = phase_time(model, counts, t, vms=vms, name=name)
+        out[name] = phase_time(model, counts, t, vms=vms, name=name,
+                               external=(external or {}).get(name))
     return WallTime(model.name, MappingProxyType(out))
 

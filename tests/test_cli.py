@@ -4,12 +4,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import SMALL
 from gmemfast import cli
 from gmemfast import scenarios as S
 from gmemfast.firmware import synthetic_ovmf
@@ -20,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(capsys, *argv):
-    code = cli.main(list(argv))
+    code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -120,11 +122,14 @@ def test_run_options_change_the_run(capsys):
     (["launch", "sev"], "invalid choice"),
     (["launch", "snp", "--vcpus", "0"], "at least 1"),
     (["scenarios", "--bogus"], "unrecognized"),
+    (["counters", "--profile", "nowhere"], "unknown cost profile 'nowhere'"),
+    (["bench", "--quick", "--full"], "not allowed with argument"),
 ])
 def test_bad_options_exit_2(capsys, argv, match):
     code, out, err = run(capsys, *argv)
     assert code == 2
     assert match in err
+    assert len(err.splitlines()) == 1, err       # one line: no usage block
     assert out == ""
     assert "Traceback" not in err
 
@@ -267,10 +272,10 @@ def test_scenario_file_run(capsys):
 def test_progress_bar():
     buf = io.StringIO()
     p = cli.Progress(buf, enabled=True, delay=0.0, interval=0.0)
-    p("accepting", 5, 10)
-    p("accepting", 10, 10)
+    p("accepting 5/10", 5, 10)
+    p("accepting 10/10", 10, 10)
     text = buf.getvalue()
-    assert "accepting" in text and "50.0%" in text and "100.0%" in text and "10/10" in text
+    assert "accepting 5/10" in text and "50.0%" in text and "100.0%" in text and "10/10" in text
     p.close()
     assert buf.getvalue().endswith("\r")
     quiet = io.StringIO()
@@ -327,3 +332,168 @@ def test_bench_runs_targets_against_baselines(capsys):
 def test_bench_bad_target_exits_2(capsys, only):
     code, _, err = run(capsys, "bench", "--only", only)
     assert code == 2 and "--only" in err
+
+
+# ------------------------------------------------------------------ exit statuses and failures
+
+FAILING = """[guest]
+size = "64M"
+page_order = "2M"        # a pinned page fails a punch of hugetlb memory with EAGAIN
+[[steps]]
+op = "accept"
+[[steps]]
+op = "convert"
+offset = "1M"
+size = "4K"
+attrs = "shared"
+[[steps]]
+op = "pin"
+offset = "1M"
+[[steps]]
+op = "convert"
+offset = "1M"
+size = "4K"
+attrs = "private"
+[[steps]]
+op = "punch"
+offset = "1M"
+size = "4K"
+"""
+
+
+def test_exit_status_0_1_2(capsys, tmp_path):
+    # 0: every operation succeeded
+    code, out, err = run(capsys, "run", "boot", "--size", "64M", "--kernel", "0")
+    assert code == 0 and err == "" and re.search(r"^errors +none$", out, re.M)
+    # 1: operations failed; the report says which, where, and stderr says so in one line
+    f = tmp_path / "fail.toml"
+    f.write_text(FAILING)
+    code, out, err = run(capsys, "run", f)
+    assert code == 1
+    assert err.splitlines() == ["gmemfast: operations failed: EAGAIN 2 (the first failure of each kind is "
+                                "in the report; exit status 1)"]
+    assert "failed operations (the first of each kind):" in out
+    assert re.search(r"EAGAIN: convert \[0x100000, \+0x1000\) at 0x100000, first at .*fail.toml: step 4 \(convert\)",
+                     out)
+    assert re.search(r"EAGAIN: punch \[0x100000, \+0x1000\) at 0x100000, first at .*fail.toml: step 5 \(punch\)",
+                     out)
+    # the same through --json, and a recorded trace replays to the same failures
+    code, out, err = run(capsys, "run", f, "--json", "--record", tmp_path / "fail.jsonl")
+    assert code == 1
+    s = json.loads(out)["summary"]
+    assert s["errors"] == {"EAGAIN": 2} and s["expected_errors"] is None and not s["errors_as_expected"]
+    assert [(x["op"], x["errno"], x["count"], x["offset"]) for x in s["failures"]] == [
+        ("convert", "EAGAIN", 1, 0x100000), ("punch", "EAGAIN", 1, 0x100000)]
+    code, out, err = run(capsys, "run", tmp_path / "fail.jsonl", "--json")
+    assert code == 1 and json.loads(out)["summary"]["errors"] == {"EAGAIN": 2}
+    # declared as expected: exit 0; expected but different: exit 1
+    f.write_text(FAILING + "[expect]\nerrors = {EAGAIN = 2}\n")
+    code, out, err = run(capsys, "run", f)
+    assert code == 0 and err == "" and "EAGAIN 2 (as expected)" in out
+    f.write_text(FAILING + "[expect]\nerrors = {EAGAIN = 1}\n")
+    code, out, err = run(capsys, "run", f)
+    assert code == 1 and "EAGAIN 2 (expected EAGAIN 1)" in out and "expected EAGAIN 1" in err
+    # --strict stops at the first failure beyond the expected ones: exit 1, one line
+    code, out, err = run(capsys, "run", f, "--strict")
+    assert code == 1 and out == ""
+    assert len(err.splitlines()) == 1 and re.search(r"operation failed: .*step 5 \(punch\): punch", err)
+    # 2: bad input
+    code, out, err = run(capsys, "run", f, "--size", "huge")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+
+
+def test_compare_exit_status_and_expected_errors(capsys, tmp_path):
+    f = tmp_path / "expects.toml"
+    f.write_text(FAILING + "[expect]\nerrors = {EAGAIN = 2}\n")
+    code, out, err = run(capsys, "compare", f, "--vary", "direct_map=keep,on-conversion")
+    assert code == 0, err
+    assert re.search(r"^errors +EAGAIN 2 \(as expected\) +EAGAIN 2 \(as expected\)$", out, re.M)
+    code, out, err = run(capsys, "compare", EXAMPLES / "bounce-trace.csv", "--vary", "tracking=in-place,legacy")
+    assert code == 1 and "[tracking=legacy]" in err and "[tracking=in-place]" not in err
+
+
+def test_help_documents_exit_statuses(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for status in (0, 1, 2):
+        assert re.search(rf"^  {status} +\S", out, re.M), out
+    assert "operations failed" in out and "bad input" in out
+
+
+def test_broken_pipe(tmp_path):
+    """Writing to a reader that went away (gmemfast ... | head -1): exit 0, nothing on stderr."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for argv in (["scenarios"], ["counters", "--profile", "snp"], ["run", "boot", "--size", "64M", "--json"]):
+        r, w = os.pipe()
+        os.close(r)                     # the reader is gone before anything is written
+        try:
+            p = subprocess.run([sys.executable, "-m", "gmemfast", *argv], stdout=w, stderr=subprocess.PIPE,
+                               env=env, timeout=120)
+        finally:
+            os.close(w)
+        assert p.returncode == 0, p.stderr
+        assert p.stderr == b"", p.stderr
+
+
+# ------------------------------------------------------------------ output that says what it means
+
+def test_counters_command(capsys):
+    from gmemfast._layout import COUNTER_NAMES
+    from gmemfast.cost import COUNTER_UNITS, CostModel
+    code, out, _ = run(capsys, "counters")
+    assert code == 0
+    for name in COUNTER_NAMES:
+        assert re.search(rf"^{name} +{re.escape(COUNTER_UNITS[name])}$", out, re.M), name
+    d = run_json(capsys, "counters", "--profile", "tdx")
+    model = CostModel.from_profile("tdx")
+    assert d["profile"] == "tdx" and [c["name"] for c in d["counters"]] == list(COUNTER_NAMES)
+    for c in d["counters"]:
+        assert c["ns"] == model.ns_per_unit.get(c["name"])
+        assert c["source"] == model.sources().get(c["name"])
+        assert c["unit"] == COUNTER_UNITS[c["name"]]
+    code, out, _ = run(capsys, "counters", "--profile", "snp")
+    src = CostModel.from_profile("snp").sources()["lru_drains"]
+    assert f"lru_drains: 50.0 µs per lru_add_drain_all() call\n    source: {src}" in out
+    # the unknown-counter error points at this command
+    code, _, err = run(capsys, "run", "boot", "--set", "guest_exit=1")
+    assert code == 2 and "`gmemfast counters` lists them" in err
+
+
+def test_launch_prints_vcpu_and_vmm_type(capsys):
+    code, out, _ = run(capsys, "launch", "snp", "--ovmf", "synthetic", "--vcpus", "2",
+                       "--vcpu-type", "EPYC-Milan", "--vmm-type", "ec2")
+    assert code == 0 and "vCPUs: 2   vCPU type: EPYC-Milan   VMM type: EC2" in out
+    expect = snp_measure_ovmf(synthetic_ovmf(), vcpus=2, vcpu_type="EPYC-Milan", vmm_type="EC2").digest.hex()
+    assert expect in out
+    d = run_json(capsys, "launch", "snp", "--ovmf", "synthetic")
+    assert d["vcpu_type"] == "EPYC-v4" and d["vmm_type"] == "QEMU"
+
+
+def test_run_and_compare_agree_on_4k_backing_and_define_terms(capsys):
+    from gmemfast.report import TERMS
+    code, out, _ = run(capsys, "run", "boot", "--size", "64M", "--kernel", "0")
+    assert re.search(r"^huge pages left +- \(4K backing\)$", out, re.M)
+    code, cmp_out, _ = run(capsys, "compare", "boot", "--size", "64M", "--kernel", "0")
+    assert re.search(r"^huge pages left +- \(4K backing\) +- \(4K backing\)$", cmp_out, re.M)
+    for text in (out, cmp_out):
+        assert " ".join(text.split()).count(TERMS) == 1
+    assert "cost figures: built-in profile snp (gmemfast counters --profile snp" in out
+
+
+def test_progress_covers_the_whole_run(tmp_path):
+    f = tmp_path / "p.toml"
+    count, churn = (2000, "1M") if SMALL else (20000, "8M")
+    f.write_text("[guest]\nsize = '1G'\n[[steps]]\nop = 'accept'\n"
+                 f"[[steps]]\nop = 'random'\ncount = {count}\nwindow = 100\nrepeat = 3\n"
+                 f"[[steps]]\nop = 'churn'\noffset = 0\nsize = '{churn}'\niterations = 2\n")
+    calls = []
+    S.run_scenario_file(f, progress=lambda label, done, total: calls.append((label, done / total)))
+    fracs = [x for _l, x in calls]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0 and fracs[0] < 0.3
+    # 5 parts (accept, random x3, churn): each repeat and each iteration moves the bar
+    labels = [l for l, _x in calls]
+    for i in (1, 2, 3):
+        at = [x for l, x in calls if l.startswith(f"step 2/3 random ({i}/3)")]
+        assert at and i / 5 - 1e-3 <= min(at) and max(at) <= (i + 1) / 5 + 1e-3
+    assert any("iteration 2/2" in l for l in labels)
+    assert sum(x == 1.0 for x in fracs) <= 3       # not stuck at 100% while work goes on

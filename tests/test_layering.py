@@ -49,6 +49,7 @@ LAYERS = [
     "scenarios.runner",
     "scenarios.workloads",
     "scenarios.swiotlb",
+    "scenarios.swiotlb_io",
     "scenarios.builtin",
     "scenarios.files",
     "scenarios.running",

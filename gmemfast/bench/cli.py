@@ -8,8 +8,12 @@ import sys
 
 def configure_cli(parser) -> None:
     """Arguments of ``gmemfast bench``."""
-    parser.add_argument("--full", action="store_true",
-                        help="more repeats and the full per-call sample (minutes, not seconds)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="full", action="store_false",
+                      help="few repeats, small per-call samples (the default; seconds)")
+    mode.add_argument("--full", dest="full", action="store_true",
+                      help="more repeats and the full per-call sample (minutes, not seconds)")
+    parser.set_defaults(full=False)
     parser.add_argument("--json", action="store_true", help="print machine-readable results")
     parser.add_argument("--only", default="", help="comma-separated target numbers, e.g. 1,3")
 

@@ -11,7 +11,11 @@ from typing import NamedTuple
 
 from ..units import PAGE_SIZE
 
-__all__ = ["CPU_SIGNATURES", "VMM_TYPES", "vmsa_pages", "check_vcpus", "vmm_profile"]
+__all__ = ["CPU_SIGNATURES", "MAX_VCPUS", "VMM_TYPES", "vmsa_pages", "check_vcpus", "vmm_profile"]
+
+#: The most vCPUs a VM may have: KVM_MAX_VCPUS at its largest x86 configuration
+#: (CONFIG_KVM_MAX_NR_VCPUS=4096, arch/x86/kvm/Kconfig).
+MAX_VCPUS = 4096
 
 def _cpu_signature(family: int, model: int, stepping: int) -> int:
     """CPUID Fn0000_0001_EAX from family, model and stepping (AMD CPUID spec #25481)."""
@@ -107,8 +111,12 @@ def _save_area(eip: int, sev_features: int, vcpu_sig: int, vmm: _VmmProfile) -> 
 
 
 def check_vcpus(vcpus) -> int:
+    """``vcpus`` as an int from 1 to :data:`MAX_VCPUS`, else ``ValueError`` naming it."""
     if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
         raise ValueError(f"vcpus must be an int of at least 1, not {vcpus!r}")
+    if vcpus > MAX_VCPUS:
+        raise ValueError(f"vcpus {vcpus} is more than KVM allows: at most {MAX_VCPUS} "
+                         "(KVM_MAX_VCPUS)")
     return vcpus
 
 

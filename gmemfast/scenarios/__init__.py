@@ -21,6 +21,9 @@ Built-in scenarios (``SCENARIOS``; ``gmemfast scenarios`` lists them):
 ``balloon``
     A balloon inflates (punches holes in guest memory) and deflates (the guest accepts
     the pages again), round after round.
+``swiotlb-io``
+    I/O through the guest's SWIOTLB pool as Linux runs it: bounce copies, slot
+    exhaustion, dynamic growth converting memory to shared (docs/model.md §11).
 
 Every scenario takes the common parameters (:data:`COMMON_PARAMS`: size, platform,
 page_order, direct_map, tracking, flow, merge, seed) plus its own. ``tracking`` is the
@@ -38,20 +41,31 @@ reporting progress through a callback ``progress(label, done, total)``.
 Users describe their own workloads in TOML scenario files (:func:`load_scenario_file`;
 the schema is in ``examples/README.md``) or replay operation traces
 (:mod:`gmemfast.trace`).
+
+Operations that fail (an ``EAGAIN`` on a pinned page, say) are counted and the run goes
+on; the result's summary names the first failure of each kind. A scenario file (or a
+trace's guest record) may declare the failures it expects; ``errors_as_expected`` on
+the result says whether exactly those happened. Bad input (a value that cannot be read,
+or is beyond what the model holds) raises :class:`ScenarioError` before anything runs.
 """
 from __future__ import annotations
 
 from .files import ScenarioFile, load_scenario_file, run_step
-from .params import (COMMON_PARAMS, SCENARIOS, TRACE_SCENARIO, Param, Scenario, ScenarioError,
-                     get_scenario, guest_record, resolve_params, scenario)
+from .params import (COMMON_PARAMS, MAX_CONVERSIONS, MAX_GUEST_SIZE, SCENARIOS, TRACE_SCENARIO,
+                     OperationFailed, Param, Scenario, ScenarioError, get_scenario, guest_record,
+                     resolve_params, scenario)
 from .results import ScenarioResult
 from .runner import Runner
-from .running import cost_model_for, run_any, run_scenario, run_scenario_file, run_trace
+from .running import (cost_model_for, load_target, run_any, run_scenario, run_scenario_file, run_trace,
+                      target_params)
 from .workloads import (TIMELINE_POINTS, do_accept_all, do_balloon, do_launch, do_swiotlb, do_window,
                         swiotlb_default, swiotlb_region)
 
 __all__ = [
     "COMMON_PARAMS",
+    "MAX_CONVERSIONS",
+    "MAX_GUEST_SIZE",
+    "OperationFailed",
     "Param",
     "Scenario",
     "ScenarioError",
@@ -70,6 +84,7 @@ __all__ = [
     "get_scenario",
     "guest_record",
     "load_scenario_file",
+    "load_target",
     "resolve_params",
     "run_any",
     "run_scenario",
@@ -79,4 +94,5 @@ __all__ = [
     "scenario",
     "swiotlb_default",
     "swiotlb_region",
+    "target_params",
 ]

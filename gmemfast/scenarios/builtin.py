@@ -1,12 +1,15 @@
 """The built-in scenarios (``gmemfast scenarios`` lists them)."""
 from __future__ import annotations
 
-from .params import (Param, ScenarioError, choice, parse_bool, parse_chunk, parse_count, parse_granule,
-                     parse_size_or_auto, parse_size_or_percent, scenario)
+from .params import (MAX_CONVERSIONS, Param, ScenarioError, choice, parse_bool, parse_chunk,
+                     parse_conversions, parse_count, parse_granule, parse_size_or_auto,
+                     parse_size_or_percent, parse_vcpus, scenario)
 from .runner import TWO_MIB, Runner
 from .workloads import (do_accept_all, do_accept_rest, do_balloon, do_boot_accept,
                         do_drain, do_launch, do_swiotlb, do_window, swiotlb_region)
-from ..units import PAGE_SIZE
+from ..units import PAGE_SIZE, format_size
+from .swiotlb import Duration, Rate, parse_duration, parse_io_size, parse_pool, parse_rate, parse_release
+from .swiotlb_io import swiotlb_io
 
 __all__ = ["OVMF_PARAM", "KERNEL_PARAM", "VCPUS_PARAM", "parse_vcpus"]
 
@@ -17,14 +20,6 @@ KERNEL_PARAM = Param("kernel", parse_size_or_auto, 16 << 20, "kernel image loade
                      True)
 
 
-def parse_vcpus(value) -> int:
-    n = parse_count(value)
-    if not 1 <= n <= 4096:
-        raise ValueError(f"vcpus {value!r} must be from 1 to 4096")
-    return n
-
-
-parse_vcpus.__name__ = "vcpus"
 VCPUS_PARAM = Param("vcpus", parse_vcpus, 1, "guest vCPUs: they run the parallel work (eager "
                                             "acceptance, the workers); SNP: one VMSA each")
 
@@ -64,19 +59,25 @@ def _boot(run: Runner, p: dict) -> None:
         raise ScenarioError("kernel: give a size (16M) or 0")
     kernel, chunk = p["kernel"], p["accept_chunk"]
     if not run.in_place:
-        run.phase("set-private")
+        _stage(run, "set-private")
         run.set_private_all()
         run.sample()
-    run.phase("launch")
-    do_launch(run, p["ovmf"], kernel, p["vcpus"], kernel_load=p["kernel_load"])
+    _stage(run, "launch")
+    with run.span(0.0, 0.1, "launch"):
+        do_launch(run, p["ovmf"], kernel, p["vcpus"], kernel_load=p["kernel_load"])
     run.sample()
-    done = do_boot_accept(run, chunk, kernel=kernel, kernel_load=p["kernel_load"], swiotlb=p["swiotlb"])
+    run.mark("boot")
+    with run.span(0.1, 0.2, "boot"):
+        done = do_boot_accept(run, chunk, kernel=kernel, kernel_load=p["kernel_load"], swiotlb=p["swiotlb"])
     if p["accept"] == "eager":
         run.phase("accept", threads=p["vcpus"])
-        do_accept_rest(run, chunk, done)
-    run.phase("swiotlb")
+        run.mark("accept")
+        with run.span(0.2, 0.9, "accept"):
+            do_accept_rest(run, chunk, done)
+    _stage(run, "swiotlb")
     sw = p["swiotlb_chunk"]
-    do_swiotlb(run, p["swiotlb"], 0 if sw in ("auto", "all") else sw)
+    with run.span(0.9, 1.0, "swiotlb"):
+        do_swiotlb(run, p["swiotlb"], 0 if sw in ("auto", "all") else sw)
     run.sample()
     run.extra["accept"] = p["accept"]
 
@@ -96,18 +97,39 @@ def _accept_drain(run: Runner, p: dict) -> None:
     time as they go (docs/model.md §10.3). The drain runs on min(vcpus, workers) threads;
     its wall time is the time until all memory is accepted."""
     if not run.in_place:
-        run.phase("set-private")
+        _stage(run, "set-private")
         run.set_private_all()
-    done = do_boot_accept(run, p["accept_chunk"])
+    run.mark("boot")
+    with run.span(0.0, 0.1, "boot"):
+        done = do_boot_accept(run, p["accept_chunk"])
     run.phase("drain", threads=min(p["vcpus"], p["workers"]))
-    run.extra["drained_bytes"] = do_drain(run, p["accept_chunk"], done)
+    run.mark("drain")
+    with run.span(0.1, 1.0, "drain"):
+        run.extra["drained_bytes"] = do_drain(run, p["accept_chunk"], done)
+
+
+def _stage(run: Runner, name: str) -> None:
+    """Start the stage ``name``: its work is reported under that operation, and marked."""
+    run.phase(name)
+    run.mark(name)
+
+
+def _accept_all_first(run: Runner, lo: float, hi: float) -> None:
+    """Setup of the conversion scenarios: all memory accepted at 2 MiB (legacy tracking:
+    marked private by the VMM first)."""
+    if not run.in_place:
+        _stage(run, "set-private")
+        run.set_private_all()
+    _stage(run, "accept")
+    with run.span(lo, hi, "accept"):
+        do_accept_all(run, TWO_MIB)
 
 
 @scenario("swiotlb-churn", "bounce-buffer pages converted to shared and back at 4 KiB",
           params=(
               Param("region", parse_size_or_auto, "auto",
                     "bounce-buffer region ('auto': the SWIOTLB size, 6% of memory in [64M, 1G])", True),
-              Param("conversions", parse_count, 200_000, "conversions to shared (each goes back later)"),
+              Param("conversions", parse_conversions, 200_000, "conversions to shared (each goes back later)"),
               Param("in_flight", parse_count, 64, "pages shared at once"),
               Param("granule", parse_granule, PAGE_SIZE, "bytes per conversion", True),
               Param("reaccept", parse_bool, True, "the guest accepts each page again after it "
@@ -117,22 +139,20 @@ def _swiotlb_churn(run: Runner, p: dict) -> None:
     """Dynamic bounce buffers: the guest converts a 4 KiB page of its bounce-buffer region
     to shared for a DMA, and back to private (accepting it again) when ``in_flight``
     later DMAs have started. Setup: all memory accepted at 2 MiB."""
-    if not run.in_place:
-        run.phase("set-private")
-        run.set_private_all()
-    run.phase("accept")
-    do_accept_all(run, TWO_MIB)
+    _accept_all_first(run, 0.0, 0.1)
     off, nbytes = swiotlb_region(run, p["region"])
     run.extra["region_offset"] = off
     run.extra["region_bytes"] = nbytes
-    do_window(run, off, nbytes, p["conversions"], window=p["in_flight"], granule=p["granule"],
-              reaccept=p["reaccept"])
+    run.mark("conversions")
+    with run.span(0.1, 1.0, "conversions"):
+        do_window(run, off, nbytes, p["conversions"], window=p["in_flight"], granule=p["granule"],
+                  reaccept=p["reaccept"])
 
 
 @scenario("fragmentation", "random 4 KiB conversions over 1 GiB pages: huge pages and direct map "
                            "over time",
           params=(
-              Param("conversions", parse_count, 200_000, "random conversions to shared"),
+              Param("conversions", parse_conversions, 200_000, "random conversions to shared"),
               Param("window", parse_count, 50_000,
                     "conversions after which a page goes back to private"),
               Param("granule", parse_granule, PAGE_SIZE, "bytes per conversion", True),
@@ -146,13 +166,11 @@ def _fragmentation(run: Runner, p: dict) -> None:
     anywhere in memory go shared, each returning to private ``window`` conversions later.
     Shared pages split their huge folio; a block re-merges when all its pages are private
     again, but the direct map's broken entries never come back."""
-    if not run.in_place:
-        run.phase("set-private")
-        run.set_private_all()
-    run.phase("accept")
-    do_accept_all(run, TWO_MIB)
-    do_window(run, 0, run.size, p["conversions"], window=p["window"], granule=p["granule"],
-              reaccept=p["reaccept"])
+    _accept_all_first(run, 0.0, 0.1)
+    run.mark("conversions")
+    with run.span(0.1, 1.0, "conversions"):
+        do_window(run, 0, run.size, p["conversions"], window=p["window"], granule=p["granule"],
+                  reaccept=p["reaccept"])
 
 
 @scenario("balloon", "a balloon punches holes in guest memory and the guest refills them",
@@ -171,10 +189,35 @@ def _balloon(run: Runner, p: dict) -> None:
     nbytes = p["balloon"]
     if isinstance(nbytes, float):
         nbytes = int(run.size * nbytes) // p["granule"] * p["granule"]
-    if not run.in_place:
-        run.phase("set-private")
-        run.set_private_all()
-    run.phase("accept")
-    do_accept_all(run, TWO_MIB)
-    do_balloon(run, nbytes, p["granule"], p["rounds"], chunk=p["accept_chunk"])
+    if run.size // p["granule"] > MAX_CONVERSIONS:      # refused before anything runs
+        raise ScenarioError(f"granule {format_size(p['granule'])}: the guest holds {run.size // p['granule']:,} "
+                            f"such blocks, at most {MAX_CONVERSIONS:,} (2^28); use a larger granule")
+    _accept_all_first(run, 0.0, 0.1)
+    with run.span(0.1, 1.0):
+        do_balloon(run, nbytes, p["granule"], p["rounds"], chunk=p["accept_chunk"])
     run.extra["balloon_bytes"] = nbytes
+
+
+scenario("swiotlb-io", "I/O through the guest's SWIOTLB bounce-buffer pool: bounce copies, slot "
+                       "exhaustion, dynamic growth",
+         params=(
+             Param("vcpus", parse_vcpus, 8, "guest vCPUs doing I/O (and the pool's areas: one per "
+                                            "possible CPU, rounded up to a power of two)"),
+             Param("io_size", parse_io_size, 128 << 10,
+                   "bytes per request (mapped in pieces of at most 256K)", True),
+             Param("queue_depth", parse_count, 32, "requests in flight per vCPU"),
+             Param("bursts", parse_count, 4, "bursts of requests"),
+             Param("requests", parse_count, 256, "requests per vCPU in each burst"),
+             Param("gap", parse_duration, Duration(1_000_000), "idle time between bursts (20us, 1ms, 2s)"),
+             Param("direction", choice("read", "write"), "read",
+                   "read: DMA from the device (bounced at map and at unmap); write: to it (at map)"),
+             Param("pool", parse_pool, "auto", "SWIOTLB pool: auto (6% of memory in [64M, 1G], "
+                                               "rounded up to a power of two), a size, or off", True),
+             Param("dynamic", parse_bool, False, "CONFIG_SWIOTLB_DYNAMIC: grow the pool on demand"),
+             Param("release", parse_release, "never", "release a dynamic pool unused this long (never: "
+                                                   "the kernel keeps it)"),
+             Param("on_full", choice("wait", "fail"), "wait", "a map that finds no slots: wait for "
+                                                               "an unmap, or fail the request"),
+             Param("latency", parse_duration, Duration(20_000), "the device's time per request, at least"),
+             Param("device_rate", parse_rate, Rate(2_200_000_000), "the device's rate (2.2GB/s, 17.6Gbit/s)"),
+         ))(swiotlb_io)

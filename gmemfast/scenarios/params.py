@@ -6,20 +6,54 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..units import ACCEPT_CHUNKS, PAGE_SIZE, format_size, parse_size
+from ..platforms.vmsa import MAX_VCPUS
+from ..units import ACCEPT_CHUNKS, MAX_FILE_SIZE, MAX_GPA, PAGE_SIZE, format_size, parse_size
 
-__all__ = ["COMMON_PARAMS", "Param", "Scenario", "ScenarioError", "SCENARIOS", "TRACE_SCENARIO",
-           "get_scenario", "resolve_params", "scenario", "guest_record"]
+__all__ = ["COMMON_PARAMS", "MAX_CONVERSIONS", "MAX_GUEST_SIZE", "OperationFailed", "Param", "Scenario",
+           "ScenarioError", "SCENARIOS", "TRACE_SCENARIO", "get_scenario", "resolve_params", "scenario",
+           "guest_record"]
 
 
 class ScenarioError(ValueError):
     """A scenario, its parameters or a scenario file is wrong (the message says how)."""
 
 
+class OperationFailed(Exception):
+    """An operation on guest memory failed in a strict run (``strict=True``); the message
+    says which, where and with what errno. Not bad input: the input was read, and the
+    model answered an error."""
+
+
+#: Guest memory above 2 GiB sits at 4 GiB and up (as q35 lays it out), below GPA 2^52.
+MAX_GUEST_SIZE = MAX_GPA - (2 << 30)
+#: The most conversions (or pieces) one workload step makes: the model holds one 8-byte
+#: offset per conversion in memory, 2 GiB at this limit (every 4 KiB page of 1 TiB).
+MAX_CONVERSIONS = 1 << 28
+
+
+def _size(value) -> int:
+    try:
+        return parse_size(value)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _check_size_limit(n: int, value) -> int:
+    if n > MAX_FILE_SIZE:
+        raise ValueError(f"{value!r} is larger than {format_size(MAX_FILE_SIZE)} (2^57 bytes), the "
+                         "largest file the model holds")
+    return n
+
+
 def parse_size_param(value) -> int:
-    n = parse_size(value)
+    """The guest's memory size: positive, at most :data:`MAX_GUEST_SIZE`."""
+    n = _size(value)
     if n <= 0:
         raise ValueError(f"size must be positive, not {value!r}")
+    if n > MAX_GUEST_SIZE:
+        raise ValueError(f"size {value!r} is larger than the model's largest guest, "
+                         f"{format_size(MAX_GUEST_SIZE)} (its memory above 2G starts at 4G and "
+                         f"ends below GPA 2^52)")
     return n
 
 
@@ -58,9 +92,33 @@ def parse_int(value) -> int:
 
 
 def parse_count(value) -> int:
+    """A count of at least 1 (zero or negative counts are refused)."""
+    n = parse_int(value)
+    if n < 1:
+        raise ValueError(f"expected a count of at least 1, not {value!r}")
+    return n
+
+
+def parse_conversions(value) -> int:
+    """A number of conversions: from 1 to :data:`MAX_CONVERSIONS`."""
+    n = parse_count(value)
+    if n > MAX_CONVERSIONS:
+        raise ValueError(f"{value!r} conversions: at most {MAX_CONVERSIONS:,} (2^28) per step, as the "
+                         "model keeps each one's offset in memory (8 bytes each)")
+    return n
+
+
+def parse_seed(value) -> int:
     n = parse_int(value)
     if n < 0:
-        raise ValueError(f"expected a count >= 0, not {value!r}")
+        raise ValueError(f"a seed is an integer >= 0, not {value!r}")
+    return n
+
+
+def parse_vcpus(value) -> int:
+    n = parse_count(value)
+    if n > MAX_VCPUS:
+        raise ValueError(f"{value!r} vCPUs: at most {MAX_VCPUS} (KVM_MAX_VCPUS)")
     return n
 
 
@@ -75,15 +133,25 @@ def parse_bool(value) -> bool:
     raise ValueError(f"expected true or false, not {value!r}")
 
 
+def parse_name(value) -> str:
+    """A name (a phase, a pin id): a non-empty string (or an integer, used as text)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"expected a name (text), not {type(value).__name__} {value!r}")
+    text = str(value).strip()
+    if not text:
+        raise ValueError("expected a name, not an empty string")
+    return text
+
+
 def parse_granule(value) -> int:
-    n = parse_size(value)
+    n = _size(value)
     if n <= 0 or n % PAGE_SIZE:
         raise ValueError(f"granule {value!r} must be a positive multiple of 4K")
-    return n
+    return _check_size_limit(n, value)
 
 
 def parse_chunk(value) -> int:
-    n = parse_size(value)
+    n = _size(value)
     if n not in ACCEPT_CHUNKS:
         raise ValueError(f"chunk {value!r} must be 4K or 2M (the guest accepts 4 KiB or 2 MiB pages)")
     return n
@@ -105,23 +173,26 @@ parse_mapping.choices = ("auto", "4K", "2M", "1G")
 def parse_size_or_auto(value):
     if isinstance(value, str) and value.strip().lower() in ("auto", "all"):
         return value.strip().lower()
-    n = parse_size(value)
+    n = _size(value)
     if n < 0 or n % PAGE_SIZE:
         raise ValueError(f"{value!r} must be a multiple of 4K (or 'auto')")
-    return n
+    return _check_size_limit(n, value)
 
 
 def parse_size_or_percent(value):
     """``"25%"`` -> 0.25 (a fraction of the guest), else a size in bytes."""
     if isinstance(value, str) and value.strip().endswith("%"):
-        f = float(value.strip()[:-1]) / 100
+        try:
+            f = float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"{value!r} is not a percentage like '25%'") from None
         if not 0 < f <= 1:
             raise ValueError(f"{value!r}: a percentage must be in (0, 100]")
         return f
-    n = parse_size(value)
+    n = _size(value)
     if n <= 0 or n % PAGE_SIZE:
         raise ValueError(f"{value!r} must be a positive multiple of 4K or a percentage like '25%'")
-    return n
+    return _check_size_limit(n, value)
 
 
 def choice(*choices):
@@ -190,7 +261,7 @@ COMMON_PARAMS: dict[str, Param] = {p.name: p for p in (
           "(auto: what upstream KVM does: 4K on TDX, the page order elsewhere, at most 2M on SNP)", True),
     Param("prefault", parse_bool, False, "the VMM maps private memory before the guest accepts it "
                                          "(KVM_PRE_FAULT_MEMORY; QEMU does it on SNP page-state changes)"),
-    Param("seed", parse_int, 0, "random seed"),
+    Param("seed", parse_seed, 0, "random seed (an integer >= 0)"),
 )}
 
 
@@ -275,10 +346,14 @@ TRACE_SCENARIO = Scenario("trace", "replay of an operation trace", None, {}, {})
 
 
 def guest_record(p: dict) -> dict:
-    """The guest parameters as a trace ``guest`` record."""
-    return {"size": format_size(p["size"]), "platform": p["platform"], "page_order": p["page_order"],
-            "direct_map": p["direct_map"], "tracking": p["tracking"], "flow": p["flow"],
-            "merge": p["merge"]}
+    """The guest parameters as a trace ``guest`` record (``flow`` only where it is not
+    the default, the tracking mode, so that a replay under other tracking follows it)."""
+    rec = {"size": format_size(p["size"]), "platform": p["platform"], "page_order": p["page_order"],
+           "direct_map": p["direct_map"], "tracking": p["tracking"]}
+    if p["flow"] not in (None, p["tracking"]):
+        rec["flow"] = p["flow"]
+    rec["merge"] = p["merge"]
+    return rec
 
 
 def show_params(spec: dict, values: dict) -> dict:

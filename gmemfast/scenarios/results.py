@@ -23,9 +23,11 @@ class ScenarioResult:
     the threads that ran it, and what limits it (docs/model.md §10). ``timeline``
     is a list of samples (dicts: step, phase, huge_pages, dmap_1g, dmap_2m, dmap_4k,
     private_pages, allocated_pages, est_ns (CPU time so far), wall_ns (wall time so
-    far), wall_s (the model's own run time)); ``summary`` holds the final state;
-    ``extra`` what a scenario adds (a launch measurement, say). ``ops`` holds the
-    operations applied to the guest memory when the run was recorded.
+    far), wall_s (the model's own run time)); ``marks`` the starts of the run's stages
+    (dicts: step, label); ``summary`` holds the final state, with the failed operations
+    (``errors`` by errno, ``failures``: the first of each kind, and whether they were
+    the ones expected); ``extra`` what a scenario adds (a launch measurement, say).
+    ``ops`` holds the operations applied to the guest memory when the run was recorded.
     """
     name: str
     description: str
@@ -40,6 +42,13 @@ class ScenarioResult:
     ops: Any = None
     params_shown: dict = field(default_factory=dict)   # parameter -> text, as a person types it
     wall: WallTime | None = None
+    marks: list = field(default_factory=list)
+    cost_source: str = ""           # where the cost figures come from (a built-in profile or a file)
+
+    @property
+    def errors_as_expected(self) -> bool:
+        """No operation failed, or exactly the failures the scenario declared it expects."""
+        return dict(self.summary.get("errors", {})) == (self.summary.get("expected_errors") or {})
 
     @property
     def total_ns(self) -> float:
@@ -98,6 +107,7 @@ class ScenarioResult:
             "estimate": est,
             "summary": json_safe(self.summary),
             "timeline": [json_safe(s) for s in self.timeline],
+            "marks": json_safe(self.marks),
             "extra": json_safe(self.extra),
             "wall_seconds": self.wall_seconds,
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import time
 from collections import Counter
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -14,20 +15,21 @@ from ..cost import CostModel
 from ..errors import GmemError, MemoryFaultExit, MmioExit, errno_name
 from ..uapi import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_HUGETLB,
                     GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_MEMORY_ATTRIBUTE_PRIVATE)
-from ..units import PAGE_SHIFT, PAGE_SIZE, check_range, format_size
+from ..units import PAGE_SHIFT, PAGE_SIZE, broadcast_column, check_range, format_size
 from ..vm import VM
 from ..wallclock import phase_time, wall_time
-from .params import ScenarioError, guest_record
+from .params import OperationFailed, ScenarioError, guest_record
 from .results import ScenarioResult
 
 __all__ = ["Runner", "ACCEPT_UNIT", "BATCH", "FOUR_GIB", "TWO_MIB", "ONE_GIB", "PRIVATE",
-           "private_mapping"]
+           "PROGRESS_SCALE", "private_mapping"]
 
 FOUR_GIB = 1 << 32
 TWO_MIB = 2 << 20
 ONE_GIB = 1 << 30
 PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
 BATCH = 1 << 16                 # conversions per batched call (progress granularity)
+PROGRESS_SCALE = 10_000         # progress(label, done, PROGRESS_SCALE): done/total of the whole run
 ACCEPT_UNIT = 4 << 20           # the guest kernel accepts in MAX_PAGE_ORDER blocks (docs/model.md §10.3)
 _UNIT_PAGES = ACCEPT_UNIT >> PAGE_SHIFT
 _DEMOTE = COUNTER_NAMES.index("tdx_seamcall_demote")
@@ -48,21 +50,41 @@ def private_mapping(platform: str, policy, page_order: int) -> int:
     return level
 
 
+def _punch_error(err: int, off: int, size: int, at: int) -> GmemError:
+    """The error ``GuestMemfd.fallocate`` raises for a punch that ``fallocate_many`` refused
+    (a pinned page: the only way a validated punch fails)."""
+    return GmemError(err, f"punch hole [{off:#x}, {off + size:#x}): page at {at:#x} is pinned",
+                     at if at >= 0 else None)
+
+
 class Runner:
     """The guest a scenario runs on, and the bookkeeping around its operations.
 
     Memory: one guest_memfd of ``size`` bytes (``gmem``), its first ``low`` bytes at GPA
     0 (memslot 0) and the rest at 4 GiB (memslot 1), as QEMU's q35 lays out RAM. All
     operation methods take byte offsets in that file. Operations that fail are counted
-    by errno in ``errors`` (``strict`` raises instead).
+    by errno in ``errors``, and the first failure of each kind (operation and errno) is
+    kept in ``failures`` with where it happened (``where``: the step a scenario file is
+    at; a trace's file and line). ``expect`` (errno name -> count) declares the failures
+    the run expects; ``strict`` raises :class:`OperationFailed` at the first failure
+    beyond them.
+
+    Progress: ``progress(label, done, total)`` is called with ``done / total`` the part
+    of the whole run done so far (it never goes back) and a label naming the current
+    step and its own count. Workloads mark their parts with :meth:`span` / :meth:`part`.
     """
 
     def __init__(self, params: dict, cost_model: CostModel, *, progress=None, record=False,
-                 strict=False):
+                 strict=False, expect=None):
         self.p = params
         self.cost = cost_model
         self.progress_cb = progress
         self.strict = strict
+        self.expect = None if expect is None else dict(expect)
+        self.failures: dict[tuple[str, str], dict] = {}
+        self.where = ""
+        self._span = (0.0, 1.0, "")     # the current part of the run's progress: start, width, label
+        self._pos = 0.0
         self.in_place = params["tracking"] == "in-place"
         self.platform = params["platform"]
         self.size = params["size"]
@@ -86,21 +108,32 @@ class Runner:
         self.errors: Counter = Counter()
         self.steps = 0
         self.timeline: list[dict] = []
+        self.marks: list[dict] = []
         self.extra: dict = {}
         self.phase_name: str | None = None
         self._phase_counts: dict[str, np.ndarray] = {}
         self._phase_threads: dict[str, int] = {}
+        self._bounds: dict[str, dict[str, float]] = {}
         self._extra_counts = np.zeros(len(COUNTER_NAMES), np.int64)
         self._ns = np.array([cost_model.ns_per_unit.get(n, 0.0) for n in COUNTER_NAMES])
         self._phase_start = self._snap()
         self._t0 = time.perf_counter()
         self.ops = T.OpList("<scenario>") if record else None
+        self.source = "<trace>"        # the trace being applied (failures name its lines)
         self._pins: dict[str, list] = {}
         self.phase("setup")
 
     # ------------------------------------------------------------ bookkeeping
     def _snap(self) -> np.ndarray:
         return np.fromiter(self.vm.counters.values(), np.int64, len(COUNTER_NAMES)) + self._extra_counts
+
+    def mark(self, label: str) -> None:
+        """Mark the start of a stage of the run (plots draw it at the current step)."""
+        self.marks.append({"step": self.steps, "label": label})
+
+    def counts_now(self) -> dict[str, int]:
+        """Every counter's total so far, the scenario's own (:meth:`count`) included."""
+        return dict(zip(COUNTER_NAMES, self._snap().tolist()))
 
     def count(self, counter: str, n: int = 1) -> None:
         """Add work the scenario does outside the model's API (a guest exit, say)."""
@@ -129,6 +162,12 @@ class Runner:
         if self.ops is not None:
             self.ops.add(T.PHASE, a=self.ops.name(name))
 
+    def bound(self, name: str, ns: float) -> None:
+        """The current phase lasts at least ``ns``, for a reason that is not work: its I/O
+        on the device, say (``name`` is what the result says limits it; docs/model.md
+        §10.1). A later call for the same name replaces it."""
+        self._bounds.setdefault(self.phase_name, {})[name] = float(ns)
+
     def _wall_so_far(self, now: np.ndarray) -> float:
         """Estimated wall time of the work so far (docs/model.md §10), in ns."""
         names = COUNTER_NAMES
@@ -139,12 +178,39 @@ class Runner:
         total = 0.0
         for ph, vec in phases.items():
             counts = {names[i]: int(vec[i]) for i in np.flatnonzero(vec)}
-            total += phase_time(self.cost, counts, self._phase_threads.get(ph, 1)).wall_ns
+            total += phase_time(self.cost, counts, self._phase_threads.get(ph, 1),
+                                external=self._bounds.get(ph)).wall_ns
         return total
 
     def progress(self, label: str, done: int, total: int) -> None:
-        if self.progress_cb is not None:
-            self.progress_cb(label, done, total)
+        """Report ``done`` of ``total`` of the current part of the run (see :meth:`span`)."""
+        if self.progress_cb is None:
+            return
+        start, width, prefix = self._span
+        frac = min(1.0, done / total) if total else 1.0
+        self._pos = max(self._pos, min(1.0, start + width * frac))
+        text = f"{label} {done:,}/{total:,}" if total else label
+        self.progress_cb(f"{prefix}: {text}" if prefix else text, round(self._pos * PROGRESS_SCALE),
+                         PROGRESS_SCALE)
+
+    @contextmanager
+    def span(self, lo: float, hi: float, label: str = ""):
+        """The work inside is the fraction [lo, hi) of the current part of the run's progress
+        (parts nest); ``label`` names it in the progress line."""
+        start, width, prefix = saved = self._span
+        label = f"{prefix}, {label}" if prefix and label else (prefix or label)
+        self._span = (start + width * lo, width * (hi - lo), label)
+        try:
+            yield
+        finally:
+            self._span = saved
+            if self.progress_cb is not None:
+                self._pos = max(self._pos, min(1.0, start + width * hi))
+                self.progress_cb(label or "running", round(self._pos * PROGRESS_SCALE), PROGRESS_SCALE)
+
+    def part(self, k: int, n: int, label: str = ""):
+        """Part ``k`` (from 0) of ``n`` equal parts of the current span: ``with run.part(...)``."""
+        return self.span(k / n, (k + 1) / n, label)
 
     def sample(self) -> None:
         """Append a timeline sample of the current state."""
@@ -175,13 +241,36 @@ class Runner:
             return self.gmem.private_pages()
         return sum(self.vm.private_gfns(gpa, size) for gpa, _off, size in self._slots())
 
-    def _fail(self, exc: Exception, what: str, line: int = 0) -> None:
+    def _fail(self, exc: Exception, op: str, offset: int, size: int, line: int = 0) -> None:
+        """Count a failed operation (an exception from the model)."""
         code = getattr(exc, "errno", None)
         name = errno_name(code) if code else type(exc).__name__
-        if self.strict:
-            where = f"line {line}: " if line else ""
-            raise ScenarioError(f"{where}{what} failed: {exc}") from exc
-        self.errors[name] += 1
+        eoff = getattr(exc, "error_offset", None)
+        if eoff is None and isinstance(exc, (MemoryFaultExit, MmioExit)):
+            eoff = self.offset_of(exc.gpa)
+        self.failed(op, name, offset, size, line=line, error_offset=eoff, message=str(exc))
+
+    def failed(self, op: str, name: str, offset: int, size: int, *, line: int = 0, error_offset=None,
+               message: str = "", count: int = 1) -> None:
+        """Count ``count`` failed ``op`` operations of kind ``name`` (an errno name); keep the
+        first of each kind with where it happened."""
+        self.errors[name] += count
+        key = (op, name)
+        first = self.failures.get(key)
+        if first is not None:
+            first["count"] += count
+        else:
+            where = f"{self.source}:{line}" if line else (self.where or f"operation {self.phase_name}")
+            first = self.failures[key] = {
+                "errno": name, "op": op, "count": count, "where": where, "offset": int(offset),
+                "size": int(size), "error_offset": None if error_offset is None else int(error_offset),
+                "message": message}
+        if self.strict and self.errors[name] > (self.expect or {}).get(name, 0):
+            eo = first["error_offset"]
+            raise OperationFailed(
+                f"{first['where']}: {op} [{int(offset):#x}, +{int(size):#x}) failed: "
+                + (message or name) + (f" (at {eo:#x})" if eo is not None and "error_offset" not in message
+                                       else ""))
 
     # ------------------------------------------------------------ address layout
     def _slots(self):
@@ -214,15 +303,16 @@ class Runner:
                      label="converting") -> np.ndarray:
         """Conversions in order (batched); returns the errno per item.
 
-        ``exits``: each is a guest request and costs one guest exit.
+        ``exits``: each is a guest request and costs one guest exit. ``label`` names the
+        progress of a long batch (``None``: report none, the caller does).
         """
         offs = np.ascontiguousarray(offs, np.int64)
         n = len(offs)
-        sizes = np.broadcast_to(np.asarray(sizes, np.int64), (n,))
+        sizes = broadcast_column(np.asarray(sizes, np.int64), n, "sizes")
         if (sizes == T.ALL).any():
             sizes = np.where(sizes == T.ALL, self.size - offs, sizes)
-        attrs = np.broadcast_to(np.asarray(attrs, np.int64), (n,))
-        flags = np.broadcast_to(np.asarray(flags, np.int64), (n,))
+        attrs = broadcast_column(np.asarray(attrs, np.int64), n, "attrs")
+        flags = broadcast_column(np.asarray(flags, np.int64), n, "flags")
         if self.ops is not None:
             self.ops.add_many(T.CONVERT, offs, sizes, attrs, flags)
         if exits:
@@ -230,6 +320,7 @@ class Runner:
         errs = np.zeros(n, np.int32)
         if not self.in_place:
             return self._legacy_convert_many(offs, sizes, attrs, lines, label)
+        eoffs = np.full(n, -1, np.int64)
         step = BATCH
         for s in range(0, n, step):
             e = min(n, s + step)
@@ -237,21 +328,21 @@ class Runner:
                                                        np.ascontiguousarray(attrs[s:e]),
                                                        np.ascontiguousarray(flags[s:e]))
             errs[s:e] = res.errno
+            eoffs[s:e] = res.error_offset
             self.steps += e - s
-            if n > step:
+            if n > step and label is not None:
                 self.progress(label, e, n)
         bad = np.flatnonzero(errs)
         if len(bad):
-            if self.strict:
-                i = int(bad[0])
-                line = int(lines[i]) if lines is not None else 0
-                raise ScenarioError(
-                    (f"line {line}: " if line else "")
-                    + f"convert [{int(offs[i]):#x}, +{int(sizes[i]):#x}) to "
-                    f"{'private' if attrs[i] else 'shared'} failed: "
-                    f"{errno_name(int(errs[i]))}")
-            for code, c in zip(*np.unique(errs[bad], return_counts=True)):
-                self.errors[errno_name(int(code))] += int(c)
+            codes, first, counts = np.unique(errs[bad], return_index=True, return_counts=True)
+            for k in np.argsort(first):        # in the order they first happened
+                i = int(bad[first[k]])
+                name = errno_name(int(codes[k]))
+                eo = int(eoffs[i])
+                self.failed("convert", name, int(offs[i]), int(sizes[i]),
+                            line=int(lines[i]) if lines is not None else 0,
+                            error_offset=eo if eo >= 0 else None, count=int(counts[k]),
+                            message=f"{name}: converting to {'private' if attrs[i] else 'shared'}")
         return errs
 
     def _legacy_convert_many(self, offs, sizes, attrs, lines, label) -> np.ndarray:
@@ -273,12 +364,11 @@ class Runner:
                     g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, off, size)
             except GmemError as exc:
                 errs[i] = exc.errno
-                self._fail(exc, f"convert [{off:#x}, +{size:#x})",
-                           int(lines[i]) if lines is not None else 0)
+                self._fail(exc, "convert", off, size, int(lines[i]) if lines is not None else 0)
             self.steps += 1
-            if n > 1000 and i % every == 0:
+            if n > 1000 and i % every == 0 and label is not None:
                 self.progress(label, i, n)
-        if n > 1000:
+        if n > 1000 and label is not None:
             self.progress(label, n, n)
         return errs
 
@@ -312,27 +402,26 @@ class Runner:
         item, gpas, gsizes = item[o], gpas[o], gsizes[o]
         r = self.vm.set_memory_attributes_many(gpas, gsizes, attrs[item])
         np.maximum.at(errs, item, r.errno)
-        share = np.flatnonzero(~bad & (errs == 0) & (attrs == 0))
+        attr_failed = errs != 0
+        share = np.flatnonzero(~bad & ~attr_failed & (attrs == 0))
         if len(share):
             r = self.gmem.fallocate_many(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offs[share], sizes[share])
             errs[share] = r.errno
         self.steps += n
-        self._count_failed(errs, offs, sizes, lines, "convert")
+        for i in np.flatnonzero(errs).tolist():
+            # the failed step again, alone (it changed nothing): the error it raises
+            off, size = int(offs[i]), int(sizes[i])
+            try:
+                if bad[i]:
+                    check_range(off, size, self.size, "convert")
+                elif attr_failed[i]:
+                    for gpa, sz in self._gpa_pieces(off, size):
+                        self.vm.set_memory_attributes(gpa, sz, int(attrs[i]))
+                else:
+                    raise _punch_error(int(errs[i]), off, size, int(r.error_offset[np.searchsorted(share, i)]))
+            except GmemError as exc:
+                self._fail(exc, "convert", off, size, int(lines[i]) if lines is not None else 0)
         return errs
-
-    def _count_failed(self, errs, offs, sizes, lines, what: str) -> None:
-        """Count the failed items of a batch by errno (``strict``: raise at the first)."""
-        bad = np.flatnonzero(errs)
-        if not len(bad):
-            return
-        if self.strict:
-            i = int(bad[0])
-            line = int(lines[i]) if lines is not None else 0
-            raise ScenarioError((f"line {line}: " if line else "")
-                                + f"{what} [{int(offs[i]):#x}, +{int(sizes[i]):#x}) failed: "
-                                f"{errno_name(int(errs[i]))}")
-        for code, c in zip(*np.unique(errs[bad], return_counts=True)):
-            self.errors[errno_name(int(code))] += int(c)
 
     def convert(self, off: int, size: int, attrs: int, flags: int = 0, *, exits=False) -> int:
         return int(self.convert_many([off], size, attrs, flags, exits=exits)[0])
@@ -352,7 +441,7 @@ class Runner:
         try:
             self.gmem.fallocate(FALLOC_FL_KEEP_SIZE, off, size)
         except GmemError as exc:
-            self._fail(exc, f"allocate [{off:#x}, +{size:#x})", line)
+            self._fail(exc, "allocate", off, size, line)
 
     def punch(self, off: int, size: int, line: int = 0) -> None:
         size = self.resolve(off, size)
@@ -362,7 +451,7 @@ class Runner:
         try:
             self.gmem.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, off, size)
         except GmemError as exc:
-            self._fail(exc, f"punch [{off:#x}, +{size:#x})", line)
+            self._fail(exc, "punch", off, size, line)
 
     def punch_many(self, offs, size: int) -> None:
         """Punch holes over many ranges (in order, one batched call)."""
@@ -371,7 +460,9 @@ class Runner:
             self.ops.add_many(T.PUNCH, offs, size, 0, 0)
         self.steps += len(offs)
         r = self.gmem.fallocate_many(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offs, size)
-        self._count_failed(r.errno, offs, np.broadcast_to(np.int64(size), offs.shape), None, "punch")
+        for i in np.flatnonzero(r.errno).tolist():
+            off = int(offs[i])
+            self._fail(_punch_error(int(r.errno[i]), off, size, int(r.error_offset[i])), "punch", off, size)
 
     def write(self, off: int, size: int, fill: int = T.DEFAULT_FILL, line: int = 0, data=None) -> None:
         """The host writes through its mmap (``data``, or ``size`` bytes of ``fill``)."""
@@ -381,13 +472,13 @@ class Runner:
         self.steps += 1
         try:
             if data is None:
-                if size > (256 << 20):
+                if size > T.HOST_ACCESS_MAX:
                     raise GmemError(errno.EINVAL, f"host write of {format_size(size)}: the model keeps "
                                                   "written bytes; write at most 256M at once")
                 data = bytes([fill]) * size
             self.gmem.host_write(off, data)
         except GmemError as exc:
-            self._fail(exc, f"host write [{off:#x}, +{size:#x})", line)
+            self._fail(exc, "write", off, size, line)
 
     def read(self, off: int, size: int, line: int = 0) -> None:
         size = self.resolve(off, size)
@@ -395,11 +486,11 @@ class Runner:
             self.ops.add(T.READ, off, size)
         self.steps += 1
         try:
-            if size > (256 << 20):
+            if size > T.HOST_ACCESS_MAX:
                 raise GmemError(errno.EINVAL, f"host read of {format_size(size)}: read at most 256M at once")
             self.gmem.host_read(off, size)
         except GmemError as exc:
-            self._fail(exc, f"host read [{off:#x}, +{size:#x})", line)
+            self._fail(exc, "read", off, size, line)
 
     def pin(self, off: int, size: int, pin_id: str, line: int = 0) -> None:
         if self.ops is not None:
@@ -408,7 +499,7 @@ class Runner:
         try:
             self._pins.setdefault(pin_id, []).append(self.gmem.pin(off, size))
         except GmemError as exc:
-            self._fail(exc, f"pin [{off:#x}, +{size:#x})", line)
+            self._fail(exc, "pin", off, size, line)
 
     def unpin(self, pin_id: str, line: int = 0) -> None:
         if self.ops is not None:
@@ -416,7 +507,7 @@ class Runner:
         self.steps += 1
         held = self._pins.get(pin_id)
         if not held:
-            self._fail(GmemError(errno.EINVAL, f"unpin: no pin {pin_id!r} is held"), "unpin", line)
+            self._fail(GmemError(errno.EINVAL, f"unpin: no pin {pin_id!r} is held"), "unpin", 0, 0, line)
             return
         held.pop().release()
 
@@ -433,7 +524,7 @@ class Runner:
         except GmemError as exc:
             if self.ops is not None:
                 self.ops.add(T.ACCEPT, off, size, chunk)
-            self._fail(exc, "accept", line)
+            self._fail(exc, "accept", off, size, line)
             return 0
         pieces = []
         for gpa, n in self._gpa_pieces(off, size):
@@ -457,7 +548,7 @@ class Runner:
             try:
                 self.vm.guest_accept(gpa, n, chunk=c, mapping=self.mapping, prefault=self.prefault)
             except (GmemError, MemoryFaultExit, MmioExit) as exc:
-                self._fail(exc, f"accept gpa [{gpa:#x}, +{n:#x})", line)
+                self._fail(exc, "accept", self.offset_of(gpa), n, line)
             self.steps += n // c
             done += n
             if slices > 1:
@@ -466,12 +557,11 @@ class Runner:
         return done
 
     def accept_many(self, offs, size: int, chunk: int = PAGE_SIZE, *, label="accepting",
-                    just_converted=False, count_chunks=False) -> None:
+                    just_converted=False) -> None:
         """The guest accepts many small ranges (after converting them back to private), in
         order, through ``VM.guest_accept_many``. Failed items are counted as
-        :meth:`accept` counts them; ``count_chunks``: each chunk is an operation, as in
-        :meth:`accept` (else each range). (``just_converted`` is accepted for callers that
-        know the ranges are private; the batched form needs no hint.)"""
+        :meth:`accept` counts them. (``just_converted`` is accepted for callers that know
+        the ranges are private; the batched form needs no hint.)"""
         offs = np.asarray(offs, np.int64)
         if self.ops is not None:
             self.ops.add_many(T.ACCEPT, offs, size, chunk, 0)
@@ -487,14 +577,14 @@ class Runner:
                 off = int(offs[s + i])
                 try:        # alone: the exit or error it raises, or over the 2 GiB hole, in pieces
                     pieces = [(int(gpas[s + i]), size)] if within[s + i] else self._gpa_pieces(off, size)
-                    for gpa, n in pieces:
-                        self.vm.guest_accept(gpa, n, chunk=chunk, mapping=self.mapping,
+                    for gpa, nbytes in pieces:
+                        self.vm.guest_accept(gpa, nbytes, chunk=chunk, mapping=self.mapping,
                                              prefault=self.prefault)
                 except (GmemError, MemoryFaultExit, MmioExit) as exc:
-                    self._fail(exc, f"accept [{off:#x}, +{size:#x})")
-            if n > 5000:
+                    self._fail(exc, "accept", off, size)
+            if n > 5000 and label is not None:
                 self.progress(label, e, n)
-        self.steps += n * (max(1, size // chunk) if count_chunks else 1)
+        self.steps += n * -(-size // chunk)       # each chunk accepted is one operation
 
     def accept_units(self, off: int, size: int, chunk: int = TWO_MIB, *, slices: int = 1,
                      label: str = "accepting", kernel: bool = True) -> tuple[int, int]:
@@ -553,7 +643,7 @@ class Runner:
         n = len(kind)
         conv = kind == T.CONVERT
         i = 0
-        src = ops.source
+        src = self.source = ops.source
         while i < n:
             k = int(kind[i])
             line = int(ops.line[i])
@@ -603,13 +693,13 @@ class Runner:
         phases = {}
         for ph, d in self._phase_counts.items():
             counts = {names[i]: int(d[i]) for i in np.flatnonzero(d)}
-            if counts:
+            if counts or self._bounds.get(ph):
                 phases[ph] = counts
         totals = {names[i]: int(total[i]) for i in np.flatnonzero(total)}
         est = self.cost.estimate(totals, by_operation=phases) if phases else self.cost.estimate(totals)
         threads = {ph: self._phase_threads.get(ph, 1) for ph in est.by_operation}
         wall = wall_time(self.cost, {ph: e.counts for ph, e in est.by_operation.items()}
-                         if est.by_operation else {"(all)": est.counts}, threads)
+                         if est.by_operation else {"(all)": est.counts}, threads, external=self._bounds)
         g = self.gmem
         dm = g.direct_map_entries()
         blocks = self.size >> (PAGE_SHIFT + self.order) if self.order else 0
@@ -628,10 +718,16 @@ class Runner:
             "attribute_ranges": g.attribute_ranges if self.in_place else self.vm.attribute_ranges(),
             "operations": self.steps,
             "errors": dict(self.errors),
+            "failures": list(self.failures.values()),
+            "expected_errors": self.expect,
+            "errors_as_expected": dict(self.errors) == (self.expect or {}),
             "state_bytes": g.memory_footprint(),
         }
         if self.ops is not None:
             self.ops.guest = guest_record(self.p)
-        return ScenarioResult(scn_name, description, dict(self.p), phases, totals, est,
-                              self.timeline, summary, self.extra, time.perf_counter() - self._t0,
-                              self.ops.build() if self.ops is not None else None, wall=wall)
+            self.ops.expect = self.expect
+        res = ScenarioResult(scn_name, description, dict(self.p), phases, totals, est,
+                             self.timeline, summary, self.extra, time.perf_counter() - self._t0,
+                             self.ops.build() if self.ops is not None else None, wall=wall)
+        res.marks = list(self.marks)
+        return res

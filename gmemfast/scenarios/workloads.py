@@ -13,7 +13,7 @@ from ..launch import LaunchRun, Loader, launch_runs, load_image
 from ..uapi import (GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
                     KVM_SEV_SNP_PAGE_TYPE_NORMAL)
 from ..units import PAGE_SHIFT, PAGE_SIZE, format_size
-from .params import ScenarioError
+from .params import MAX_CONVERSIONS, ScenarioError
 from .runner import ACCEPT_UNIT, BATCH, ONE_GIB, PRIVATE, TWO_MIB, Runner
 
 __all__ = ["FIRMWARE_ACCEPT", "KERNEL_GPA", "TIMELINE_POINTS", "batches", "boot_regions",
@@ -186,6 +186,9 @@ def do_launch(run: Runner, ovmf="synthetic", kernel: int = 16 << 20, vcpus: int 
     if digest is not None:
         run.extra["measurement"] = digest.hex()
         run.extra["measurement_kind"] = "SNP launch digest" if platform == "snp" else "TDX MRTD"
+        if platform == "snp":       # what sev-snp-measure needs to compute the same digest
+            run.extra["measured_with"] = (f"{vcpus} vCPU{'s' if vcpus > 1 else ''}, vCPU type EPYC-v4, "
+                                          "VMM type QEMU")
     run.extra["launch_pages"] = total
     run.extra["firmware_bytes"] = image.size
     run.extra["kernel_bytes"] = kernel
@@ -288,9 +291,12 @@ def do_accept_all(run: Runner, chunk: int, skip=(), points: int = 10) -> None:
                 out.append((s_off + s_len, b))
         ranges = out
     total = sum(b - a for a, b in ranges)
+    done = 0
     for a, b in ranges:
         slices = max(1, round(points * (b - a) / total)) if total else 1
-        run.accept(a, b - a, chunk, slices=slices)
+        with run.span(done / total, (done + b - a) / total):
+            run.accept(a, b - a, chunk, slices=slices)
+        done += b - a
 
 
 def do_swiotlb(run: Runner, size="auto", chunk: int = TWO_MIB) -> tuple[int, int]:
@@ -315,8 +321,11 @@ def do_window(run: Runner, region_off: int, region_size: int, count: int, *, win
     if nslots <= 0:
         raise ScenarioError(f"region of {format_size(region_size)} holds no {format_size(granule)} piece")
     if pages is None:
-        pages = run.rng.integers(0, nslots, count, dtype=np.int64)
-    offs = region_off + pages * granule
+        offs = run.rng.integers(0, nslots, count, dtype=np.int64)
+        offs *= granule                 # in place: one 8-byte offset per conversion
+        offs += region_off
+    else:
+        offs = region_off + pages * granule
     window = max(1, window)
     every = max(1, -(-count // TIMELINE_POINTS))
     batch = max(1, min(window, every, BATCH))
@@ -324,14 +333,14 @@ def do_window(run: Runner, region_off: int, region_size: int, count: int, *, win
     next_sample = every
     for s, e in batches(count, batch):
         run.phase(shared_phase)
-        run.convert_many(offs[s:e], granule, 0, exits=exits)
+        run.convert_many(offs[s:e], granule, 0, exits=exits, label=None)
         upto = max(0, e - window)
         if upto > back:
             run.phase(private_phase)
-            errs = run.convert_many(offs[back:upto], granule, PRIVATE, exits=exits)
+            errs = run.convert_many(offs[back:upto], granule, PRIVATE, exits=exits, label=None)
             if reaccept:
                 run.accept_many(offs[back:upto], granule, PAGE_SIZE if granule < TWO_MIB else TWO_MIB,
-                                just_converted=not errs.any())
+                                just_converted=not errs.any(), label=None)
             back = upto
         run.progress("converting", e, count)
         if e >= next_sample or e == count:
@@ -348,34 +357,49 @@ def do_balloon(run: Runner, nbytes: int, granule: int, rounds: int, *, chunk: in
         raise ScenarioError(f"balloon of {format_size(nbytes)} holds no {format_size(granule)} block")
     if want > nblocks:
         raise ScenarioError(f"balloon of {format_size(nbytes)} is larger than the guest")
+    if nblocks > MAX_CONVERSIONS:
+        raise ScenarioError(f"a balloon of {format_size(granule)} blocks: the guest holds {nblocks:,} of "
+                            f"them, at most {MAX_CONVERSIONS:,} (2^28); use a larger granule")
     chunk = chunk if granule % chunk == 0 else PAGE_SIZE
     for r in range(rounds):
-        if run.private_pages() == run.gmem.nr_pages:
-            blocks = np.sort(run.rng.choice(nblocks, want, replace=False)) * granule
-        else:
-            # the guest balloons out private memory only: take random wholly private blocks
-            picked = []
-            for b in run.rng.permutation(nblocks).tolist():
-                if run.is_private(b * granule, granule):
-                    picked.append(b)
-                    if len(picked) == want:
-                        break
-            if len(picked) < want:
-                raise ScenarioError(f"balloon of {format_size(nbytes)}: only {len(picked)} wholly "
-                                    f"private {format_size(granule)} blocks left")
-            blocks = np.sort(np.array(picked, np.int64)) * granule
-        run.phase("inflate")
-        every = max(1, want // 50)
+        with run.part(r, rounds, f"round {r + 1}/{rounds}" if rounds > 1 else ""):
+            _balloon_round(run, nblocks, want, nbytes, granule, chunk,
+                           f" {r + 1}" if rounds > 1 else "")
+
+
+def _balloon_round(run: Runner, nblocks: int, want: int, nbytes: int, granule: int, chunk: int,
+                   nth: str) -> None:
+    """One inflate and deflate (``nth``: the round's number in labels, or empty)."""
+    if run.private_pages() == run.gmem.nr_pages:
+        blocks = np.sort(run.rng.choice(nblocks, want, replace=False)) * granule
+    else:
+        # the guest balloons out private memory only: take random wholly private blocks
+        picked = []
+        for b in run.rng.permutation(nblocks).tolist():
+            if run.is_private(b * granule, granule):
+                picked.append(b)
+                if len(picked) == want:
+                    break
+        if len(picked) < want:
+            raise ScenarioError(f"balloon of {format_size(nbytes)}: only {len(picked)} wholly "
+                                f"private {format_size(granule)} blocks left")
+        blocks = np.sort(np.array(picked, np.int64)) * granule
+    run.phase("inflate")
+    run.mark("inflate" + nth)
+    every = max(1, want // 50)
+    with run.part(0, 2):
         for s, e in batches(want, every):
             run.punch_many(blocks[s:e], granule)
-            run.progress(f"inflating (round {r + 1}/{rounds})", e, want)
+            run.progress("inflating", e, want)
             if want >= 200:
                 run.sample()
-        run.sample()
-        run.phase("deflate")
+    run.sample()
+    run.phase("deflate")
+    run.mark("deflate" + nth)
+    with run.part(1, 2):
         for s, e in batches(want, every):
-            run.accept_many(blocks[s:e], granule, chunk, count_chunks=True)
-            run.progress(f"deflating (round {r + 1}/{rounds})", e, want)
+            run.accept_many(blocks[s:e], granule, chunk, label=None)
+            run.progress("deflating", e, want)
             if want >= 200:
                 run.sample()
-        run.sample()
+    run.sample()

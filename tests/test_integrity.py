@@ -1,0 +1,304 @@
+"""Integrity: damaged state files are refused, each kind with its own message, and
+``check()`` names every broken invariant.
+
+The state-file tests write valid ``.npz`` archives whose contents are wrong in one way
+(an array changed, the header changed, a checksum changed, a state that breaks an
+invariant), so they get past the zip layer and reach each check of ``persist.load`` and
+``GuestMemfd.load``. The ``check()`` tests corrupt the page store directly (a test-only
+reach into its arrays) and expect the invariant's number and text in the error.
+"""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import gmemfast
+from gmemfast import _kernels as K
+from gmemfast import persist
+from gmemfast._layout import (ALLOC, DATA, DMAP_OFF, HMAP, HUGE, INVARIANTS, PIN, PRIV,
+                              RMP_VALIDATED, TE_SHIFT)
+from gmemfast.uapi import (FALLOC_FL_KEEP_SIZE, GUEST_MEMFD_FLAG_HUGETLB,
+                           GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
+                           KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+PS = 4096
+MMAP_SHARED = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+
+
+# ------------------------------------------------------------------ state files
+def _state(tmp_path):
+    g = gmemfast.GuestMemfd(4 << 20, MMAP_SHARED)
+    g.host_write(5 * PS, b"integrity")
+    g.set_memory_attributes(64 * PS, 64 * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    g.pin(7 * PS)
+    path = tmp_path / "g.npz"
+    g.save(str(path))
+    return g, path
+
+
+def _read(path):
+    with np.load(path, allow_pickle=False) as z:
+        header = json.loads(bytes(z["header"]).decode())
+        arrays = {k: z[k] for k in z.files if k != "header"}
+    return header, arrays
+
+
+def _write(path, header, arrays, *, reseal=()):
+    """Write a valid archive; ``reseal`` names the checksums to recompute first (so the
+    file looks consistently written: only the deeper checks can catch it)."""
+    header = dict(header)
+    if "arrays" in reseal:
+        header["array_digests"] = {k: persist._array_digest(k, a) for k, a in arrays.items()}
+        header["digest"] = persist.arrays_digest(arrays)
+    if "header" in reseal or "arrays" in reseal:
+        header["header_digest"] = persist._header_digest(header)
+    buf = io.BytesIO()
+    np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
+    path.write_bytes(buf.getvalue())
+    assert zipfile.is_zipfile(path)          # past the zip layer
+
+
+def _refused(path, *fragments):
+    with pytest.raises(ValueError) as info:
+        gmemfast.GuestMemfd.load(str(path))
+    msg = str(info.value)
+    for frag in fragments:
+        assert frag in msg, f"{frag!r} not in {msg!r}"
+    assert str(path) in msg
+    return msg
+
+
+def test_round_trip_is_exact(tmp_path):
+    g, path = _state(tmp_path)
+    loaded = gmemfast.GuestMemfd.load(str(path))
+    assert loaded.host_read(5 * PS, 9) == b"integrity"
+    assert loaded.private_pages() == 64 and len(loaded.pins) == 1
+
+
+def test_changed_array_is_named(tmp_path):
+    _g, path = _state(tmp_path)
+    header, arrays = _read(path)
+    arrays["n2"] = arrays["n2"].copy()
+    arrays["n2"][0, K.F_CNT] += 1
+    _write(path, header, arrays)
+    _refused(path, "array 'n2' does not match its checksum")
+
+
+def test_changed_contents_are_named(tmp_path):
+    _g, path = _state(tmp_path)
+    header, arrays = _read(path)
+    arrays["data_blob"] = arrays["data_blob"].copy()
+    arrays["data_blob"][0] ^= 0xFF
+    _write(path, header, arrays)
+    _refused(path, "array 'data_blob' does not match its checksum")
+
+
+def test_changed_header(tmp_path):
+    _g, path = _state(tmp_path)
+    header, arrays = _read(path)
+    header["size"] = 8 << 20
+    _write(path, header, arrays)
+    _refused(path, "the header does not match its checksum")
+
+
+def test_wrong_checksum(tmp_path):
+    """Arrays and per-array checksums intact, the whole-state checksum wrong."""
+    _g, path = _state(tmp_path)
+    header, arrays = _read(path)
+    header["digest"] = "0" * 64
+    _write(path, header, arrays, reseal=("header",))
+    _refused(path, "checksum mismatch")
+
+
+def test_malformed_array_checksums(tmp_path):
+    _g, path = _state(tmp_path)
+    header, arrays = _read(path)
+    header["array_digests"] = {"n2": "x"}
+    _write(path, header, arrays, reseal=("header",))
+    _refused(path, "array checksums are malformed")
+
+
+def test_wrong_magic_and_version(tmp_path):
+    _g, path = _state(tmp_path)
+    header, arrays = _read(path)
+    _write(path, {**header, "magic": "something-else"}, arrays, reseal=("header",))
+    _refused(path, "wrong magic")
+    _write(path, {**header, "version": 99}, arrays, reseal=("header",))
+    _refused(path, "version 99 is not supported")
+
+
+def test_arrays_that_do_not_fit_the_header(tmp_path):
+    """Every checksum right (written that way), but the arrays belong to another file."""
+    _g, path = _state(tmp_path)
+    header, arrays = _read(path)
+    arrays["n1"] = np.concatenate([arrays["n1"], np.zeros((K.N1, K.NF), np.int64)])  # one too many
+    _write(path, header, arrays, reseal=("arrays",))
+    _refused(path, "state arrays do not match the header")
+
+
+def test_contents_that_do_not_fit_their_page_list(tmp_path):
+    _g, path = _state(tmp_path)
+    header, arrays = _read(path)
+    arrays["data_blob"] = arrays["data_blob"][:100]
+    _write(path, header, arrays, reseal=("arrays",))
+    _refused(path, "stored contents do not match their page list")
+
+
+def test_a_state_that_breaks_an_invariant(tmp_path):
+    """A well-formed, correctly checksummed file whose state is impossible."""
+    _g, path = _state(tmp_path)
+    header, arrays = _read(path)
+    meta = arrays["meta"].copy()
+    meta[K.M_GCNT + 0] += 1                   # the whole-file count of allocated pages
+    arrays["meta"] = meta
+    _write(path, header, arrays, reseal=("arrays",))
+    _refused(path, "state is inconsistent", "invariant 14", INVARIANTS[14])
+
+
+def test_pins_of_a_private_page(tmp_path):
+    _g, path = _state(tmp_path)
+    header, arrays = _read(path)
+    arrays["pins"] = np.array([[64 * PS, PS]], np.int64)   # a pin on a private page
+    _write(path, header, arrays, reseal=("arrays",))
+    _refused(path, "state is inconsistent")
+
+
+def test_files_written_before_the_extra_checksums_still_load(tmp_path):
+    g, path = _state(tmp_path)
+    header, arrays = _read(path)
+    for key in ("array_digests", "header_digest"):
+        header.pop(key)
+    _write(path, header, arrays)
+    assert gmemfast.GuestMemfd.load(str(path)).private_pages() == g.private_pages()
+
+
+# ------------------------------------------------------------------ check() fires
+def _tree(g):
+    st = g.store
+    return st._n2, st._n1, st._w0, st._meta
+
+
+def _set_word(g, p, w):
+    """Force page ``p``'s word to ``w``, keeping every count consistent (so only the word
+    rules can fire)."""
+    K.set_word(*_tree(g), p, w)
+
+
+def _expect(g, rule):
+    with pytest.raises(AssertionError) as info:
+        g.check()
+    msg = str(info.value)
+    assert f"invariant {rule} " in msg and INVARIANTS[rule] in msg, msg
+
+
+WORD_CASES = [
+    # (invariant, policies, word)
+    (1, {}, ALLOC | PRIV | HMAP),
+    (2, {}, ALLOC | PRIV | PIN),
+    (3, {}, DATA),
+    (4, {}, ALLOC | PRIV | HUGE),
+    (5, {}, ALLOC | DMAP_OFF),
+    (6, {"direct_map": "no-direct-map"}, ALLOC | PRIV),
+    (7, {"direct_map": "on-conversion"}, ALLOC | PRIV),
+    (8, {}, ALLOC | (RMP_VALIDATED << TE_SHIFT)),
+]
+
+
+@pytest.mark.parametrize("rule,policies,word", WORD_CASES)
+def test_check_names_each_page_rule(rule, policies, word):
+    g = gmemfast.GuestMemfd(4 << 20, MMAP_SHARED, **policies)
+    g.check()
+    _set_word(g, 77, word)
+    _expect(g, rule)
+
+
+def _mixed_block(order=0):
+    """A file whose first 1 GiB entry has a table and one 2 MiB entry holds exceptions."""
+    flags = MMAP_SHARED if order == 0 else GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_HUGETLB
+    g = gmemfast.GuestMemfd(4 << 20, flags, page_order=order)
+    if order == 0:
+        g.host_write(3 * PS, b"x")              # page 3 differs: an exception
+    g.check()
+    return g
+
+
+def test_check_names_counts_that_disagree():
+    g = _mixed_block()
+    n2, n1, _w0, _meta = _tree(g)
+    t = n2[0, K.F_CHILD]
+    n1[t * K.N1, K.F_CNT + 0] += 1               # 2 MiB entry 0's count of allocated pages
+    _expect(g, 10)
+
+
+def test_check_names_a_partial_huge_folio():
+    g = _mixed_block(order=9)
+    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 2 << 20)     # one 2 MiB folio
+    assert g.folio_order(0) == 9
+    _set_word(g, 100, ALLOC | PRIV)                   # one page of it no longer huge
+    _expect(g, 11)
+
+
+def test_check_names_pages_past_the_end():
+    g = _mixed_block()
+    _set_word(g, g.nr_pages + 5, ALLOC)               # in the last 1 GiB block, past the file
+    _expect(g, 12)
+
+
+def test_check_names_a_misplaced_direct_map_split():
+    g = _mixed_block()
+    n2, n1, _w0, _meta = _tree(g)
+    t = n2[0, K.F_CHILD]
+    n1[t * K.N1 + 1, K.F_DSPLIT] = 1                  # 2 MiB split under an unsplit 1 GiB entry
+    _expect(g, 13)
+
+
+def test_check_names_whole_file_counts():
+    g = _mixed_block()
+    _n2, _n1, _w0, meta = _tree(g)
+    meta[K.M_GCNT + 5] += 1                           # pages holding bytes
+    _expect(g, 14)
+
+
+def test_check_names_malformed_exceptions():
+    g = gmemfast.GuestMemfd(4 << 20, MMAP_SHARED)
+    g.set_memory_attributes(3 * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)   # one page: an exception
+    g.check()
+    n2, n1, _w0, _meta = _tree(g)
+    e = n2[0, K.F_CHILD] * K.N1
+    assert n1[e, K.F_NX] == 1 and n1[e, K.F_CHILD] < 0
+    n1[e, K.F_X0] = 3 | (int(n1[e, K.F_WORD]) << K.XW_SHIFT)   # an exception equal to its entry
+    _expect(g, 15)
+
+
+def test_check_names_pin_bits_without_pins():
+    g = gmemfast.GuestMemfd(4 << 20, MMAP_SHARED)
+    g.host_write(9 * PS, b"p")
+    _set_word(g, 9, ALLOC | PIN | DATA)               # a PIN bit no pin holds
+    with pytest.raises(AssertionError, match="PIN bits disagree with the pin counts"):
+        g.check()
+
+
+def test_check_names_pin_handles_without_pin_counts():
+    g = gmemfast.GuestMemfd(4 << 20, MMAP_SHARED)
+    g.pin(9 * PS)
+    g._pins[9] += 1                                    # counts no handle explains
+    with pytest.raises(AssertionError, match="pin handles disagree with the pin counts"):
+        g.check()
+
+
+def test_check_passes_on_a_busy_healthy_file():
+    """The control: the same operations without corruption pass check()."""
+    g = gmemfast.GuestMemfd(8 << 20, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_HUGETLB,
+                            page_order=9, direct_map="on-conversion")
+    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 8 << 20)
+    g.set_memory_attributes(5 * PS, 3 * PS, 0)
+    g.host_write(5 * PS, b"ok")
+    pin = g.pin(6 * PS)
+    g.check()
+    pin.release()
+    g.set_memory_attributes(5 * PS, 3 * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    g.check()
