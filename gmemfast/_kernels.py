@@ -505,8 +505,9 @@ def get_word(n2, n1, w0, p):
 
 @njit(**_INLINE)
 def set_word(n2, n1, w0, meta, p, nw):
-    """Set page ``p``'s word to ``nw`` (a one-page ``walk_apply``, without the walk).
-    The page's folio order does not change (``nw``'s ``ORDER_MASK`` bits are its own)."""
+    """Set page ``p``'s word to ``nw`` (a one-page ``walk_apply``, without the walk). A
+    folio order is a 2 MiB block's: new ``ORDER_MASK`` bits in ``nw`` are given to every
+    page of the block (the conversions never change them here)."""
     i = p >> S2
     t = n2[i, F_CHILD]
     if t < 0:
@@ -515,6 +516,15 @@ def set_word(n2, n1, w0, meta, p, nw):
         t = _split_l2(n2, n1, meta, i)
     e = t * N1 + ((p >> S1) & (N1 - 1))
     q = p & (N1 - 1)
+    ob = n1[e, F_WORD] & ORDER_MASK
+    if (nw & ORDER_MASK) != ob:
+        n1[e, F_WORD] = (n1[e, F_WORD] & ~ORDER_MASK) | (nw & ORDER_MASK)
+        if (nw ^ ob) & HUGE:
+            d = N1 if nw & HUGE else -N1
+            if n1[e, F_CHILD] >= 0 or n1[e, F_NX]:
+                n1[e, F_CNT + K_HUGE] += d
+            n2[i, F_CNT + K_HUGE] += d
+            meta[M_GCNT + K_HUGE] += d
     u = n1[e, F_CHILD]
     if u < 0:
         if _set_xpage(n2, n1, w0, meta, i, e, q, nw):
