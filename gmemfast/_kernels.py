@@ -1482,9 +1482,11 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
     """``convert`` of the single page ``p``: one read and one write of its word.
 
     Returns ``(RC_SLOW, -1)``, having done nothing, where block-level work is due before the
-    store (a huge folio to split, direct-map changes, a metadata limit to check): the
-    caller then runs ``convert`` on the page. (Calling it from here would make this
-    small kernel compile all of ``convert`` again.)
+    store (a huge folio to split, a metadata limit to check): the caller then runs
+    ``convert`` on the page. (Calling it from here would make this small kernel compile
+    all of ``convert`` again.) With direct map ``on-conversion`` the page leaves or
+    rejoins the direct map as ``dmap_change`` of one page does: its 1 GiB and 2 MiB
+    entries break (once), one entry changes, one TLB entry is flushed.
     """
     f1, f0 = free_tables(meta)
     if f1 < RESERVE or f0 < RESERVE:
@@ -1494,7 +1496,7 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
         meta[C_CONVERT_CALLS] += 1
         meta[C_CONVERT_NOOP] += 1
         return 0, -1
-    if (w & HUGE) or meta[M_LIMIT] >= 0 or (meta[M_DMAP] == DMAP_ONCONV and (w & ALLOC)):
+    if (w & HUGE) or meta[M_LIMIT] >= 0:
         return RC_SLOW, -1
     meta[C_CONVERT_CALLS] += 1
     if meta[M_ENOMEM] > 0:
@@ -1537,9 +1539,29 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
         nw &= ~PRIV
         meta[C_PAGES_TO_SHARED] += 1
     meta[C_ATTR_WRITES_RANGE] += 1
+    dmap = meta[M_DMAP] == DMAP_ONCONV and (w & ALLOC) != 0
+    if dmap:
+        nw ^= DMAP_OFF              # private pages leave the direct map, shared ones rejoin it
     set_word(n2, n1, w0, meta, p, nw)
     if to_private and meta[M_ORDER] and meta[M_MERGE]:
         merge_folios(n2, n1, w0, meta, p, p + 1)
+    if dmap:
+        i = p >> S2
+        if n2[i, F_DSPLIT] == 0:
+            n2[i, F_DSPLIT] = 1
+            meta[C_DMAP_SPLITS_1G] += 1
+            meta[M_DSPLIT1] += 1
+            meta[M_DSPLIT1_2M] += min(N1, (meta[M_NPAGES] - (i << S2) + N1 - 1) >> S1)
+        t = n2[i, F_CHILD]
+        if t < 0:
+            t = _split_l2(n2, n1, meta, i)
+        e = t * N1 + ((p >> S1) & (N1 - 1))
+        if n1[e, F_DSPLIT] == 0:
+            n1[e, F_DSPLIT] = 1
+            meta[C_DMAP_SPLITS_2M] += 1
+            meta[M_DSPLIT2] += 1
+        meta[C_DMAP_ENTRIES_CHANGED] += 1
+        _tlb_flush(meta, I1)
     return 0, -1
 
 

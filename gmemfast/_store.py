@@ -26,6 +26,7 @@ _POOL_FIRST_BYTES = 1 << 30   # address space first reserved for page tables (se
 _L1_FIRST_BYTES = 4 << 30     # ... for tables of 2 MiB entries (int32: 32 KiB a 1 GiB block)
 _GC_SLACK = 64                # stored pages beyond twice the live ones before a sweep
 GROUP_MIN = 64               # batches from this size on are applied grouped by block
+_SMALL = 16                   # batches below this size go one call at a time
 
 _RC_GROW = K.RC_GROW
 _RC_SLOW = K.RC_SLOW
@@ -319,6 +320,12 @@ class PageStore:
             x = K.convert_many(*self._tree(), *args, x, out_err, out_page)
         if len(self._data) > _GC_SLACK:
             self.gc_bytes()
+
+    @staticmethod
+    def small_batch(n: int) -> bool:
+        """Whether a batch of ``n`` conversions costs less applied one call at a time than
+        through ``convert_many`` (never one that would be grouped by block)."""
+        return n < min(_SMALL, GROUP_MIN)
 
     def accept_many(self, p0s, p1s, chunk_pages: int, te_state: int, map_pages: int,
                     prefault: bool, check: bool, out_err, out_page):

@@ -580,6 +580,8 @@ class GuestMemfd:
         """
         offs = int_array(offsets, "offsets")
         n = offs.shape[0] if offs.ndim else 1
+        if self._store.small_batch(n):
+            return self._few_conversions(offs, n, sizes, attributes, flags)
         offs, sizes, attrs, flags = (int_column(v, name, n)
                                      for v, name in ((offs, "offsets"), (sizes, "sizes"),
                                                      (attributes, "attributes"), (flags, "flags")))
@@ -600,6 +602,25 @@ class GuestMemfd:
                                  out_err, out_off)
         done = out_err != errno.EOPNOTSUPP
         np.left_shift(out_off, PAGE_SHIFT, out=out_off, where=done & (out_off >= 0))
+        return BatchResult(out_err, out_off)
+
+    def _few_conversions(self, offs, n, sizes, attributes, flags) -> BatchResult:
+        """A batch of a few items, as the per-call form applies them one by one (the same
+        results: validation, counting and conversion are the same steps), without the
+        fixed cost of the vectorised path."""
+        cols = [offs.tolist() if offs.ndim else [int(offs)] * n]
+        for v, name in ((sizes, "sizes"), (attributes, "attributes"), (flags, "flags")):
+            a = int_array(v, name)
+            cols.append(broadcast_column(a, n, name).tolist() if a.ndim else [int(a)] * n)
+        out_err = np.zeros(n, np.int32)
+        out_off = np.full(n, -1, np.int64)
+        for i, (o, z, a, f) in enumerate(zip(*cols)):
+            try:
+                self.set_memory_attributes(o, z, a, f)
+            except GmemError as exc:
+                out_err[i] = exc.errno
+                if exc.error_offset is not None:
+                    out_off[i] = exc.error_offset
         return BatchResult(out_err, out_off)
 
     def fallocate_many(self, modes, offsets, sizes) -> BatchResult:
