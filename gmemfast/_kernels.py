@@ -1282,6 +1282,12 @@ def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state, map_pages, prefault)
     if n_new == 0:
         return 0
     walk_apply(n2, n1, w0, meta, p0, p1, TE_MASK, I0, I0, (te_state << TE_SHIFT) | GMAP)
+    return _count_accept(meta, n_new, chunk_pages, map_pages, prefault)
+
+
+@njit(**_INLINE)
+def _count_accept(meta, n_new, chunk_pages, map_pages, prefault):
+    """The work of accepting ``n_new`` new pages (``accept``); returns the chunks."""
     chunks = (n_new + chunk_pages - 1) // chunk_pages
     vt = meta[M_VMTYPE]
     if vt != VM_TDX and vt != VM_SNP:
@@ -1634,6 +1640,22 @@ def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, order, skip_set, 
     return n
 
 
+@njit(**_INLINE)
+def _block_allocated(n2, n1, w0, meta, p):
+    """Whether the whole backing-order block of page ``p`` is allocated (so allocating
+    ``p`` widens to nothing)."""
+    order = meta[M_ORDER]
+    i = p >> S2
+    if order == S2:
+        return cnt2(n2, i, K_ALLOC) == N2
+    if order == S1:
+        t = n2[i, F_CHILD]
+        if t < 0:
+            return (n2[i, F_WORD] & ALLOC) != 0
+        return cnt1(n1, t * N1 + ((p >> S1) & (N1 - 1)), K_ALLOC) == N1
+    return (get_word(n2, n1, w0, p) & ALLOC) != 0
+
+
 @njit(**_KERNEL)
 def accept_many(n2, n1, w0, meta, p0s, p1s, chunk_pages, te_state, map_pages, prefault, check,
                 start, out_err, out_page, out_chunks):
@@ -1651,6 +1673,27 @@ def accept_many(n2, n1, w0, meta, p0s, p1s, chunk_pages, te_state, map_pages, pr
             return x
         p0 = p0s[x]
         p1 = p1s[x]
+        if p1 == p0 + 1:
+            # one page: one read and one write of its word where no block-level work is
+            # due: nothing to allocate in its backing block, or one 4 KiB page with the
+            # direct map kept
+            w = get_word(n2, n1, w0, p0)
+            if check and not w & PRIV:
+                out_err[x] = EFAULT
+                out_page[x] = p0
+                continue
+            if _block_allocated(n2, n1, w0, meta, p0) or (meta[M_ORDER] == 0 and meta[M_DMAP] == DMAP_KEEP):
+                nw = w
+                if not w & ALLOC:
+                    nw |= ALLOC
+                    meta[C_PAGES_ALLOCATED] += 1
+                    _count_zero(meta, I1, I0)
+                if (w & TE_MASK) == 0:
+                    nw |= (te_state << TE_SHIFT) | GMAP
+                    out_chunks[x] = _count_accept(meta, I1, chunk_pages, map_pages, prefault)
+                if nw != w:
+                    set_word(n2, n1, w0, meta, p0, nw)
+                continue
         if check:
             f = walk_first(n2, n1, w0, p0, p1, PRIV, I0)
             if f >= 0:

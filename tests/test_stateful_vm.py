@@ -316,3 +316,27 @@ def test_accept_every_mapping_level_against_reference(vm_type, order, mapping):
             e, r = ve.counters, vr.counters
             bad = {n: (int(e[n]), r[n]) for n in naive.COUNTERS if int(e[n]) != r[n]}
             assert not bad, f"chunk {chunk:#x}, prefault {prefault}: counters differ {bad}"
+
+
+@pytest.mark.parametrize("order", [0, 9])
+@pytest.mark.parametrize("vm_type", ["sw-protected", "tdx"])
+def test_accept_many_refills_the_block_of_a_page(order, vm_type):
+    """Accepting one page of a 2 MiB folio with a punched hole allocates the whole block
+    again, page by page or batched; the batched form agrees with the reference's calls."""
+    flags = MMAP | (naive.GUEST_MEMFD_FLAG_HUGETLB if order else 0)
+    vms = []
+    for V in (gmemfast.VM, naive.VM):
+        vm = V(vm_type)
+        g = vm.create_guest_memfd(4 << 20, flags, page_order=order)
+        vm.set_user_memory_region(0, 0, 4 << 20, g, 0)
+        vm.guest_accept(0, 4 << 20, chunk=PS)
+        g.fallocate(3, 5 * PS, PS)                   # a hole in the first 2 MiB block
+        vms.append((vm, g))
+    (ve, ge), (vr, gr) = vms
+    batch = ve.guest_accept_many([7 * PS, 600 * PS], PS, chunk=PS)
+    want = [vr.guest_accept(g, PS, chunk=PS) for g in (7 * PS, 600 * PS)]
+    assert not batch.errno.any() and [int(v) for v in batch.value] == want
+    assert_same_state(ge, gr, f"order {order}")
+    e, r = ve.counters, vr.counters
+    bad = {n: (int(e[n]), r[n]) for n in naive.COUNTERS if int(e[n]) != r[n]}
+    assert not bad, f"counters differ {bad}"
