@@ -9,7 +9,10 @@ Targets (issue "Scale and speed"):
    shared one by one, then back (1,000,000 conversions; every 1 GiB folio splits and
    merges back): batched >= 10x the pyroaring model's throughput; per call >= 400,000/s.
 
-Every benchmark's state returns to where setup left it, so repeats measure the same work.
+Every benchmark's state returns to where setup left it, so repeats measure the same work,
+and every benchmark checks in ``teardown`` that the work it timed was done (pages
+converted, folios split and merged back, as many times as it was called), so a model
+that skipped the work cannot look fast.
 """
 from __future__ import annotations
 
@@ -37,6 +40,18 @@ def _median_call_us(calls):
     return float(np.median(out)) / 1e3
 
 
+def _check_churned(impl, m):
+    """After churns: every page private again, and every 1 GiB folio split and merged
+    back the same number of times, at least once."""
+    if impl.startswith(ENGINE):
+        c = m.counters
+        splits, merges = c["folio_splits_1g"], c["folio_merges_1g"]
+    else:
+        splits, merges = m.splits, m.merges
+    assert m.private_pages() == W.TIB_PAGES, f"{impl}: pages left shared"
+    assert splits == merges and splits > 0, f"{impl}: {splits} splits, {merges} merges"
+
+
 class WholeFileConversion:
     """Target 1: the whole of a never-allocated 1 TiB file, private -> shared -> private."""
 
@@ -47,20 +62,27 @@ class WholeFileConversion:
 
     def setup(self, impl):
         n = W.TIB_PAGES
+        self.calls = 0
         if impl == ENGINE:
             gm = W.warm_engine()
             g = W.engine_1t_unallocated()
             P = gm.KVM_MEMORY_ATTRIBUTE_PRIVATE
             self.roundtrip = lambda: W.engine_whole_file_roundtrip(g, P)
+            self.done = lambda: (g.counters["pages_to_shared"] == self.calls * n
+                                 and g.counters["pages_to_private"] == self.calls * n
+                                 and g.private_pages() == n)
         elif impl == BITMAP:
             from pyroaring import BitMap
             bm = BitMap()
             bm.add_range(0, n)
+            seen = []
 
             def roundtrip():
                 bm.remove_range(0, n)
+                seen.append(len(bm))
                 bm.add_range(0, n)
             self.roundtrip = roundtrip
+            self.done = lambda: len(seen) == self.calls and not any(seen) and len(bm) == n
         else:
             m = (RoaringModel if impl == ROARING else DenseModel)(n, 0)
 
@@ -68,10 +90,16 @@ class WholeFileConversion:
                 m.convert(0, n, False)
                 m.convert(0, n, True)
             self.roundtrip = roundtrip
+            self.done = lambda: m.private_pages() == n
         self.roundtrip()          # first-call costs (compilation, first allocations) out
+        self.calls = 1
 
     def time_private_shared_private(self, impl):
         self.roundtrip()
+        self.calls += 1
+
+    def teardown(self, impl):
+        assert self.done(), f"{impl}: the round trips were not all done"
 
 
 class GigabyteBlockConversion:
@@ -101,10 +129,25 @@ class GigabyteBlockConversion:
             for b in range(W.TIB_PAGES // W.PAGES_1G):
                 self.calls.append((conv, (b * W.PAGES_1G, W.PAGES_1G, False)))
                 self.calls.append((conv, (b * W.PAGES_1G, W.PAGES_1G, True)))
+            self.model = m
+        if impl == ENGINE:
+            self.model = g
         fn, args = self.calls[0]
         fn(*args)
         fn, args = self.calls[1]
         fn(*args)
+
+    def teardown(self, impl):
+        """Every block went shared (a split) and back (a merge) each sweep."""
+        m = self.model
+        if impl == ENGINE:
+            c = m.counters
+            splits, merges = c["folio_splits_1g"], c["folio_merges_1g"]
+            assert m.private_pages() == W.TIB_PAGES and m.folio_order(W.TIB - W.PAGE) == 18
+        else:
+            splits, merges = m.splits, m.merges
+            assert m.private_pages() == W.TIB_PAGES
+        assert splits == merges and splits > 1 and (splits - 1) % (W.TIB // W.GIB) == 0, (splits, merges)
 
     def time_2048_calls(self, impl):
         for fn, args in self.calls:
@@ -135,10 +178,14 @@ class SwiotlbChurnBatched:
         self.nconv = 2 * pages.size
         if impl.startswith(ENGINE):
             W.warm_engine()
-            churn = W.engine_churn(W.engine_allocated(), pages, batched=True)
+            self.model = W.engine_allocated()
+            churn = W.engine_churn(self.model, pages, batched=True)
         else:
-            _, churn = W.roaring_churn(pages)
+            self.model, churn = W.roaring_churn(pages)
         self.churn = churn
+
+    def teardown(self, impl):
+        _check_churned(impl, self.model)
 
     def time_1M_conversions(self, impl):
         self.churn()
@@ -170,10 +217,14 @@ class SwiotlbChurnPerCall:
         self.nconv = 2 * pages.size
         if impl.startswith(ENGINE):
             W.warm_engine()
-            churn = W.engine_churn(W.engine_allocated(), pages, batched=False)
+            self.model = W.engine_allocated()
+            churn = W.engine_churn(self.model, pages, batched=False)
         else:
-            _, churn = W.roaring_churn(pages)
+            self.model, churn = W.roaring_churn(pages)
         self.churn = churn
+
+    def teardown(self, impl):
+        _check_churned(impl, self.model)
 
     def time_100k_conversions(self, impl):
         self.churn()

@@ -4,7 +4,8 @@ The store is a three-level tree shaped like a page table, so that work follows t
 number of distinct regions touched, not the number of pages:
 
 * level 2, one entry per 1 GiB block (``n2``, dense over the file);
-* level 1, tables of 512 entries, one per 2 MiB block (``n1``, a pool);
+* level 1, tables of 512 entries, one per 2 MiB block (``n1``, a pool, int32: an entry
+  is one 64-byte cache line);
 * level 0, tables of 512 page words (``w0``, a pool, uint16).
 
 An entry with no child table is *uniform*: its ``F_WORD`` is the state word of every page
@@ -24,185 +25,211 @@ and never bounds-check. Kernels that can decline report it with a named return c
 import numpy as np
 from numba import njit
 
+# Kernels never allocate (the callers hand them every array), so they run without numba's
+# reference counting (``_nrt=False``): with it, every call passing arrays costs atomic
+# increments and decrements, 25 ns a call, several times the work of most calls here.
+_KERNEL = {"cache": True, "nogil": True, "_nrt": False}
+_INLINE = {**_KERNEL, "forceinline": True}
+# Small steps that one or two kernels call: inlined before typing, so that numba does not
+# compile each as a function of its own (a first compile 15% shorter).
+_IR_INLINE = {**_KERNEL, "inline": "always"}
+
+# Every constant is an int64 scalar, not a Python int: numba types a Python int constant
+# passed to another kernel as a literal and compiles that kernel once per distinct value
+# (``walk_apply`` seven times over); an int64 argument compiles it once. For the same
+# reason no call below passes a bare number or ``True``/``False``: ``I0``, ``I1``, ``YES``
+# and ``NO`` stand in for them.
+_i = np.int64
+I0 = _i(0)
+I1 = _i(1)
+YES = np.bool_(True)
+NO = np.bool_(False)
+
 # ---- page state word bits (see _layout.py) ----
-ALLOC = 1
-PRIV = 2
-HMAP = 4
-GMAP = 8
-PIN = 16
-DATA = 32
-DMAP_OFF = 64
-HUGE = 128
-GIG = 256
-ORDER_MASK = 384
-TE_SHIFT = 9
-TE_MASK = 3584
-NCOUNTED = 8
-COUNTED_MASK = 255  # the counted bits of a word
+ALLOC = _i(1)
+PRIV = _i(2)
+HMAP = _i(4)
+GMAP = _i(8)
+PIN = _i(16)
+DATA = _i(32)
+DMAP_OFF = _i(64)
+HUGE = _i(128)
+GIG = _i(256)
+ORDER_MASK = _i(384)
+TE_SHIFT = _i(9)
+TE_MASK = _i(3584)
+NCOUNTED = _i(8)
+COUNTED_MASK = _i(255)  # the counted bits of a word
 # indices of the counted bits (count k counts pages with bit 1 << k)
-K_ALLOC = 0
-K_PRIV = 1
-K_HMAP = 2
-K_GMAP = 3
-K_PIN = 4
-K_DATA = 5
-K_DMAP_OFF = 6
-K_HUGE = 7
-PAGE_SHIFT = 12
-PAGE_BYTES = 4096
+K_ALLOC = _i(0)
+K_PRIV = _i(1)
+K_HMAP = _i(2)
+K_GMAP = _i(3)
+K_PIN = _i(4)
+K_DATA = _i(5)
+K_DMAP_OFF = _i(6)
+K_HUGE = _i(7)
+PAGE_SHIFT = _i(12)
+PAGE_BYTES = _i(4096)
 
 # ---- tree geometry and entry fields ----
-N1 = 512            # pages per 2 MiB block, entries per table
-N2 = 262144         # pages per 1 GiB block
-S1 = 9
-S2 = 18
-F_WORD = 0
-F_CHILD = 1
-F_DSPLIT = 2        # this block's direct-map entry is broken into smaller entries
-F_CNT = 3
-F_NX = 11           # 2 MiB entries: number of exception pages (see below)
-F_X0 = 12
-NX = 4
-NF = 16
-XQ_MASK = 0xFFFF    # an exception packs page index (low 16 bits) | word << 16
-XW_SHIFT = 16
+N1 = _i(512)            # pages per 2 MiB block, entries per table
+N2 = _i(262144)         # pages per 1 GiB block
+S1 = _i(9)
+S2 = _i(18)
+F_WORD = _i(0)
+F_CHILD = _i(1)
+F_DSPLIT = _i(2)        # this block's direct-map entry is broken into smaller entries
+F_CNT = _i(3)
+F_NX = _i(11)           # 2 MiB entries: number of exception pages (see below)
+F_X0 = _i(12)
+NX = _i(4)
+NF = _i(16)
+XQ_MASK = _i(0xFFFF)    # an exception packs page index (low 16 bits) | word << 16
+XW_SHIFT = _i(16)
 
 # ---- meta array: counters first (up to 80 of them), then bookkeeping ----
 # Saved states of format 1 kept the bookkeeping 16 slots lower (from 64): see META_V1_SHIFT.
-M_FREE1 = 80
-M_USED1 = 81
-M_CAP1 = 82
-M_NFREE1 = 83
-M_FREE0 = 84
-M_USED0 = 85
-M_CAP0 = 86
-M_NFREE0 = 87
-M_ENOMEM = 88       # injected metadata-allocation failures still to deliver
-M_LIMIT = 89        # maximum number of shareability ranges, -1 = unlimited
-M_NPAGES = 90
-M_ORDER = 91        # backing page order: 0, 9 or 18
-M_DMAP = 92         # 0 keep, 1 no-direct-map, 2 on-conversion
-M_MERGE = 93        # 1 eager re-merge on conversion to private, 0 never
-M_VMTYPE = 94       # 0 sw-protected, 1 snp, 2 tdx
-M_HUGETLB = 95
-M_FINALIZED = 96
-M_CONTENT_MODES = 97
-M_TAIL = 98         # pages of the last 1 GiB block beyond the end of the file
-M_INITW = 99        # their (never changing) state word
-M_GCNT = 104        # 8 slots: per counted bit, pages of the whole tree with it set
-META_SIZE = 128
-META_V1_SHIFT = 16  # bookkeeping of state format 1 started at M_FREE1 - 16
-RESERVE = 64        # free tables of each level guaranteed before a mutating kernel
+M_FREE1 = _i(80)
+M_USED1 = _i(81)
+M_CAP1 = _i(82)
+M_NFREE1 = _i(83)
+M_FREE0 = _i(84)
+M_USED0 = _i(85)
+M_CAP0 = _i(86)
+M_NFREE0 = _i(87)
+M_ENOMEM = _i(88)       # injected metadata-allocation failures still to deliver
+M_LIMIT = _i(89)        # maximum number of shareability ranges, -1 = unlimited
+M_NPAGES = _i(90)
+M_ORDER = _i(91)        # backing page order: 0, 9 or 18
+M_DMAP = _i(92)         # 0 keep, 1 no-direct-map, 2 on-conversion
+M_MERGE = _i(93)        # 1 eager re-merge on conversion to private, 0 never
+M_VMTYPE = _i(94)       # 0 sw-protected, 1 snp, 2 tdx
+M_HUGETLB = _i(95)
+M_FINALIZED = _i(96)
+M_CONTENT_MODES = _i(97)
+M_TAIL = _i(98)         # pages of the last 1 GiB block beyond the end of the file
+M_INITW = _i(99)        # their (never changing) state word
+M_DSPLIT1 = _i(100)     # 1 GiB direct-map entries broken up (n2 entries with F_DSPLIT)
+M_DSPLIT1_2M = _i(101)  # 2 MiB blocks under them
+M_DSPLIT2 = _i(102)     # 2 MiB direct-map entries broken up (n1 entries with F_DSPLIT)
+M_GCNT = _i(104)        # 8 slots: per counted bit, pages of the whole tree with it set
+META_SIZE = _i(128)
+META_V1_SHIFT = 16      # bookkeeping of state format 1 started at M_FREE1 - 16
+RESERVE = _i(64)        # free tables of each level guaranteed before a mutating kernel
 
-DMAP_KEEP = 0
-DMAP_NONE = 1
-DMAP_ONCONV = 2
-VM_SW = 0
-VM_SNP = 1
-VM_TDX = 2
+DMAP_KEEP = _i(0)
+DMAP_NONE = _i(1)
+DMAP_ONCONV = _i(2)
+VM_SW = _i(0)
+VM_SNP = _i(1)
+VM_TDX = _i(2)
 
-EAGAIN = 11
-ENOMEM = 12
-TLB_CEILING = 33    # tlb_single_page_flush_ceiling
-RC_GROW = -1        # nothing done: the pools need growing first
-RC_SLOW = -2        # nothing done: the single-page path declines, use ``convert``
+EAGAIN = _i(11)
+EFAULT = _i(14)
+ENOMEM = _i(12)
+TLB_CEILING = _i(33)    # tlb_single_page_flush_ceiling
+RC_GROW = _i(-1)        # nothing done: the pools need growing first
+RC_SLOW = _i(-2)        # nothing done: the single-page path declines, use ``convert``
 
 # HugeTLB Vmemmap Optimization keeps one vmemmap page per huge folio and frees the rest:
 # 2 MiB -> 8 pages of struct page (7 freed), 1 GiB -> 4096 (4095 freed).
-HVO_FREED_2M = 7
-HVO_FREED_1G = 4095
+HVO_FREED_2M = _i(7)
+HVO_FREED_1G = _i(4095)
 
 # ---- invariants (numbers and texts: _layout.INVARIANTS)
-INV_HMAP = 1
-INV_PIN = 2
-INV_NEEDS_FOLIO = 3
-INV_HUGE = 4
-INV_DMAP_KEEP = 5
-INV_DMAP_NONE = 6
-INV_DMAP_ONCONV = 7
-INV_TE = 8
-INV_COUNTS = 10
-INV_HUGE_BLOCK = 11
-INV_TAIL = 12
-INV_DSPLIT = 13
-INV_GCOUNTS = 14
-INV_EXCEPTIONS = 15
+INV_HMAP = _i(1)
+INV_PIN = _i(2)
+INV_NEEDS_FOLIO = _i(3)
+INV_HUGE = _i(4)
+INV_DMAP_KEEP = _i(5)
+INV_DMAP_NONE = _i(6)
+INV_DMAP_ONCONV = _i(7)
+INV_TE = _i(8)
+INV_COUNTS = _i(10)
+INV_HUGE_BLOCK = _i(11)
+INV_TAIL = _i(12)
+INV_DSPLIT = _i(13)
+INV_GCOUNTS = _i(14)
+INV_EXCEPTIONS = _i(15)
+INV_ORDER = _i(16)
+INV_DMAP_COUNTS = _i(17)    # checked by the store (dmap_entries against dmap_counts)
 
 # ---- counters (index into meta) ----
-C_HOST_FAULTS = 0
-C_HOST_PTES_ZAPPED = 1
-C_TLB_INVLPG = 2
-C_TLB_FLUSH_FULL = 3
-C_TLB_SHOOTDOWNS = 4
-C_GUEST_INVALIDATIONS = 5
-C_GUEST_PTES_ZAPPED = 6
-C_FOLIOS_CHECKED = 7
-C_LRU_DRAINS = 8
-C_FOLIO_SPLITS_2M = 9
-C_FOLIO_SPLITS_1G = 10
-C_FOLIO_MERGES_2M = 11
-C_FOLIO_MERGES_1G = 12
-C_VMEMMAP_PAGES_RESTORED = 13
-C_VMEMMAP_PAGES_FREED = 14
-C_PAGES_ALLOCATED = 15
-C_PAGES_FREED = 16
-C_PINS = 17
-C_UNPINS = 18
-C_PAGES_ZEROED = 19
-C_BYTES_ZEROED_4K = 20
-C_BYTES_ZEROED_2M = 21
-C_BYTES_ZEROED_1G = 22
-C_BYTES_COPIED = 23
-C_DMAP_ENTRIES_CHANGED = 24
-C_DMAP_SPLITS_1G = 25
-C_DMAP_SPLITS_2M = 26
-C_ATTR_WRITES_PAGE = 27
-C_ATTR_WRITES_RANGE = 28
-C_PAGES_TO_PRIVATE = 29
-C_PAGES_TO_SHARED = 30
-C_CONVERT_CALLS = 31
-C_CONVERT_NOOP = 32
-C_CONVERT_EINVAL = 33
-C_CONVERT_ENOMEM = 34
-C_CONVERT_EAGAIN = 35
-C_FALLOCATE_CALLS = 36
-C_PUNCH_CALLS = 37
-C_PUNCH_EAGAIN = 38
-C_VM_ATTR_CALLS = 39
-C_RMP_UPDATES = 40
-C_PSMASH = 41
-C_SNP_FW_LAUNCH_UPDATE = 42
-C_SNP_PVALIDATE_4K = 43
-C_SNP_PVALIDATE_2M = 44
-C_TDX_SEAMCALL_PAGE_ADD = 45
-C_TDX_SEAMCALL_MR_EXTEND = 46
-C_TDX_SEAMCALL_PAGE_AUG = 47
-C_TDX_SEAMCALL_BLOCK = 48
-C_TDX_SEAMCALL_TRACK = 49
-C_TDX_SEAMCALL_DEMOTE = 50
-C_TDX_SEAMCALL_PAGE_REMOVE = 51
-C_TDX_ACCEPTS = 52
-C_GUEST_EXITS = 53
-C_HASH_BYTES = 54
-C_PAGES_POPULATED_INPLACE = 55
-C_PAGES_POPULATED_LEGACY = 56
-C_SNP_FW_LAUNCH_FINISH = 57
-C_CONVERT_EOPNOTSUPP = 58
-C_ACCEPT_FALLBACKS = 59
-C_PREFAULT_CALLS = 60
-C_TDX_BUSY_RETRIES = 61
-C_ACCEPT_MEMORY_CALLS = 62
-C_GUEST_PAGES_TOUCHED = 63
-C_IOMMU_MAPS = 64
-C_IOMMU_UNMAPS = 65
-C_SHARED_DISCARDS = 66
+C_HOST_FAULTS = _i(0)
+C_HOST_PTES_ZAPPED = _i(1)
+C_TLB_INVLPG = _i(2)
+C_TLB_FLUSH_FULL = _i(3)
+C_TLB_SHOOTDOWNS = _i(4)
+C_GUEST_INVALIDATIONS = _i(5)
+C_GUEST_PTES_ZAPPED = _i(6)
+C_FOLIOS_CHECKED = _i(7)
+C_LRU_DRAINS = _i(8)
+C_FOLIO_SPLITS_2M = _i(9)
+C_FOLIO_SPLITS_1G = _i(10)
+C_FOLIO_MERGES_2M = _i(11)
+C_FOLIO_MERGES_1G = _i(12)
+C_VMEMMAP_PAGES_RESTORED = _i(13)
+C_VMEMMAP_PAGES_FREED = _i(14)
+C_PAGES_ALLOCATED = _i(15)
+C_PAGES_FREED = _i(16)
+C_PINS = _i(17)
+C_UNPINS = _i(18)
+C_PAGES_ZEROED = _i(19)
+C_BYTES_ZEROED_4K = _i(20)
+C_BYTES_ZEROED_2M = _i(21)
+C_BYTES_ZEROED_1G = _i(22)
+C_BYTES_COPIED = _i(23)
+C_DMAP_ENTRIES_CHANGED = _i(24)
+C_DMAP_SPLITS_1G = _i(25)
+C_DMAP_SPLITS_2M = _i(26)
+C_ATTR_WRITES_PAGE = _i(27)
+C_ATTR_WRITES_RANGE = _i(28)
+C_PAGES_TO_PRIVATE = _i(29)
+C_PAGES_TO_SHARED = _i(30)
+C_CONVERT_CALLS = _i(31)
+C_CONVERT_NOOP = _i(32)
+C_CONVERT_EINVAL = _i(33)
+C_CONVERT_ENOMEM = _i(34)
+C_CONVERT_EAGAIN = _i(35)
+C_FALLOCATE_CALLS = _i(36)
+C_PUNCH_CALLS = _i(37)
+C_PUNCH_EAGAIN = _i(38)
+C_VM_ATTR_CALLS = _i(39)
+C_RMP_UPDATES = _i(40)
+C_PSMASH = _i(41)
+C_SNP_FW_LAUNCH_UPDATE = _i(42)
+C_SNP_PVALIDATE_4K = _i(43)
+C_SNP_PVALIDATE_2M = _i(44)
+C_TDX_SEAMCALL_PAGE_ADD = _i(45)
+C_TDX_SEAMCALL_MR_EXTEND = _i(46)
+C_TDX_SEAMCALL_PAGE_AUG = _i(47)
+C_TDX_SEAMCALL_BLOCK = _i(48)
+C_TDX_SEAMCALL_TRACK = _i(49)
+C_TDX_SEAMCALL_DEMOTE = _i(50)
+C_TDX_SEAMCALL_PAGE_REMOVE = _i(51)
+C_TDX_ACCEPTS = _i(52)
+C_GUEST_EXITS = _i(53)
+C_HASH_BYTES = _i(54)
+C_PAGES_POPULATED_INPLACE = _i(55)
+C_PAGES_POPULATED_LEGACY = _i(56)
+C_SNP_FW_LAUNCH_FINISH = _i(57)
+C_CONVERT_EOPNOTSUPP = _i(58)
+C_ACCEPT_FALLBACKS = _i(59)
+C_PREFAULT_CALLS = _i(60)
+C_TDX_BUSY_RETRIES = _i(61)
+C_ACCEPT_MEMORY_CALLS = _i(62)
+C_GUEST_PAGES_TOUCHED = _i(63)
+C_IOMMU_MAPS = _i(64)
+C_IOMMU_UNMAPS = _i(65)
+C_SHARED_DISCARDS = _i(66)
 
 
 # ======================================================================================
 # pools
 # ======================================================================================
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _new_l1(n1, meta, w):
     t = meta[M_FREE1]
     if t >= 0:
@@ -221,14 +248,14 @@ def _new_l1(n1, meta, w):
     return t
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _free_l1(n1, meta, t):
     n1[t * N1, F_CHILD] = meta[M_FREE1]
     meta[M_FREE1] = t
     meta[M_NFREE1] += 1
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _new_l0(w0, meta, w):
     u = meta[M_FREE0]
     base = 0
@@ -247,7 +274,7 @@ def _new_l0(w0, meta, w):
     return u
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _free_l0(w0, meta, u):
     base = u * N1
     v = meta[M_FREE0] + 1   # stored +1 so that "none" (-1) packs as 0
@@ -259,7 +286,7 @@ def _free_l0(w0, meta, u):
     meta[M_NFREE0] += 1
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def free_tables(meta):
     """Free tables of (level 1, level 0) available without growing the pools."""
     return (meta[M_CAP1] - meta[M_USED1] + meta[M_NFREE1],
@@ -276,7 +303,7 @@ def free_tables(meta):
 # block then cost no page table. A fifth exception turns the entry into a page table.
 # ======================================================================================
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def cnt2(n2, i, k):
     """Pages of 1 GiB entry ``i`` with counted bit ``k`` set."""
     if n2[i, F_CHILD] < 0:
@@ -284,7 +311,7 @@ def cnt2(n2, i, k):
     return n2[i, F_CNT + k]
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def cnt1(n1, e, k):
     """Pages of 2 MiB entry ``e`` with counted bit ``k`` set."""
     if n1[e, F_CHILD] < 0 and n1[e, F_NX] == 0:
@@ -292,17 +319,18 @@ def cnt1(n1, e, k):
     return n1[e, F_CNT + k]
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _xword(n1, e, q):
     """Word of page ``q`` of 2 MiB entry ``e`` (no page table)."""
+    w = n1[e, F_WORD]
     for x in range(n1[e, F_NX]):
         v = n1[e, F_X0 + x]
         if (v & XQ_MASK) == q:
-            return v >> XW_SHIFT
-    return n1[e, F_WORD]
+            return (v >> XW_SHIFT) | (w & ORDER_MASK)
+    return w
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _split_l2(n2, n1, meta, i):
     """Give uniform 1 GiB entry ``i`` a table of 512 uniform entries."""
     w = n2[i, F_WORD]
@@ -313,18 +341,18 @@ def _split_l2(n2, n1, meta, i):
     return t
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _init_cnt1(n1, e):
     w = n1[e, F_WORD]
     for k in range(NCOUNTED):
         n1[e, F_CNT + k] = N1 if (w >> k) & 1 else 0
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _split_l1(n1, w0, meta, e):
     """Give 2 MiB entry ``e`` (uniform, maybe with exceptions) a table of page words."""
     w = n1[e, F_WORD]
-    u = _new_l0(w0, meta, w)
+    u = _new_l0(w0, meta, w & ~ORDER_MASK)
     nx = n1[e, F_NX]
     if nx == 0:
         _init_cnt1(n1, e)
@@ -337,7 +365,7 @@ def _split_l1(n1, w0, meta, e):
     return u
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _add_cnt(n2, n1, meta, i, e, w, nw):
     """Count page word ``w`` becoming ``nw`` in entries ``e`` (2 MiB) and ``i`` (1 GiB)."""
     diff = (w ^ nw) & COUNTED_MASK
@@ -350,24 +378,27 @@ def _add_cnt(n2, n1, meta, i, e, w, nw):
                 meta[M_GCNT + k] += d
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _set_xpage(n2, n1, w0, meta, i, e, q, nw):
     """Set page ``q`` of 2 MiB entry ``e`` (no page table) to ``nw``, as an exception
-    if it fits. Returns False when the entry needs a page table instead (untouched)."""
+    if it fits. Returns False when the entry needs a page table instead (untouched).
+    ``nw`` keeps the block's folio order (its ``ORDER_MASK`` bits are the entry's)."""
     w = n1[e, F_WORD]
+    ob = w & ORDER_MASK
+    nws = nw & ~ORDER_MASK
     nx = n1[e, F_NX]
     for x in range(nx):
         v = n1[e, F_X0 + x]
         if (v & XQ_MASK) == q:
             old = v >> XW_SHIFT
-            if old == nw:
+            if old == nws:
                 return True
-            _add_cnt(n2, n1, meta, i, e, old, nw)
+            _add_cnt(n2, n1, meta, i, e, old | ob, nw)
             if nw == w:
                 n1[e, F_X0 + x] = n1[e, F_X0 + nx - 1]
                 n1[e, F_NX] = nx - 1
             else:
-                n1[e, F_X0 + x] = q | (nw << XW_SHIFT)
+                n1[e, F_X0 + x] = q | (nws << XW_SHIFT)
             return True
     if nw == w:
         return True
@@ -376,16 +407,17 @@ def _set_xpage(n2, n1, w0, meta, i, e, q, nw):
     if nx == 0:
         _init_cnt1(n1, e)
     _add_cnt(n2, n1, meta, i, e, w, nw)
-    n1[e, F_X0 + nx] = q | (nw << XW_SHIFT)
+    n1[e, F_X0 + nx] = q | (nws << XW_SHIFT)
     n1[e, F_NX] = nx + 1
     return True
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
     """Apply a transform to every page of 2 MiB entry ``e`` (no page table, with
     exceptions) without a page table. Returns pages changed."""
     w = n1[e, F_WORD]
+    ob = w & ORDER_MASK
     nx = n1[e, F_NX]
     nw = (w & ~clr) | setb if (w & cmask) == cval else w
     changed = 0
@@ -403,19 +435,19 @@ def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
     keep = 0
     for x in range(nx):
         v = n1[e, F_X0 + x]
-        xw = v >> XW_SHIFT
+        xw = (v >> XW_SHIFT) | ob
         nxw = (xw & ~clr) | setb if (xw & cmask) == cval else xw
         if nxw != xw:
             changed += 1
             _add_cnt(n2, n1, meta, i, e, xw, nxw)
         if nxw != nw:
-            n1[e, F_X0 + keep] = (v & XQ_MASK) | (nxw << XW_SHIFT)
+            n1[e, F_X0 + keep] = (v & XQ_MASK) | ((nxw & ~ORDER_MASK) << XW_SHIFT)
             keep += 1
     n1[e, F_NX] = keep
     return changed
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _fold_l0(n1, w0, meta, e):
     """Fold entry ``e``'s page table into the entry if all its pages are equal."""
     u = n1[e, F_CHILD]
@@ -430,12 +462,12 @@ def _fold_l0(n1, w0, meta, e):
     for q in range(1, N1):
         if w0[base + q] != w:
             return
-    n1[e, F_WORD] = np.int64(w)
+    n1[e, F_WORD] = np.int64(w) | (n1[e, F_WORD] & ORDER_MASK)
     n1[e, F_CHILD] = -1
     _free_l0(w0, meta, u)
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _fold_l1(n2, n1, meta, i):
     """Fold 1 GiB entry ``i``'s table into the entry if all its entries are equal."""
     t = n2[i, F_CHILD]
@@ -461,7 +493,7 @@ def _fold_l1(n2, n1, meta, i):
 # walks: read and transform page ranges
 # ======================================================================================
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def get_word(n2, n1, w0, p):
     i = p >> S2
     t = n2[i, F_CHILD]
@@ -473,12 +505,14 @@ def get_word(n2, n1, w0, p):
         if n1[e, F_NX]:
             return _xword(n1, e, p & (N1 - 1))
         return n1[e, F_WORD]
-    return np.int64(w0[u * N1 + (p & (N1 - 1))])
+    return np.int64(w0[u * N1 + (p & (N1 - 1))]) | (n1[e, F_WORD] & ORDER_MASK)
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def set_word(n2, n1, w0, meta, p, nw):
-    """Set page ``p``'s word to ``nw`` (a one-page ``walk_apply``, without the walk)."""
+    """Set page ``p``'s word to ``nw`` (a one-page ``walk_apply``, without the walk). A
+    folio order is a 2 MiB block's: new ``ORDER_MASK`` bits in ``nw`` are given to every
+    page of the block (the conversions never change them here)."""
     i = p >> S2
     t = n2[i, F_CHILD]
     if t < 0:
@@ -487,6 +521,15 @@ def set_word(n2, n1, w0, meta, p, nw):
         t = _split_l2(n2, n1, meta, i)
     e = t * N1 + ((p >> S1) & (N1 - 1))
     q = p & (N1 - 1)
+    ob = n1[e, F_WORD] & ORDER_MASK
+    if (nw & ORDER_MASK) != ob:
+        n1[e, F_WORD] = (n1[e, F_WORD] & ~ORDER_MASK) | (nw & ORDER_MASK)
+        if (nw ^ ob) & HUGE:
+            d = N1 if nw & HUGE else -N1
+            if n1[e, F_CHILD] >= 0 or n1[e, F_NX]:
+                n1[e, F_CNT + K_HUGE] += d
+            n2[i, F_CNT + K_HUGE] += d
+            meta[M_GCNT + K_HUGE] += d
     u = n1[e, F_CHILD]
     if u < 0:
         if _set_xpage(n2, n1, w0, meta, i, e, q, nw):
@@ -494,16 +537,16 @@ def set_word(n2, n1, w0, meta, p, nw):
             return
         u = _split_l1(n1, w0, meta, e)
     r = u * N1 + q
-    w = np.int64(w0[r])
+    w = np.int64(w0[r]) | (n1[e, F_WORD] & ORDER_MASK)
     if w == nw:
         return
-    w0[r] = nw
+    w0[r] = nw & ~ORDER_MASK
     _add_cnt(n2, n1, meta, i, e, w, nw)
     _fold_l0(n1, w0, meta, e)
     _fold_l1(n2, n1, meta, i)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def get_words(n2, n1, w0, p0, p1, out):
     """Fill ``out[0:p1-p0]`` with the page words of ``[p0, p1)``."""
     p = p0
@@ -519,21 +562,22 @@ def get_words(n2, n1, w0, p0, p1, out):
         e = t * N1 + ((p >> S1) & (N1 - 1))
         hi = min(p1, c0 + N1)
         u = n1[e, F_CHILD]
+        ob = n1[e, F_WORD] & ORDER_MASK
         if u < 0:
             out[p - p0:hi - p0] = n1[e, F_WORD]
             for x in range(n1[e, F_NX]):
                 v = n1[e, F_X0 + x]
                 pg = c0 + (v & XQ_MASK)
                 if p <= pg < hi:
-                    out[pg - p0] = v >> XW_SHIFT
+                    out[pg - p0] = (v >> XW_SHIFT) | ob
         else:
             b = u * N1 + (p & (N1 - 1))
             for q in range(hi - p):
-                out[p - p0 + q] = w0[b + q]
+                out[p - p0 + q] = np.int64(w0[b + q]) | ob
         p = hi
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _single_bit(cmask):
     """Index k if ``cmask`` is exactly one counted bit, else -1."""
     for k in range(NCOUNTED):
@@ -542,24 +586,58 @@ def _single_bit(cmask):
     return -1
 
 
-@njit(cache=True, nogil=True)
+@njit(**_INLINE)
+def _match1(n1, e, cmask, cval):
+    """Whether every page (1), no page (0) of 2 MiB entry ``e`` (with counts) satisfies
+    ``w & cmask == cval``, as its counts and folio order show; -1 if they cannot tell."""
+    if cmask & ~(COUNTED_MASK | ORDER_MASK):
+        return -1
+    rep = n1[e, F_WORD] & ORDER_MASK
+    for k in range(NCOUNTED):
+        if (cmask >> k) & 1:
+            c = n1[e, F_CNT + k]
+            if c == N1:
+                rep |= np.int64(1) << k
+            elif c != 0:
+                return -1
+    return 1 if (rep & cmask) == cval else 0
+
+
+@njit(**_INLINE)
+def _match2(n2, i, cmask, cval):
+    """``_match1`` for 1 GiB entry ``i`` (with a table), on counted bits only."""
+    if cmask & ~COUNTED_MASK:
+        return -1
+    rep = 0
+    for k in range(NCOUNTED):
+        if (cmask >> k) & 1:
+            c = n2[i, F_CNT + k]
+            if c == N2:
+                rep |= np.int64(1) << k
+            elif c != 0:
+                return -1
+    return 1 if (rep & cmask) == cval else 0
+
+
+@njit(**_KERNEL)
 def _xcount(n1, e, c0, clo, chi, cmask, cval):
     """Pages of ``[clo, chi)`` in 2 MiB entry ``e`` (no page table) matching."""
     inside = 0
     hits = 0
+    ob = n1[e, F_WORD] & ORDER_MASK
     for x in range(n1[e, F_NX]):
         v = n1[e, F_X0 + x]
         pg = c0 + (v & XQ_MASK)
         if clo <= pg < chi:
             inside += 1
-            if ((v >> XW_SHIFT) & cmask) == cval:
+            if (((v >> XW_SHIFT) | ob) & cmask) == cval:
                 hits += 1
     if (n1[e, F_WORD] & cmask) == cval:
         hits += chi - clo - inside
     return hits
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def walk_count(n2, n1, w0, p0, p1, cmask, cval):
     """Number of pages in ``[p0, p1)`` whose word satisfies ``w & cmask == cval``."""
     k = _single_bit(cmask)
@@ -577,30 +655,46 @@ def walk_count(n2, n1, w0, p0, p1, cmask, cval):
             c = n2[i, F_CNT + k]
             total += c if cval != 0 else N2 - c
             continue
+        m = _match2(n2, i, cmask, cval)
+        if m >= 0:
+            total += (hi - lo) * m
+            continue
         for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
             e = t * N1 + j
             c0 = b0 + (j << S1)
             clo = max(lo, c0)
             chi = min(hi, c0 + N1)
             u = n1[e, F_CHILD]
+            if u < 0 and n1[e, F_NX] == 0:
+                if (n1[e, F_WORD] & cmask) == cval:
+                    total += chi - clo
+                continue
             if k >= 0 and clo == c0 and chi == c0 + N1:
-                c = cnt1(n1, e, k)
+                c = n1[e, F_CNT + k]
                 total += c if cval != 0 else N1 - c
+                continue
+            m = _match1(n1, e, cmask, cval)
+            if m >= 0:
+                total += (chi - clo) * m
                 continue
             if u < 0:
                 total += _xcount(n1, e, c0, clo, chi, cmask, cval)
                 continue
+            ob = n1[e, F_WORD] & ORDER_MASK
+            if (ob & cmask) != (cval & ORDER_MASK):
+                continue
+            cm = cmask & ~ORDER_MASK
+            cv = cval & ~ORDER_MASK
             base = u * N1 - c0
             for p in range(clo, chi):
-                if (w0[base + p] & cmask) == cval:
+                if (w0[base + p] & cm) == cv:
                     total += 1
     return total
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def walk_first(n2, n1, w0, p0, p1, cmask, cval):
     """First page in ``[p0, p1)`` with ``w & cmask == cval``, or -1."""
-    k = _single_bit(cmask)
     for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
         b0 = i << S2
         lo = max(p0, b0)
@@ -610,42 +704,79 @@ def walk_first(n2, n1, w0, p0, p1, cmask, cval):
             if (n2[i, F_WORD] & cmask) == cval:
                 return lo
             continue
-        if k >= 0:
-            c = n2[i, F_CNT + k]
-            if (cval != 0 and c == 0) or (cval == 0 and c == N2):
-                continue
+        m = _match2(n2, i, cmask, cval)
+        if m == 0:
+            continue
+        if m == 1:
+            return lo
         for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
             e = t * N1 + j
             c0 = b0 + (j << S1)
             clo = max(lo, c0)
             chi = min(hi, c0 + N1)
-            if k >= 0:
-                c = cnt1(n1, e, k)
-                if (cval != 0 and c == 0) or (cval == 0 and c == N1):
-                    continue
             u = n1[e, F_CHILD]
+            if u < 0 and n1[e, F_NX] == 0:
+                if (n1[e, F_WORD] & cmask) == cval:
+                    return clo
+                continue
+            m = _match1(n1, e, cmask, cval)
+            if m == 0:
+                continue
+            if m == 1:
+                return clo
             if u < 0:
-                if n1[e, F_NX] == 0:
-                    if (n1[e, F_WORD] & cmask) == cval:
-                        return clo
-                    continue
                 for p in range(clo, chi):
                     if (_xword(n1, e, p - c0) & cmask) == cval:
                         return p
                 continue
+            ob = n1[e, F_WORD] & ORDER_MASK
+            if (ob & cmask) != (cval & ORDER_MASK):
+                continue
+            cm = cmask & ~ORDER_MASK
+            cv = cval & ~ORDER_MASK
             base = u * N1 - c0
             for p in range(clo, chi):
-                if (w0[base + p] & cmask) == cval:
+                if (w0[base + p] & cm) == cv:
                     return p
     return -1
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
+def _order_l2(n2, n1, meta, i, clr, setb):
+    """A new folio order (``ORDER_MASK`` bits only) for every page of 1 GiB entry ``i``
+    (with a table): one write per 2 MiB entry, whatever its pages hold. Returns the
+    pages changed."""
+    t = n2[i, F_CHILD]
+    changed = 0
+    dh = 0
+    for e in range(t * N1, (t + 1) * N1):
+        w = n1[e, F_WORD]
+        ob = w & ORDER_MASK
+        nob = (ob & ~clr) | setb
+        if nob == ob:
+            continue
+        n1[e, F_WORD] = (w & ~ORDER_MASK) | nob
+        changed += N1
+        if (ob ^ nob) & HUGE:
+            d = N1 if nob & HUGE else -N1
+            dh += d
+            if n1[e, F_CHILD] >= 0 or n1[e, F_NX]:
+                n1[e, F_CNT + K_HUGE] += d
+    n2[i, F_CNT + K_HUGE] += dh
+    meta[M_GCNT + K_HUGE] += dh
+    return changed
+
+
+@njit(**_KERNEL)
 def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
     """For pages of ``[p0, p1)`` with ``w & cmask == cval``: ``w = (w & ~clr) | setb``.
 
     Returns the number of pages whose word changed. Keeps every count and folds tables
     that become uniform. Creates at most two tables of each level (at the range's ends).
+    A change of folio order (``ORDER_MASK`` bits) must be the same for every page of each
+    2 MiB block it touches: the order is kept per 2 MiB entry, so changing it costs one
+    write per block whatever the pages below hold. A few pages of a uniform 2 MiB block
+    (up to ``NX``) become exceptions of its entry rather than a page table.
     """
     changed = 0
     for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
@@ -669,7 +800,18 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
                 changed += N2
                 continue
             t = _split_l2(n2, n1, meta, i)
+        else:
+            m = _match2(n2, i, cmask, cval)
+            if m == 0:
+                continue
+            if m == 1 and lo == b0 and hi == b0 + N2 and ((clr | setb) & ~ORDER_MASK) == 0:
+                ch = _order_l2(n2, n1, meta, i, clr, setb)
+                if ch:
+                    changed += ch
+                    _fold_l1(n2, n1, meta, i)
+                continue
         touched = False
+        order_only = ((clr | setb) & ~ORDER_MASK) == 0
         for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
             e = t * N1 + j
             c0 = b0 + (j << S1)
@@ -686,6 +828,25 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
                             touched = True
                             changed += ch
                         continue
+                    if chi - clo <= NX:
+                        # page by page, as exceptions while they fit
+                        fits = True
+                        for p in range(clo, chi):
+                            xw = _xword(n1, e, p - c0)
+                            if (xw & cmask) != cval:
+                                continue
+                            nxw = (xw & ~clr) | setb
+                            if nxw == xw:
+                                continue
+                            if not _set_xpage(n2, n1, w0, meta, i, e, p - c0, nxw):
+                                fits = False
+                                break
+                            touched = True
+                            changed += 1
+                        if fits:
+                            continue
+                    # the rest through a page table (pages already done match no more,
+                    # or change no more: the transform is idempotent)
                     u = _split_l1(n1, w0, meta, e)
                 else:
                     if (w & cmask) != cval:
@@ -704,20 +865,51 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
                         n1[e, F_WORD] = nw
                         changed += N1
                         continue
+                    if chi - clo <= NX:
+                        _init_cnt1(n1, e)
+                        nws = nw & ~ORDER_MASK
+                        for p in range(clo, chi):
+                            _add_cnt(n2, n1, meta, i, e, w, nw)
+                            n1[e, F_X0 + p - clo] = (p - c0) | (nws << XW_SHIFT)
+                        n1[e, F_NX] = chi - clo
+                        changed += chi - clo
+                        continue
                     u = _split_l1(n1, w0, meta, e)
+            ob = n1[e, F_WORD] & ORDER_MASK
+            m = _match1(n1, e, cmask, cval)
+            if m == 0:
+                continue
+            if whole:
+                if m == 1 and order_only:
+                    # a new folio order for the whole block: the entry's bits alone
+                    nob = (ob & ~clr) | setb
+                    if nob != ob:
+                        n1[e, F_WORD] = (n1[e, F_WORD] & ~ORDER_MASK) | nob
+                        if (ob ^ nob) & HUGE:
+                            d = N1 if nob & HUGE else -N1
+                            n1[e, F_CNT + K_HUGE] += d
+                            n2[i, F_CNT + K_HUGE] += d
+                            meta[M_GCNT + K_HUGE] += d
+                        touched = True
+                        changed += N1
+                    continue
             base = u * N1 - c0
             n_here = 0
+            nob = ob
             for p in range(clo, chi):
-                w = np.int64(w0[base + p])
+                w = np.int64(w0[base + p]) | ob
                 if (w & cmask) != cval:
                     continue
                 nw = (w & ~clr) | setb
                 if nw == w:
                     continue
-                w0[base + p] = nw
+                w0[base + p] = nw & ~ORDER_MASK
+                nob = nw & ORDER_MASK
                 n_here += 1
                 _add_cnt(n2, n1, meta, i, e, w, nw)
             if n_here:
+                if nob != ob:
+                    n1[e, F_WORD] = (n1[e, F_WORD] & ~ORDER_MASK) | nob
                 touched = True
                 changed += n_here
                 _fold_l0(n1, w0, meta, e)
@@ -726,9 +918,11 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
     return changed
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def walk_transitions(n2, n1, w0, p0, p1, bit):
-    """Number of ``p`` in ``(p0, p1)`` where ``bit`` differs between page p-1 and p."""
+    """Number of ``p`` in ``(p0, p1)`` where ``bit`` (a counted bit) differs between page
+    p-1 and p. Blocks whose counts show the bit uniform cost one step."""
+    k = _single_bit(bit)
     total = 0
     prev = -1
     for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
@@ -736,8 +930,12 @@ def walk_transitions(n2, n1, w0, p0, p1, bit):
         lo = max(p0, b0)
         hi = min(p1, b0 + N2)
         t = n2[i, F_CHILD]
+        v = -1
         if t < 0:
             v = 1 if n2[i, F_WORD] & bit else 0
+        elif n2[i, F_CNT + k] == 0 or n2[i, F_CNT + k] == N2:
+            v = 1 if n2[i, F_CNT + k] else 0
+        if v >= 0:
             if prev >= 0 and v != prev:
                 total += 1
             prev = v
@@ -748,8 +946,9 @@ def walk_transitions(n2, n1, w0, p0, p1, bit):
             clo = max(lo, c0)
             chi = min(hi, c0 + N1)
             u = n1[e, F_CHILD]
-            if u < 0 and n1[e, F_NX] == 0:
-                v = 1 if n1[e, F_WORD] & bit else 0
+            c = cnt1(n1, e, k)
+            if c == 0 or c == N1:
+                v = 1 if c else 0
                 if prev >= 0 and v != prev:
                     total += 1
                 prev = v
@@ -766,7 +965,7 @@ def walk_transitions(n2, n1, w0, p0, p1, bit):
     return total
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def gcount(meta, k):
     """Pages of the file with counted bit ``k`` set."""
     c = meta[M_GCNT + k]
@@ -779,7 +978,7 @@ def gcount(meta, k):
 # mechanisms: TLB, direct map, folios
 # ======================================================================================
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _tlb_flush(meta, npages):
     if npages <= 0:
         return
@@ -790,29 +989,29 @@ def _tlb_flush(meta, npages):
     meta[C_TLB_SHOOTDOWNS] += 1
 
 
-@njit(cache=True, nogil=True)
+@njit(**_IR_INLINE)
 def zap_host(n2, n1, w0, meta, p0, p1):
     """Unmap the host userspace mappings of ``[p0, p1)`` (every process)."""
     if gcount(meta, K_HMAP) == 0:
         return 0
-    z = walk_apply(n2, n1, w0, meta, p0, p1, HMAP, HMAP, HMAP, 0)
+    z = walk_apply(n2, n1, w0, meta, p0, p1, HMAP, HMAP, HMAP, I0)
     meta[C_HOST_PTES_ZAPPED] += z
     _tlb_flush(meta, z)
     return z
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def zap_guest(n2, n1, w0, meta, p0, p1):
     """Invalidate the guest (stage-2) mappings of ``[p0, p1)``."""
     meta[C_GUEST_INVALIDATIONS] += 1
     if gcount(meta, K_GMAP) == 0:
         return 0
-    z = walk_apply(n2, n1, w0, meta, p0, p1, GMAP, GMAP, GMAP, 0)
+    z = walk_apply(n2, n1, w0, meta, p0, p1, GMAP, GMAP, GMAP, I0)
     meta[C_GUEST_PTES_ZAPPED] += z
     return z
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
     """Remove (or restore) the pages of ``[p0, p1)`` matching the condition from the
     kernel direct map.
@@ -832,13 +1031,15 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
         if m == 0:
             continue
         total += m
-        if (m == N2 and n2[i, F_DSPLIT] == 0
-                and walk_count(n2, n1, w0, lo, hi, cmask | GIG, cval | GIG) == N2):
+        if (m == N2 and n2[i, F_DSPLIT] == 0 and meta[M_ORDER] == S2
+                and cnt2(n2, i, K_HUGE) == N2):
             entries += 1
         else:
             if n2[i, F_DSPLIT] == 0:
                 n2[i, F_DSPLIT] = 1
                 meta[C_DMAP_SPLITS_1G] += 1
+                meta[M_DSPLIT1] += 1
+                meta[M_DSPLIT1_2M] += min(N1, (meta[M_NPAGES] - b0 + N1 - 1) >> S1)
             for j in range((lo - b0) >> S1, ((hi - 1 - b0) >> S1) + 1):
                 c0 = b0 + (j << S1)
                 clo = max(lo, c0)
@@ -851,7 +1052,7 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
                 if t >= 0:
                     split = n1[t * N1 + j, F_DSPLIT]
                 if (m2 == N1 and split == 0
-                        and walk_count(n2, n1, w0, clo, chi, cmask | HUGE, cval | HUGE) == N1):
+                        and walk_count(n2, n1, w0, clo, chi, HUGE, HUGE) == N1):
                     entries += 1
                     continue
                 if split == 0:
@@ -859,6 +1060,7 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
                         t = _split_l2(n2, n1, meta, i)
                     n1[t * N1 + j, F_DSPLIT] = 1
                     meta[C_DMAP_SPLITS_2M] += 1
+                    meta[M_DSPLIT2] += 1
                 entries += m2
         bit = DMAP_OFF if remove else 0
         walk_apply(n2, n1, w0, meta, lo, hi, cmask, cval, DMAP_OFF - bit, bit)
@@ -868,12 +1070,12 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
     return total
 
 
-@njit(cache=True, nogil=True)
+@njit(**_IR_INLINE)
 def _vmemmap_per_folio(order):
     return HVO_FREED_2M if order == S1 else HVO_FREED_1G
 
 
-@njit(cache=True, nogil=True)
+@njit(**_IR_INLINE)
 def _count_split(meta, nfolios):
     if nfolios <= 0:
         return
@@ -886,7 +1088,7 @@ def _count_split(meta, nfolios):
         meta[C_VMEMMAP_PAGES_RESTORED] += nfolios * _vmemmap_per_folio(order)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def split_folios(n2, n1, w0, meta, p0, p1):
     """Split to order 0 every huge folio touching ``[p0, p1)``. Returns folios split."""
     order = meta[M_ORDER]
@@ -909,15 +1111,15 @@ def split_folios(n2, n1, w0, meta, p0, p1):
             c1 = hi if whole else c0 + N1
             t = n2[i, F_CHILD]
             # 2 MiB blocks whose counts show no huge folio are skipped too
-            if whole or t < 0 or cnt1(n1, t * N1 + ((c0 - b0) >> S1), 7):
-                ch += walk_apply(n2, n1, w0, meta, c0, c1, HUGE, HUGE, ORDER_MASK, 0)
+            if whole or t < 0 or cnt1(n1, t * N1 + ((c0 - b0) >> S1), K_HUGE):
+                ch += walk_apply(n2, n1, w0, meta, c0, c1, HUGE, HUGE, ORDER_MASK, I0)
             c0 = c1
     nf = ch >> order
     _count_split(meta, nf)
     return nf
 
 
-@njit(cache=True, nogil=True)
+@njit(**_IR_INLINE)
 def _order_bits(order):
     if order == S1:
         return HUGE
@@ -926,12 +1128,12 @@ def _order_bits(order):
     return 0
 
 
-@njit(cache=True, nogil=True)
+@njit(**_IR_INLINE)
 def _mergeable(cnt_alloc, cnt_priv, cnt_pin, cnt_huge, n):
     return cnt_alloc == n and cnt_priv == n and cnt_pin == 0 and cnt_huge == 0
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def merge_folios(n2, n1, w0, meta, p0, p1):
     """Merge back to the backing order every huge block touching ``[p0, p1)`` that is
     wholly private, wholly allocated and holds no extra references."""
@@ -967,7 +1169,7 @@ def merge_folios(n2, n1, w0, meta, p0, p1):
                 j += 1
                 if not _mergeable(cnt1(n1, e, K_ALLOC), cnt1(n1, e, K_PRIV), cnt1(n1, e, K_PIN), cnt1(n1, e, K_HUGE), N1):
                     continue
-            walk_apply(n2, n1, w0, meta, b0 + (a << S1), b0 + (j << S1), 0, 0, 0, ob)
+            walk_apply(n2, n1, w0, meta, b0 + (a << S1), b0 + (j << S1), I0, I0, I0, ob)
             merged += 1 if order == S2 else j - a
     if merged:
         if order == S1:
@@ -979,7 +1181,7 @@ def merge_folios(n2, n1, w0, meta, p0, p1):
     return merged
 
 
-@njit(cache=True, nogil=True, forceinline=True)
+@njit(**_INLINE)
 def _count_zero(meta, npages, order):
     if npages <= 0:
         return
@@ -992,7 +1194,7 @@ def _count_zero(meta, npages, order):
         meta[C_BYTES_ZEROED_4K] += npages * PAGE_BYTES
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _alloc_block(n2, n1, w0, meta, q0, q1, holes, npriv, order):
     """Allocate the holes of one aligned block ``[q0, q1)`` of the backing order."""
     if holes == 0:
@@ -1004,15 +1206,15 @@ def _alloc_block(n2, n1, w0, meta, q0, q1, holes, npriv, order):
             setb = ALLOC | _order_bits(order)
         else:
             # allocated huge, split at once: a huge folio may not hold shared pages
-            _count_split(meta, 1)
+            _count_split(meta, I1)
         _count_zero(meta, n, order)
     else:
-        _count_zero(meta, holes, 0)
-    walk_apply(n2, n1, w0, meta, q0, q1, ALLOC, 0, 0, setb)
+        _count_zero(meta, holes, I0)
+    walk_apply(n2, n1, w0, meta, q0, q1, ALLOC, I0, I0, setb)
     meta[C_PAGES_ALLOCATED] += holes
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def allocate(n2, n1, w0, meta, p0, p1):
     """Allocate every hole of ``[p0, p1)`` widened to whole blocks of the backing order.
 
@@ -1021,9 +1223,9 @@ def allocate(n2, n1, w0, meta, p0, p1):
     order = meta[M_ORDER]
     before = meta[C_PAGES_ALLOCATED]
     if order == 0:
-        ch = walk_apply(n2, n1, w0, meta, p0, p1, ALLOC, 0, 0, ALLOC)
+        ch = walk_apply(n2, n1, w0, meta, p0, p1, ALLOC, I0, I0, ALLOC)
         meta[C_PAGES_ALLOCATED] += ch
-        _count_zero(meta, ch, 0)
+        _count_zero(meta, ch, I0)
     else:
         bmask = (np.int64(1) << order) - 1
         q0 = p0 & ~bmask
@@ -1040,7 +1242,7 @@ def allocate(n2, n1, w0, meta, p0, p1):
                 w = n2[i, F_WORD]
                 if w & ALLOC:
                     continue
-                walk_apply(n2, n1, w0, meta, lo, hi, 0, 0, 0, ALLOC | (HUGE if w & PRIV else 0))
+                walk_apply(n2, n1, w0, meta, lo, hi, I0, I0, I0, ALLOC | (HUGE if w & PRIV else 0))
                 if not w & PRIV:
                     _count_split(meta, (hi - lo) >> S1)
                 _count_zero(meta, hi - lo, S1)
@@ -1066,11 +1268,11 @@ def allocate(n2, n1, w0, meta, p0, p1):
         if pol != DMAP_KEEP:
             # no-direct-map: every new page leaves it; on-conversion: the private ones
             priv = PRIV if pol == DMAP_ONCONV else 0
-            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | priv | DMAP_OFF, ALLOC | priv, True)
+            dmap_change(n2, n1, w0, meta, p0, p1, ALLOC | priv | DMAP_OFF, ALLOC | priv, YES)
     return done
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state, map_pages, prefault):
     """The guest accepts (TDX) or validates (SNP) the private pages of ``[p0, p1)`` in
     chunks of ``chunk_pages`` (1 or 512): each page (already allocated by the caller) is
@@ -1081,10 +1283,16 @@ def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state, map_pages, prefault)
     pages, already bounded by the caller; 0: at the chunk's level) and ``prefault`` says
     the VMM mapped it before the guest asked (KVM_PRE_FAULT_MEMORY). The work counted
     per case is docs/model.md §4.9."""
-    n_new = walk_count(n2, n1, w0, p0, p1, TE_MASK, 0)
+    n_new = walk_count(n2, n1, w0, p0, p1, TE_MASK, I0)
     if n_new == 0:
         return 0
-    walk_apply(n2, n1, w0, meta, p0, p1, TE_MASK, 0, 0, (te_state << TE_SHIFT) | GMAP)
+    walk_apply(n2, n1, w0, meta, p0, p1, TE_MASK, I0, I0, (te_state << TE_SHIFT) | GMAP)
+    return _count_accept(meta, n_new, chunk_pages, map_pages, prefault)
+
+
+@njit(**_INLINE)
+def _count_accept(meta, n_new, chunk_pages, map_pages, prefault):
+    """The work of accepting ``n_new`` new pages (``accept``); returns the chunks."""
     chunks = (n_new + chunk_pages - 1) // chunk_pages
     vt = meta[M_VMTYPE]
     if vt != VM_TDX and vt != VM_SNP:
@@ -1135,7 +1343,7 @@ def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state, map_pages, prefault)
     return chunks
 
 
-@njit(cache=True, nogil=True)
+@njit(**_IR_INLINE)
 def _te_release(n2, n1, w0, meta, p0, p1):
     """The trusted entity gives pages of ``[p0, p1)`` back to the host: SNP RMP entries
     become hypervisor-owned (an RMPUPDATE each), TDX secure-EPT entries are removed (a
@@ -1143,7 +1351,7 @@ def _te_release(n2, n1, w0, meta, p0, p1):
     vt = meta[M_VMTYPE]
     if vt == VM_SW:
         return 0
-    ch = walk_apply(n2, n1, w0, meta, p0, p1, 0, 0, TE_MASK, 0)
+    ch = walk_apply(n2, n1, w0, meta, p0, p1, I0, I0, TE_MASK, I0)
     if ch == 0:
         return 0
     if vt == VM_SNP:
@@ -1156,7 +1364,7 @@ def _te_release(n2, n1, w0, meta, p0, p1):
     return ch
 
 
-@njit(cache=True, nogil=True)
+@njit(**_IR_INLINE)
 def _te_split_cost(meta, nsplit_folios):
     """Breaking a huge folio's trusted-entity mapping: PSMASH per 2 MiB RMP entry on
     SNP, TDH.MEM.PAGE.DEMOTE per 2 MiB secure-EPT mapping on TDX."""
@@ -1173,13 +1381,13 @@ def _te_split_cost(meta, nsplit_folios):
 # operations
 # ======================================================================================
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def attribute_ranges(n2, n1, w0, meta):
     """Maximal runs of equal shareability over the file (the per-file store's size)."""
-    return 1 + walk_transitions(n2, n1, w0, 0, meta[M_NPAGES], PRIV)
+    return 1 + walk_transitions(n2, n1, w0, I0, meta[M_NPAGES], PRIV)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_IR_INLINE)
 def _ranges_after(n2, n1, w0, meta, p0, p1, v):
     npages = meta[M_NPAGES]
     lo = max(p0 - 1, 0)
@@ -1195,7 +1403,7 @@ def _ranges_after(n2, n1, w0, meta, p0, p1, v):
     return attribute_ranges(n2, n1, w0, meta) + after - before
 
 
-@njit(cache=True, nogil=True)
+@njit(**_IR_INLINE)
 def _folios_checked(n2, n1, w0, meta, p0, p1):
     if gcount(meta, K_ALLOC) == 0:
         return 0
@@ -1209,7 +1417,7 @@ def _folios_checked(n2, n1, w0, meta, p0, p1):
     return small + (walk_count(n2, n1, w0, q0, q1, HUGE, HUGE) >> order)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     """``KVM_SET_MEMORY_ATTRIBUTES2`` on the file for a validated range.
 
@@ -1261,7 +1469,7 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     # 8. contents of the pages whose shareability changes (zeroed: they hold no bytes)
     clr = PRIV
     if zero and gcount(meta, K_ALLOC) > 0:
-        _count_zero(meta, walk_count(n2, n1, w0, p0, p1, ALLOC | PRIV, ALLOC | old), 0)
+        _count_zero(meta, walk_count(n2, n1, w0, p0, p1, ALLOC | PRIV, ALLOC | old), I0)
         clr = PRIV | DATA
     # 9. store the attributes (one range entry in the per-file store)
     ch = walk_apply(n2, n1, w0, meta, p0, p1, PRIV, old, clr, want)
@@ -1280,14 +1488,16 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     return 0, -1
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def convert_page(n2, n1, w0, meta, p, to_private, zero):
     """``convert`` of the single page ``p``: one read and one write of its word.
 
     Returns ``(RC_SLOW, -1)``, having done nothing, where block-level work is due before the
-    store (a huge folio to split, direct-map changes, a metadata limit to check): the
-    caller then runs ``convert`` on the page. (Calling it from here would make this
-    small kernel compile all of ``convert`` again.)
+    store (a huge folio to split, a metadata limit to check): the caller then runs
+    ``convert`` on the page. (Calling it from here would make this small kernel compile
+    all of ``convert`` again.) With direct map ``on-conversion`` the page leaves or
+    rejoins the direct map as ``dmap_change`` of one page does: its 1 GiB and 2 MiB
+    entries break (once), one entry changes, one TLB entry is flushed.
     """
     f1, f0 = free_tables(meta)
     if f1 < RESERVE or f0 < RESERVE:
@@ -1297,7 +1507,7 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
         meta[C_CONVERT_CALLS] += 1
         meta[C_CONVERT_NOOP] += 1
         return 0, -1
-    if (w & HUGE) or meta[M_LIMIT] >= 0 or (meta[M_DMAP] == DMAP_ONCONV and (w & ALLOC)):
+    if (w & HUGE) or meta[M_LIMIT] >= 0:
         return RC_SLOW, -1
     meta[C_CONVERT_CALLS] += 1
     if meta[M_ENOMEM] > 0:
@@ -1309,7 +1519,7 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
         if w & HMAP:
             nw &= ~HMAP
             meta[C_HOST_PTES_ZAPPED] += 1
-            _tlb_flush(meta, 1)
+            _tlb_flush(meta, I1)
         if w & ALLOC:
             meta[C_FOLIOS_CHECKED] += 1
         if w & PIN:
@@ -1331,7 +1541,7 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
             meta[C_TDX_SEAMCALL_TRACK] += 1
             meta[C_TDX_SEAMCALL_PAGE_REMOVE] += 1
     if zero and (w & ALLOC):
-        _count_zero(meta, 1, 0)
+        _count_zero(meta, I1, I0)
         nw &= ~DATA
     if to_private:
         nw |= PRIV
@@ -1340,21 +1550,125 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
         nw &= ~PRIV
         meta[C_PAGES_TO_SHARED] += 1
     meta[C_ATTR_WRITES_RANGE] += 1
+    dmap = meta[M_DMAP] == DMAP_ONCONV and (w & ALLOC) != 0
+    if dmap:
+        nw ^= DMAP_OFF              # private pages leave the direct map, shared ones rejoin it
     set_word(n2, n1, w0, meta, p, nw)
     if to_private and meta[M_ORDER] and meta[M_MERGE]:
         merge_folios(n2, n1, w0, meta, p, p + 1)
+    if dmap:
+        i = p >> S2
+        if n2[i, F_DSPLIT] == 0:
+            n2[i, F_DSPLIT] = 1
+            meta[C_DMAP_SPLITS_1G] += 1
+            meta[M_DSPLIT1] += 1
+            meta[M_DSPLIT1_2M] += min(N1, (meta[M_NPAGES] - (i << S2) + N1 - 1) >> S1)
+        t = n2[i, F_CHILD]
+        if t < 0:
+            t = _split_l2(n2, n1, meta, i)
+        e = t * N1 + ((p >> S1) & (N1 - 1))
+        if n1[e, F_DSPLIT] == 0:
+            n1[e, F_DSPLIT] = 1
+            meta[C_DMAP_SPLITS_2M] += 1
+            meta[M_DSPLIT2] += 1
+        meta[C_DMAP_ENTRIES_CHANGED] += 1
+        _tlb_flush(meta, I1)
     return 0, -1
 
 
-@njit(cache=True, nogil=True)
-def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, start, out_err, out_page):
-    """Apply conversions ``start..`` of validated page ranges ``[p0s[x], p1s[x])`` in
-    order, each with its own result in ``out_err``/``out_page``. Items whose ``out_err``
-    is already set (refused by the caller's validation) are skipped.
+@njit(**_KERNEL)
+def group_items(p0s, p1s, to_private, zero, skip, shift, start, order, g0, g1, gpriv, gzero):
+    """The items whose ``skip`` is 0 grouped by the block ``p0 >> shift`` they lie in
+    (blocks in ascending order, the items of one block in their own order): a counting
+    sort, ``start`` (zeros, one more than the blocks) its scratch. Fills ``order`` with
+    their indices and ``g0``, ``g1``, ``gpriv``, ``gzero`` with their arguments in that
+    order (written block by block as they are read: one pass over each array). Returns
+    how many, or -1 (nothing grouped) if an item spans two blocks."""
+    n = p0s.shape[0]
+    nblocks = start.shape[0] - 1
+    for x in range(n):
+        if skip[x] != 0:
+            continue
+        b = p0s[x] >> shift
+        if ((p1s[x] - 1) >> shift) != b:
+            return -1
+        start[b + 1] += 1
+    for b in range(nblocks):
+        start[b + 1] += start[b]
+    m = start[nblocks]
+    for x in range(n):
+        if skip[x] != 0:
+            continue
+        b = p0s[x] >> shift
+        k = start[b]
+        start[b] = k + 1
+        order[k] = x
+        g0[k] = p0s[x]
+        g1[k] = p1s[x]
+        gpriv[k] = to_private[x]
+        gzero[k] = zero[x]
+    return m
 
-    Returns the index to resume at: ``len(p0s)`` when done, earlier when the pools need
+
+@njit(**_KERNEL)
+def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, order, skip_set, start, out_err,
+                 out_page):
+    """Apply conversions ``start..`` of validated page ranges ``[p0s[k], p1s[k])`` in that
+    order; the result of conversion ``k`` is item ``order[k]``'s, in ``out_err`` and
+    ``out_page``, which start at 0 and -1 for every item to do. ``skip_set``: items whose
+    ``out_err`` is already set (refused by the caller's validation) are among them, and
+    skipped.
+
+    The conversions are the batch's items in order, or grouped by block where the results
+    cannot differ (``group_items``): the work on one block then stays in cache. Returns
+    the conversion to resume at: ``len(p0s)`` when done, earlier when the pools need
     growing first.
     """
+    n = p0s.shape[0]
+    for k in range(start, n):
+        x = order[k]
+        if skip_set and out_err[x] != 0:
+            continue
+        f1, f0 = free_tables(meta)
+        if f1 < RESERVE or f0 < RESERVE:
+            return k
+        p0 = p0s[k]
+        p1 = p1s[k]
+        e, pg = RC_SLOW, -1
+        if p1 == p0 + 1:
+            e, pg = convert_page(n2, n1, w0, meta, p0, to_private[k] != 0, zero[k] != 0)
+        if e == RC_SLOW:
+            e, pg = convert(n2, n1, w0, meta, p0, p1, to_private[k] != 0, zero[k] != 0)
+        if e != 0 or pg != -1:       # (``out_err`` and ``out_page`` start at 0 and -1)
+            out_err[x] = e
+            out_page[x] = pg
+    return n
+
+
+@njit(**_INLINE)
+def _block_allocated(n2, n1, w0, meta, p):
+    """Whether the whole backing-order block of page ``p`` is allocated (so allocating
+    ``p`` widens to nothing)."""
+    order = meta[M_ORDER]
+    i = p >> S2
+    if order == S2:
+        return cnt2(n2, i, K_ALLOC) == N2
+    if order == S1:
+        t = n2[i, F_CHILD]
+        if t < 0:
+            return (n2[i, F_WORD] & ALLOC) != 0
+        return cnt1(n1, t * N1 + ((p >> S1) & (N1 - 1)), K_ALLOC) == N1
+    return (get_word(n2, n1, w0, p) & ALLOC) != 0
+
+
+@njit(**_KERNEL)
+def accept_many(n2, n1, w0, meta, p0s, p1s, chunk_pages, te_state, map_pages, prefault, check,
+                start, out_err, out_page, out_chunks):
+    """``accept`` of the page ranges ``[p0s[x], p1s[x])`` from item ``start`` on, in order,
+    each allocated first; items whose ``out_err`` is set are skipped. ``check``: an item
+    with a shared page is refused (``EFAULT`` at that page, nothing done): the guest's
+    private access faults. Fills ``out_chunks``; returns the item to resume at (``len``
+    when done, earlier when the pools need growing)."""
     n = p0s.shape[0]
     for x in range(start, n):
         if out_err[x] != 0:
@@ -1364,17 +1678,65 @@ def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, start, out_err, o
             return x
         p0 = p0s[x]
         p1 = p1s[x]
-        e, pg = RC_SLOW, -1
         if p1 == p0 + 1:
-            e, pg = convert_page(n2, n1, w0, meta, p0, to_private[x] != 0, zero[x] != 0)
-        if e == RC_SLOW:
-            e, pg = convert(n2, n1, w0, meta, p0, p1, to_private[x] != 0, zero[x] != 0)
-        out_err[x] = e
-        out_page[x] = pg
+            # one page: one read and one write of its word where no block-level work is
+            # due: nothing to allocate in its backing block, or one 4 KiB page with the
+            # direct map kept
+            w = get_word(n2, n1, w0, p0)
+            if check and not w & PRIV:
+                out_err[x] = EFAULT
+                out_page[x] = p0
+                continue
+            if _block_allocated(n2, n1, w0, meta, p0) or (meta[M_ORDER] == 0 and meta[M_DMAP] == DMAP_KEEP):
+                nw = w
+                if not w & ALLOC:
+                    nw |= ALLOC
+                    meta[C_PAGES_ALLOCATED] += 1
+                    _count_zero(meta, I1, I0)
+                if (w & TE_MASK) == 0:
+                    nw |= (te_state << TE_SHIFT) | GMAP
+                    out_chunks[x] = _count_accept(meta, I1, chunk_pages, map_pages, prefault)
+                if nw != w:
+                    set_word(n2, n1, w0, meta, p0, nw)
+                continue
+        if check:
+            f = walk_first(n2, n1, w0, p0, p1, PRIV, I0)
+            if f >= 0:
+                out_err[x] = EFAULT
+                out_page[x] = f
+                continue
+        allocate(n2, n1, w0, meta, p0, p1)
+        out_chunks[x] = accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state, map_pages, prefault)
     return n
 
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
+def fallocate_many(n2, n1, w0, meta, punch_hole, p0s, p1s, start, out_err, out_page):
+    """Allocations and hole punches (``punch_hole[x]``) of validated page ranges, in order
+    from item ``start``; items whose ``out_err`` is set are skipped, empty punches do
+    nothing. Fills ``out_err``/``out_page`` (a punch's ``EAGAIN`` at a pinned page);
+    returns the item to resume at, as ``accept_many``."""
+    n = p0s.shape[0]
+    for x in range(start, n):
+        if out_err[x] != 0:
+            continue
+        f1, f0 = free_tables(meta)
+        if f1 < RESERVE or f0 < RESERVE:
+            return x
+        p0 = p0s[x]
+        p1 = p1s[x]
+        if p0 >= p1:
+            continue
+        if punch_hole[x]:
+            e, pg = punch(n2, n1, w0, meta, p0, p1)
+            out_err[x] = e
+            out_page[x] = pg
+        else:
+            allocate(n2, n1, w0, meta, p0, p1)
+    return n
+
+
+@njit(**_KERNEL)
 def punch(n2, n1, w0, meta, p0, p1):
     """Punch a hole over ``[p0, p1)`` (already clamped to the file).
 
@@ -1401,9 +1763,9 @@ def punch(n2, n1, w0, meta, p0, p1):
         if p1 & bmask:
             split_folios(n2, n1, w0, meta, p1 - 1, p1)
     if gcount(meta, K_DMAP_OFF) > 0:
-        dmap_change(n2, n1, w0, meta, p0, p1, DMAP_OFF, DMAP_OFF, False)
+        dmap_change(n2, n1, w0, meta, p0, p1, DMAP_OFF, DMAP_OFF, NO)
     ch = walk_apply(n2, n1, w0, meta, p0, p1, ALLOC, ALLOC,
-                    ALLOC | ORDER_MASK | HMAP | GMAP | PIN | DATA | DMAP_OFF | TE_MASK, 0)
+                    ALLOC | ORDER_MASK | HMAP | GMAP | PIN | DATA | DMAP_OFF | TE_MASK, I0)
     meta[C_PAGES_FREED] += ch
     return 0, -1
 
@@ -1412,7 +1774,7 @@ def punch(n2, n1, w0, meta, p0, p1):
 # invariants
 # ======================================================================================
 
-@njit(cache=True, nogil=True)
+@njit(**_KERNEL)
 def _word_ok(w, meta):
     """0 if a page word is consistent, else the ``INV_*`` number of the broken rule."""
     a = (w & ALLOC) != 0
@@ -1439,19 +1801,21 @@ def _word_ok(w, meta):
     return 0
 
 
-@njit(cache=True, nogil=True)
-def check_tree(n2, n1, w0, meta):
+@njit(**_KERNEL)
+def check_tree(n2, n1, w0, meta, scratch):
     """Verify every invariant of the store. Returns ``(rule, page)``; rule 0 = all good.
 
     The rules are the ``INV_*`` numbers (texts in ``_layout.INVARIANTS``): 1-8 about a
-    page word (``_word_ok``), the others about the tree's counts and shape.
+    page word (``_word_ok``), the others about the tree's counts and shape. ``scratch``:
+    a (3, 8) int64 array the check counts in.
     """
     nl2 = n2.shape[0]
     npages = meta[M_NPAGES]
     order = meta[M_ORDER]
-    g = np.zeros(NCOUNTED, np.int64)
-    c1 = np.zeros(NCOUNTED, np.int64)
-    c2 = np.zeros(NCOUNTED, np.int64)
+    g = scratch[0]
+    c1 = scratch[1]
+    c2 = scratch[2]
+    g[:] = 0
     for i in range(nl2):
         b0 = i << S2
         for k in range(NCOUNTED):
@@ -1490,7 +1854,10 @@ def check_tree(n2, n1, w0, meta):
                 return INV_EXCEPTIONS, c0
             for x in range(nx):
                 v = n1[e, F_X0 + x]
-                if (v >> XW_SHIFT) == n1[e, F_WORD] or (v & XQ_MASK) >= N1:
+                if (v >> XW_SHIFT) & ORDER_MASK:
+                    return INV_ORDER, c0 + (v & XQ_MASK)
+                if ((v >> XW_SHIFT) | (n1[e, F_WORD] & ORDER_MASK)) == n1[e, F_WORD] \
+                        or (v & XQ_MASK) >= N1:
                     return INV_EXCEPTIONS, c0
                 for y in range(x):
                     if (n1[e, F_X0 + y] & XQ_MASK) == (v & XQ_MASK):
@@ -1501,6 +1868,9 @@ def check_tree(n2, n1, w0, meta):
                     w = _xword(n1, e, q)
                 else:
                     w = np.int64(w0[u * N1 + q])
+                    if w & ORDER_MASK:
+                        return INV_ORDER, c0 + q
+                    w |= n1[e, F_WORD] & ORDER_MASK
                 p = c0 + q
                 if p >= npages:
                     if w != meta[M_INITW]:
@@ -1528,9 +1898,39 @@ def check_tree(n2, n1, w0, meta):
     return 0, -1
 
 
-@njit(cache=True, nogil=True)
+@njit(**_INLINE)
+def dmap_counts(n2, meta):
+    """Direct-map entries over the file by size, (1 GiB, 2 MiB, 4 KiB), from the counts
+    ``dmap_change`` keeps as it breaks entries up (``dmap_entries`` counts them again)."""
+    return (n2.shape[0] - meta[M_DSPLIT1], meta[M_DSPLIT1_2M] - meta[M_DSPLIT2],
+            meta[M_DSPLIT2] * N1)
+
+
+@njit(**_KERNEL)
+def count_dsplits(n2, n1, meta):
+    """Set the counts ``dmap_counts`` reads from the split flags (a loaded state)."""
+    npages = meta[M_NPAGES]
+    meta[M_DSPLIT1] = 0
+    meta[M_DSPLIT1_2M] = 0
+    meta[M_DSPLIT2] = 0
+    for i in range(n2.shape[0]):
+        if n2[i, F_DSPLIT] == 0:
+            continue
+        b0 = i << S2
+        meta[M_DSPLIT1] += 1
+        meta[M_DSPLIT1_2M] += min(N1, (npages - b0 + N1 - 1) >> S1)
+        t = n2[i, F_CHILD]
+        if t < 0:
+            continue
+        for j in range(N1):
+            if b0 + (j << S1) < npages and n1[t * N1 + j, F_DSPLIT]:
+                meta[M_DSPLIT2] += 1
+
+
+@njit(**_KERNEL)
 def dmap_entries(n2, n1, npages):
-    """Direct-map entries over the file by size: (1 GiB, 2 MiB, 4 KiB)."""
+    """Direct-map entries over the file by size: (1 GiB, 2 MiB, 4 KiB), counted from the
+    split flags."""
     e1g = 0
     e2m = 0
     e4k = 0
@@ -1547,3 +1947,49 @@ def dmap_entries(n2, n1, npages):
             else:
                 e2m += 1
     return e1g, e2m, e4k
+
+
+# ======================================================================================
+# the saved form: every stored page word complete
+# ======================================================================================
+
+@njit(**_KERNEL)
+def order_bits_to_pages(n2, n1, w0, meta, on):
+    """Copy (``on``) each 2 MiB entry's folio order into its page table and exceptions,
+    the form a state is saved in, or take it back out (``not on``) into the entry, the
+    form the kernels keep. Taking it out checks what it relies on, for a loaded state:
+    returns ``(INV_HUGE_BLOCK, page)`` if the pages of a 2 MiB block differ in order,
+    ``(INV_COUNTS, page)`` if a table index is out of range, else ``(0, -1)``."""
+    for i in range(n2.shape[0]):
+        t = n2[i, F_CHILD]
+        if t < 0:
+            continue
+        if (t + 1) * N1 > n1.shape[0]:
+            return INV_COUNTS, i << S2
+        for j in range(N1):
+            e = t * N1 + j
+            c0 = (i << S2) + (j << S1)
+            u = n1[e, F_CHILD]
+            nx = n1[e, F_NX]
+            if u < 0 and nx == 0:
+                continue
+            if (u + 1) * N1 > w0.shape[0] or nx < 0 or nx > NX:
+                return INV_COUNTS, c0
+            ob = n1[e, F_WORD] & ORDER_MASK
+            if u >= 0:
+                base = u * N1
+                if not on:
+                    ob = np.int64(w0[base]) & ORDER_MASK
+                    for q in range(N1):
+                        if (np.int64(w0[base + q]) & ORDER_MASK) != ob:
+                            return INV_HUGE_BLOCK, c0 + q
+                    n1[e, F_WORD] = (n1[e, F_WORD] & ~ORDER_MASK) | ob
+                for q in range(N1):
+                    w0[base + q] = (np.int64(w0[base + q]) & ~ORDER_MASK) | (ob if on else I0)
+            for x in range(nx):
+                v = n1[e, F_X0 + x]
+                xw = v >> XW_SHIFT
+                if not on and (xw & ORDER_MASK) != ob:
+                    return INV_HUGE_BLOCK, c0 + (v & XQ_MASK)
+                n1[e, F_X0 + x] = (v & XQ_MASK) | (((xw & ~ORDER_MASK) | (ob if on else I0)) << XW_SHIFT)
+    return 0, -1

@@ -50,6 +50,8 @@ INVARIANTS = {
     13: "a 2 MiB direct-map split lies under a split 1 GiB entry",
     14: "whole-file counts agree with the block summaries",
     15: "a 2 MiB entry's exception pages are distinct, in range and differ from its word",
+    16: "a folio's order is kept by its 2 MiB entries, never in page tables or exceptions",
+    17: "the direct-map entry counts agree with the entries broken up",
 }
 
 COUNTER_NAMES = (

@@ -15,19 +15,23 @@ import numpy as np
 from numba.core import types
 
 from . import _kernels as K
+from . import _warm
 from ._layout import (ALLOC, COUNTER_INDEX, COUNTER_NAMES, DATA, DIRECT_MAP_CODES, GIG, HMAP,
-                      HUGE, K_DATA, K_HUGE, MERGE_CODES, NCOUNTERS, PRIV, TE_MASK, TE_SHIFT,
+                      HUGE, INVARIANTS, K_DATA, K_HUGE, MERGE_CODES, NCOUNTERS, PRIV, TE_MASK, TE_SHIFT,
                       VM_TYPE_CODES)
 from .units import PAGE_SHIFT, PAGE_SIZE
 
 ZERO_PAGE = bytes(PAGE_SIZE)
-_POOL_FIRST_BYTES = 1 << 30   # address space first reserved per pool (see reserve)
+_POOL_FIRST_BYTES = 1 << 30   # address space first reserved for page tables (see reserve)
+_L1_FIRST_BYTES = 4 << 30     # ... for tables of 2 MiB entries (int32: 32 KiB a 1 GiB block)
 _GC_SLACK = 64                # stored pages beyond twice the live ones before a sweep
+GROUP_MIN = 64               # batches from this size on are applied grouped by block
+_SMALL = 16                   # batches below this size go one call at a time
 
 _RC_GROW = K.RC_GROW
 _RC_SLOW = K.RC_SLOW
 # The tree arrays' numba types: (n2, n1, w0, meta).
-_TREE_TYPES = (types.int64[:, ::1], types.int64[:, ::1], types.uint16[::1], types.int64[::1])
+_TREE_TYPES = (types.int64[:, ::1], types.int32[:, ::1], types.uint16[::1], types.int64[::1])
 
 
 def _entry(kernel, *arg_types):
@@ -98,6 +102,7 @@ class PageStore:
     def __init__(self, nr_pages: int, *, page_order: int, init_private: bool, vm_type: str,
                  direct_map: str, merge: str, hugetlb: bool, metadata_limit: int | None,
                  content_modes: bool):
+        _warm.ensure_compiled("run")
         self.nr_pages = nr_pages
         self.page_order = page_order
         nl2 = -(-nr_pages // K.N2)
@@ -120,7 +125,7 @@ class PageStore:
         meta[K.M_INITW] = initw
         meta[K.M_GCNT + 1] = nl2 * K.N2 if initw else 0
         self._n2 = n2
-        self._n1 = np.zeros((0, K.NF), np.int64)
+        self._n1 = np.zeros((0, K.NF), np.int32)
         self._w0 = np.zeros(0, np.uint16)
         self._meta = meta
         self._data: dict[int, bytes] = {}    # page -> 4096 bytes; valid only with DATA set
@@ -139,8 +144,9 @@ class PageStore:
         if f1 < K.RESERVE:
             cap = max(2 * int(meta[K.M_CAP1]), int(meta[K.M_USED1]) + 2 * K.RESERVE)
             if meta[K.M_CAP1] == 0:
-                cap = max(cap, min(len(self._n2), _POOL_FIRST_BYTES // (K.N1 * K.NF * 8)) + K.RESERVE)
-            n1 = np.zeros((cap * K.N1, K.NF), np.int64)
+                # one table per 1 GiB block at most: reserve them all (address space)
+                cap = max(cap, min(len(self._n2), _L1_FIRST_BYTES // (K.N1 * K.NF * 4)) + K.RESERVE)
+            n1 = np.zeros((cap * K.N1, K.NF), np.int32)
             n1[: len(self._n1)] = self._n1
             self._n1 = n1
             meta[K.M_CAP1] = cap
@@ -195,21 +201,25 @@ class PageStore:
 
     def dmap_entries(self) -> tuple[int, int, int]:
         """Kernel direct-map entries covering the file: (1 GiB, 2 MiB, 4 KiB)."""
-        e1g, e2m, e4k = K.dmap_entries(self._n2, self._n1, self.nr_pages)
+        e1g, e2m, e4k = K.dmap_counts(self._n2, self._meta)
         return int(e1g), int(e2m), int(e4k)
 
     def footprint(self) -> int:
         """Bytes of page state held (summaries, tables in use, contents)."""
         m = self._meta
-        return int(self._n2.nbytes + m[K.M_USED1] * K.N1 * K.NF * 8 + m[K.M_USED0] * K.N1 * 2
+        return int(self._n2.nbytes + m[K.M_USED1] * K.N1 * K.NF * 4 + m[K.M_USED0] * K.N1 * 2
                    + len(self._data) * PAGE_SIZE)
 
     def check(self) -> tuple[int, int]:
         """``(rule, page)`` of the first broken invariant (``_layout.INVARIANTS``), or
         ``(0, -1)``; also that stored bytes lie inside the file."""
-        rule, page = K.check_tree(self._n2, self._n1, self._w0, self._meta)
+        _warm.ensure_compiled("state")
+        rule, page = K.check_tree(self._n2, self._n1, self._w0, self._meta,
+                                  np.zeros((3, K.NCOUNTED), np.int64))
         if rule:
             return int(rule), int(page)
+        if tuple(K.dmap_entries(self._n2, self._n1, self.nr_pages)) != tuple(K.dmap_counts(self._n2, self._meta)):
+            return int(K.INV_DMAP_COUNTS), 0
         for p in self._data:
             if p >= self.nr_pages:
                 return 12, p
@@ -301,13 +311,57 @@ class PageStore:
         return err, pg
 
     def convert_many(self, p0s, p1s, to_private, zero, out_err, out_page) -> None:
-        """Conversions of validated page ranges in order; items whose ``out_err`` is set
-        are skipped. Fills ``out_err`` (0 = done) and ``out_page`` (-1 = none)."""
-        x, n = 0, len(p0s)
+        """Conversions of validated page ranges; items whose ``out_err`` is set are
+        skipped. Fills ``out_err`` (0 = done) and ``out_page`` (-1 = none), which must
+        hold 0 and -1 for the items to do.
+
+        The results are those of applying the items in order. A large batch is applied
+        grouped by block (1 GiB with 1 GiB folios, else 2 MiB; the items of one block in
+        their order) where that cannot change any result: conversions of different
+        blocks touch disjoint state but for counters that add up. Where it could (a
+        metadata limit, injected ``ENOMEM``, an item spanning blocks), in order."""
+        n = len(p0s)
+        meta = self._meta
+        args = (p0s, p1s, to_private, zero, np.arange(n, dtype=np.int64), True)
+        if n >= GROUP_MIN and meta[K.M_LIMIT] < 0 and meta[K.M_ENOMEM] <= 0:
+            shift = K.S2 if self.page_order == 18 or (self.nr_pages >> K.S1) > 8 * n else K.S1
+            nblocks = ((self.nr_pages - 1) >> shift) + 1
+            order, g0, g1 = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+            gpriv, gzero = np.empty(n, to_private.dtype), np.empty(n, zero.dtype)
+            m = int(K.group_items(p0s, p1s, to_private, zero, out_err, shift,
+                                  np.zeros(nblocks + 1, np.int64), order, g0, g1, gpriv, gzero))
+            if m >= 0:
+                args = (g0[:m], g1[:m], gpriv[:m], gzero[:m], order[:m], False)
+        x, n = 0, len(args[0])
         while x < n:
-            x = K.convert_many(*self._tree(), p0s, p1s, to_private, zero, x, out_err, out_page)
+            x = K.convert_many(*self._tree(), *args, x, out_err, out_page)
         if len(self._data) > _GC_SLACK:
             self.gc_bytes()
+
+    @staticmethod
+    def small_batch(n: int) -> bool:
+        """Whether a batch of ``n`` conversions costs less applied one call at a time than
+        through ``convert_many`` (never one that would be grouped by block)."""
+        return n < min(_SMALL, GROUP_MIN)
+
+    def accept_many(self, p0s, p1s, chunk_pages: int, te_state: int, map_pages: int,
+                    prefault: bool, check: bool, out_err, out_page):
+        """``accept`` of many page ranges in order (``accept_many`` in the kernels); returns
+        the chunks of each item."""
+        chunks = np.zeros(len(p0s), np.int64)
+        x, n = 0, len(p0s)
+        while x < n:
+            x = K.accept_many(*self._tree(), p0s, p1s, chunk_pages, te_state, map_pages,
+                              bool(prefault), bool(check), x, out_err, out_page, chunks)
+        return chunks
+
+    def fallocate_many(self, punch_hole, p0s, p1s, out_err, out_page) -> None:
+        """Allocations and punches of validated page ranges in order (empty punches do
+        nothing); fills ``out_err`` and ``out_page``."""
+        x, n = 0, len(p0s)
+        while x < n:
+            x = K.fallocate_many(*self._tree(), punch_hole, p0s, p1s, x, out_err, out_page)
+        self.gc_bytes()
 
     # ---------------------------------------------------------------- page bytes
     def page_bytes(self, p: int, word: int | None = None) -> bytes:
@@ -376,10 +430,17 @@ class PageStore:
         m = self._meta
         pages = self.data_pages()
         blob = np.frombuffer(b"".join(self._data[p] for p in pages), np.uint8)
+        _warm.ensure_compiled("state")
+        # saved with complete page words (the folio order in every page word), as the
+        # format has always been; the kernels keep the order per 2 MiB entry
+        n1 = self._n1[: int(m[K.M_USED1]) * K.N1].copy()
+        w0 = self._w0[: int(m[K.M_USED0]) * K.N1].copy()
+        K.order_bits_to_pages(self._n2, n1, w0, m, True)
+        n1 = n1.astype(np.int64)     # saved as int64, as it has always been
         return {
             "n2": self._n2,
-            "n1": self._n1[: int(m[K.M_USED1]) * K.N1],
-            "w0": self._w0[: int(m[K.M_USED0]) * K.N1],
+            "n1": n1,
+            "w0": w0,
             "meta": m,
             "data_pages": np.array(pages, np.int64),
             "data_blob": blob,
@@ -388,6 +449,7 @@ class PageStore:
     def load_arrays(self, arrays: dict) -> None:
         """Replace the state with saved arrays; ``ValueError`` if they do not fit this
         store's shape (the invariants are checked by the caller, with ``check``)."""
+        _warm.ensure_compiled("state")
         n2, n1, w0, meta = (np.array(arrays[k]) for k in ("n2", "n1", "w0", "meta"))
         ok = (n2.shape == self._n2.shape and n2.dtype == np.int64
               and meta.shape == self._meta.shape and meta.dtype == np.int64
@@ -400,8 +462,16 @@ class PageStore:
         pages = np.asarray(arrays["data_pages"]).tolist()
         if len(blob) != len(pages) * PAGE_SIZE:
             raise ValueError("stored contents do not match their page list (damaged file)")
+        if len(n1) and (n1.min() < np.iinfo(np.int32).min or n1.max() > np.iinfo(np.int32).max):
+            raise ValueError("state arrays hold values out of range (damaged file)")
+        n1 = n1.astype(np.int32)     # saved as int64, kept as int32
         meta[K.M_CAP1] = meta[K.M_USED1]
         meta[K.M_CAP0] = meta[K.M_USED0]
+        rule, page = K.order_bits_to_pages(n2, n1, w0, meta, False)
+        if rule:
+            raise ValueError(f"state is inconsistent (damaged file): page-state invariant {rule} "
+                             f"({INVARIANTS[rule]}) broken at page {page}")
         self._n2, self._n1, self._w0, self._meta = n2, n1, w0, meta
+        K.count_dsplits(n2, n1, meta)
         self._data = {p: blob[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i, p in enumerate(pages)}
         self.reserve()

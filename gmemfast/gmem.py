@@ -40,9 +40,12 @@ _ZERO = KVM_SET_MEMORY_ATTRIBUTES2_ZERO
 
 @dataclass(frozen=True)
 class BatchResult:
-    """One result per item of a batched call: ``errno`` 0 means done."""
+    """One result per item of a batched call: ``errno`` 0 means done. ``value`` is what
+    the per-call form returns for each item where it returns something (the chunks of
+    ``VM.guest_accept_many``), else ``None``."""
     errno: np.ndarray          # int32
     error_offset: np.ndarray   # int64, -1 where the kernel reports no offset
+    value: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
@@ -107,13 +110,21 @@ def _choice(value, choices, name):
     return value
 
 
-def _int_array(value, name) -> np.ndarray:
+def int_array(value, name) -> np.ndarray:
+    """A batched call's argument as int64 (a scalar or a 1-D array of integers)."""
     arr = np.asarray(value)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must be integers, not {arr.dtype}")
     if arr.ndim > 1:
         raise ValueError(f"{name} must be a scalar or a 1-D array, not shape {arr.shape}")
     return arr.astype(np.int64, copy=False)
+
+
+def int_column(value, name, n: int, first: str = "offsets") -> np.ndarray:
+    """A batched call's argument broadcast to ``n`` items (``units.broadcast_column``): a
+    writable, contiguous int64 array (the kernels are compiled for exactly that)."""
+    a = broadcast_column(int_array(value, name), n, name, first)
+    return a if a.flags.writeable else a.copy()
 
 
 def conversion_errnos(offsets, sizes, attributes, flags, *, file_size: int, coco: bool,
@@ -567,9 +578,11 @@ class GuestMemfd:
         Arguments are integer arrays (or scalars, broadcast). Never raises for a bad item:
         its ``errno`` says why. ``TypeError`` for non-integer input.
         """
-        offs = _int_array(offsets, "offsets")
+        offs = int_array(offsets, "offsets")
         n = offs.shape[0] if offs.ndim else 1
-        offs, sizes, attrs, flags = (broadcast_column(_int_array(v, name), n, name)
+        if self._store.small_batch(n):
+            return self._few_conversions(offs, n, sizes, attributes, flags)
+        offs, sizes, attrs, flags = (int_column(v, name, n)
                                      for v, name in ((offs, "offsets"), (sizes, "sizes"),
                                                      (attributes, "attributes"), (flags, "flags")))
         out_off = np.full(n, -1, np.int64)
@@ -589,6 +602,53 @@ class GuestMemfd:
                                  out_err, out_off)
         done = out_err != errno.EOPNOTSUPP
         np.left_shift(out_off, PAGE_SHIFT, out=out_off, where=done & (out_off >= 0))
+        return BatchResult(out_err, out_off)
+
+    def _few_conversions(self, offs, n, sizes, attributes, flags) -> BatchResult:
+        """A batch of a few items, as the per-call form applies them one by one (the same
+        results: validation, counting and conversion are the same steps), without the
+        fixed cost of the vectorised path."""
+        cols = [offs.tolist() if offs.ndim else [int(offs)] * n]
+        for v, name in ((sizes, "sizes"), (attributes, "attributes"), (flags, "flags")):
+            a = int_array(v, name)
+            cols.append(broadcast_column(a, n, name).tolist() if a.ndim else [int(a)] * n)
+        out_err = np.zeros(n, np.int32)
+        out_off = np.full(n, -1, np.int64)
+        for i, (o, z, a, f) in enumerate(zip(*cols)):
+            try:
+                self.set_memory_attributes(o, z, a, f)
+            except GmemError as exc:
+                out_err[i] = exc.errno
+                if exc.error_offset is not None:
+                    out_off[i] = exc.error_offset
+        return BatchResult(out_err, out_off)
+
+    def fallocate_many(self, modes, offsets, sizes) -> BatchResult:
+        """Many ``fallocate`` calls in one, applied in order, each with its own result:
+        ``errno`` (``EOPNOTSUPP`` for a mode, ``EINVAL`` for a range, a punch's ``EAGAIN``
+        at a pinned page with its ``error_offset``), 0 where done. A failed item changes
+        nothing; every item is counted as a call, as ``fallocate`` counts them. Arguments
+        are integer arrays or scalars (broadcast); ``TypeError`` for anything else."""
+        offs = int_array(offsets, "offsets")
+        n = offs.shape[0] if offs.ndim else 1
+        modes, offs, sizes = (int_column(v, name, n)
+                              for v, name in ((modes, "modes"), (offs, "offsets"), (sizes, "sizes")))
+        out_off = np.full(n, -1, np.int64)
+        bad_mode = ((modes & FALLOC_FL_KEEP_SIZE) == 0) | ((modes & ~FALLOC_KNOWN_MODES) != 0)
+        punch = (modes & FALLOC_FL_PUNCH_HOLE) != 0
+        p0s = offs >> PAGE_SHIFT
+        p1s = p0s + (sizes >> PAGE_SHIFT)
+        einval = (sizes <= 0) | (offs < 0) | (((offs | sizes) & _PAGE_MASK) != 0)
+        einval |= ~punch & (p1s > self.nr_pages)
+        out_err = np.where(bad_mode, errno.EOPNOTSUPP, np.where(einval, errno.EINVAL, 0)).astype(np.int32)
+        self._store.count_work("fallocate_calls", n)
+        self._store.count_work("punch_calls", int(np.count_nonzero(punch & (out_err == 0))))
+        p1s = np.where(punch, np.minimum(p1s, self.nr_pages), p1s)
+        self._store.fallocate_many(punch, p0s, p1s, out_err, out_off)
+        if self._pins and self.page_order == 0:
+            for x in np.flatnonzero(punch & (out_err == 0) & (p0s < p1s)).tolist():
+                self._orphan_pins(int(p0s[x]), int(p1s[x]))
+        np.left_shift(out_off, PAGE_SHIFT, out=out_off, where=out_off >= 0)
         return BatchResult(out_err, out_off)
 
     def _count_refused(self, err: int, n: int) -> None:

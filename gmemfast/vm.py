@@ -13,7 +13,7 @@ import numpy as np
 
 from ._layout import COUNTER_INDEX, COUNTER_NAMES, GMAP, NCOUNTERS, PRIV, RMP_VALIDATED, SEPT_MAPPED
 from .errors import GmemError, MemoryFaultExit, MmioExit
-from .gmem import GuestMemfd
+from .gmem import BatchResult, GuestMemfd, int_array, int_column
 from .platforms.snp import SnpPlatform
 from .platforms.tdx import TdxPlatform
 from .populate import GmemRange, advance_source
@@ -487,6 +487,154 @@ class VM:
             total += ms.gmem.store.accept(p0, p0 + (n >> PAGE_SHIFT), chunk >> PAGE_SHIFT, state,
                                           map_pages, bool(prefault))
         return total
+
+    def guest_accept_many(self, gpas, sizes, *, chunk=2 << 20, mapping=None,
+                          prefault=False) -> BatchResult:
+        """Many :meth:`guest_accept` calls in one: ``gpas`` and ``sizes`` are integer arrays
+        (or scalars, broadcast), ``chunk``, ``mapping`` and ``prefault`` apply to every item.
+
+        Applied in order, each with its own result: ``value`` is the chunks each accepted,
+        ``errno`` is 0, the ``errno`` :meth:`guest_accept` raises (with its
+        ``error_offset``), or ``EFAULT`` where it exits to the VMM (a shared page, ordinary
+        memory or no memslot: ``error_offset`` is the GPA of the exit, as the exit's
+        ``gpa``). A failed item changes nothing. ``chunk`` and ``mapping`` are checked once
+        (a bad one raises, as the per-call form does, before any item)."""
+        g = int_array(gpas, "gpas")
+        n = g.shape[0] if g.ndim else 1
+        g, sz = (int_column(v, name, n, "gpas") for v, name in ((g, "gpas"), (sizes, "sizes")))
+        chunk = check_accept_chunk(chunk)
+        if mapping is not None:
+            mapping = as_int(mapping, "mapping")
+            if mapping not in _MAPPING_LEVELS:
+                raise GmemError(errno.EINVAL, f"private mapping level {mapping:#x}: must be 4 KiB, "
+                                              "2 MiB or 1 GiB")
+        out_err = np.zeros(n, np.int32)
+        out_off = np.full(n, -1, np.int64)
+        chunks = np.zeros(n, np.int64)
+        bad = (sz <= 0) | (g < 0) | (((g | sz) & (PAGE_SIZE - 1)) != 0) | (sz > _MAX_GPA - g)
+        bad |= ((g | sz) & (chunk - 1)) != 0
+        out_err[bad] = errno.EINVAL
+        slow = np.flatnonzero(~bad).tolist() if self._accept_in_order(g, sz, bad) else []
+        if slow:
+            bad[:] = True          # items that may change a file's state across memslots
+        # the memslot each item lies in wholly (an item over several is done on its own)
+        starts = np.array([a for a, _ in self._slot_starts], np.int64)
+        slots = [self.memslots[s] for _, s in self._slot_starts]
+        k = np.searchsorted(starts, g, side="right") - 1
+        ends = np.array([ms.end for ms in slots], np.int64)
+        inside = (k >= 0) & (g + sz <= ends[np.maximum(k, 0)] if len(slots) else False)
+        one = ~bad & inside
+        if len(slots):
+            one &= np.array([ms.gmem is not None for ms in slots])[np.maximum(k, 0)]
+        state = _ACCEPTED_STATE.get(self.vm_type, 0)
+        if not self.in_place:
+            # the per-GFN attributes: the first GFN of each item that is not private
+            f = self._first_not_private(g >> PAGE_SHIFT, (g + sz) >> PAGE_SHIFT)
+            hit = one & (f >= 0)
+            out_err[hit] = errno.EFAULT
+            out_off[hit] = f[hit] << PAGE_SHIFT
+            one &= ~hit
+        for si, ms in enumerate(slots):
+            mine = one & (k == si)
+            if not mine.any():
+                continue
+            idx = np.flatnonzero(mine)
+            p0s = (ms.gmem_offset + g[idx] - ms.gpa) >> PAGE_SHIFT
+            p1s = p0s + (sz[idx] >> PAGE_SHIFT)
+            map_pages = 0
+            if mapping is not None:
+                map_pages = min(mapping >> PAGE_SHIFT, 1 << ms.gmem.page_order)
+                if self.vm_type == "snp":
+                    map_pages = min(map_pages, 512)      # RMP entries are 4 KiB or 2 MiB
+            e = np.zeros(len(idx), np.int32)
+            o = np.full(len(idx), -1, np.int64)
+            chunks[idx] = ms.gmem.store.accept_many(p0s, p1s, chunk >> PAGE_SHIFT, state, map_pages,
+                                                    bool(prefault), self.in_place, e, o)
+            out_err[idx] = e
+            o = np.where(o >= 0, ms.gpa + (o << PAGE_SHIFT) - ms.gmem_offset, -1)
+            out_off[idx] = o
+        # the rest one by one: items over a gap or ordinary memory, which fail whatever the
+        # others did (acceptance changes no view), or, in order, all of them
+        for x in slow or np.flatnonzero(~bad & ~one & (out_err == 0)).tolist():
+            try:
+                chunks[x] = self.guest_accept(int(g[x]), int(sz[x]), chunk=chunk, mapping=mapping,
+                                              prefault=prefault)
+            except GmemError as exc:
+                out_err[x] = exc.errno
+                out_off[x] = -1 if exc.error_offset is None else exc.error_offset
+            except (MemoryFaultExit, MmioExit) as exc:
+                out_err[x] = errno.EFAULT
+                out_off[x] = exc.gpa
+        return BatchResult(out_err, out_off, chunks)
+
+    def _accept_in_order(self, g, sz, bad) -> bool:
+        """Whether an item spans memslots that all have a guest_memfd (it may succeed and
+        its accepts then count against the others'): the batch then goes one by one."""
+        if len(self._slot_starts) < 2:
+            return False
+        starts = np.array([a for a, _ in self._slot_starts], np.int64)
+        k = np.searchsorted(starts, g, side="right")
+        nxt = np.append(starts, np.iinfo(np.int64).max)[k]
+        for x in np.flatnonzero(~bad & (g + sz > nxt)).tolist():
+            pieces = self._pieces(int(g[x]), int(sz[x]))
+            if all(ms is not None and ms.gmem is not None for ms, _a, _n in pieces):
+                return True
+        return False
+
+    def _first_not_private(self, g0, g1) -> np.ndarray:
+        """Per range ``[g0, g1)`` of GFNs, the first without the private attribute, or -1."""
+        starts = np.array(self._attrs.starts, np.int64)
+        ends = np.array(self._attrs.ends, np.int64)
+        if not len(starts):
+            return g0.copy()
+        i = np.searchsorted(ends, g0, side="right")        # first range ending after g0
+        ic = np.minimum(i, len(starts) - 1)
+        covers = (i < len(starts)) & (starts[ic] <= g0)
+        first = np.where(covers, ends[ic], g0)
+        return np.where(first < g1, first, -1)
+
+    def set_memory_attributes_many(self, gpas, sizes, attributes) -> BatchResult:
+        """Many :meth:`set_memory_attributes` calls (``KVM_SET_MEMORY_ATTRIBUTES`` on the
+        VM) in one, applied in order, each with its own result (``errno`` 0 where done,
+        else the errno the per-call form raises). A failed item changes nothing.
+        Arguments are integer arrays or scalars (broadcast)."""
+        g = int_array(gpas, "gpas")
+        n = g.shape[0] if g.ndim else 1
+        g, sz, at = (int_column(v, name, n, "gpas")
+                     for v, name in ((g, "gpas"), (sizes, "sizes"), (attributes, "attributes")))
+        bad = ((at & ~KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0) | (sz <= 0) | (g < 0)
+        bad |= (((g | sz) & (PAGE_SIZE - 1)) != 0) | (g >= _MAX_GPA) | (sz > _MAX_GPA - g)
+        if self.in_place:
+            bad |= at != 0
+        out_err = np.where(bad, errno.EINVAL, 0).astype(np.int32)
+        out_off = np.full(n, -1, np.int64)
+        if self.in_place:
+            return BatchResult(out_err, out_off)
+        ok = np.flatnonzero(~bad)
+        g0s = (g >> PAGE_SHIFT)[ok].tolist()
+        g1s = ((g + sz) >> PAGE_SHIFT)[ok].tolist()
+        wants = (at[ok] != 0).tolist()
+        self.count_work("vm_attr_calls", len(ok))
+        attrs = self._attrs
+        slots = [ms for ms in self.memslots.values() if ms.gmem is not None]
+        for g0, g1, want in zip(g0s, g1s, wants):
+            have = attrs.covered(g0, g1)
+            if have == (g1 - g0 if want else 0):
+                continue
+            self.count_work("attr_writes_page", g1 - g0)
+            attrs.assign(g0, g1, want)
+            if want:
+                self.count_work("pages_to_private", g1 - g0 - have)
+            else:
+                self.count_work("pages_to_shared", have)
+            a, b = g0 << PAGE_SHIFT, g1 << PAGE_SHIFT
+            for ms in slots:
+                lo = max(ms.gpa, a)
+                hi = min(ms.end, b)
+                if lo < hi:
+                    p0 = (ms.gmem_offset + lo - ms.gpa) >> PAGE_SHIFT
+                    ms.gmem.store.zap_guest(p0, p0 + ((hi - lo) >> PAGE_SHIFT))
+        return BatchResult(out_err, out_off)
 
     # ---------------------------------------------------------------- guest access
     def _check_view(self, pieces, private: bool):

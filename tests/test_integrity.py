@@ -19,7 +19,7 @@ import pytest
 import gmemfast
 from gmemfast import _kernels as K
 from gmemfast import persist
-from gmemfast._layout import (ALLOC, DATA, DMAP_OFF, HMAP, HUGE, INVARIANTS, PIN, PRIV,
+from gmemfast._layout import (ALLOC, DATA, DMAP_OFF, GIG, HMAP, HUGE, INVARIANTS, PIN, PRIV,
                               RMP_VALIDATED, TE_SHIFT)
 from gmemfast.uapi import (FALLOC_FL_KEEP_SIZE, GUEST_MEMFD_FLAG_HUGETLB,
                            GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
@@ -254,11 +254,27 @@ def test_check_names_counts_that_disagree():
 
 
 def test_check_names_a_partial_huge_folio():
+    # A folio's order is kept per 2 MiB block, so the part of a folio that can lose it is
+    # a 2 MiB block of a 1 GiB folio.
+    g = gmemfast.GuestMemfd(1 << 30, GUEST_MEMFD_FLAG_HUGETLB, page_order=18)
+    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 1 << 30)     # one 1 GiB folio
+    g.set_memory_attributes(PS, PS, 0)
+    g.set_memory_attributes(PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    assert g.folio_order(0) == 18 and g.store.word(100) & (HUGE | GIG)
+    _set_word(g, 100, g.store.word(100) & ~(HUGE | GIG))   # its first 2 MiB no longer huge
+    _expect(g, 11)
+
+
+def test_check_names_an_order_in_a_page_table():
     g = _mixed_block(order=9)
     g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 2 << 20)     # one 2 MiB folio
-    assert g.folio_order(0) == 9
-    _set_word(g, 100, ALLOC | PRIV)                   # one page of it no longer huge
-    _expect(g, 11)
+    g.set_memory_attributes(PS, 8 * PS, 0)            # split: block 0 gets a page table
+    n2, n1, w0, _meta = _tree(g)
+    e = n2[0, K.F_CHILD] * K.N1
+    u = n1[e, K.F_CHILD]
+    assert u >= 0
+    w0[u * K.N1 + 100] |= HUGE                        # a page word holding a folio order
+    _expect(g, 16)
 
 
 def test_check_names_pages_past_the_end():
@@ -321,3 +337,10 @@ def test_check_passes_on_a_busy_healthy_file():
     pin.release()
     g.set_memory_attributes(5 * PS, 3 * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
     g.check()
+
+
+def test_check_names_direct_map_counts_that_disagree():
+    g = _mixed_block()
+    _n2, _n1, _w0, meta = _tree(g)
+    meta[K.M_DSPLIT2] += 1                            # a 2 MiB direct-map entry never broken
+    _expect(g, 17)

@@ -36,6 +36,7 @@ and steps; the default run stays under a minute on two cores (warm numba cache).
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import itertools
 import os
@@ -60,6 +61,18 @@ from naive import (PAGES_PER_1G, PAGES_PER_2M, FALLOC_FL_KEEP_SIZE as KEEP, FALL
                    KVM_SET_MEMORY_ATTRIBUTES2_ZERO as ZERO, PAGE_SIZE)
 
 gmemfast = pytest.importorskip("gmemfast")
+from gmemfast import _store as STORE  # noqa: E402
+
+
+@contextlib.contextmanager
+def group_from(n):
+    """Batches of ``n`` items or more are applied grouped by block (the store's threshold)."""
+    old = STORE.GROUP_MIN
+    STORE.GROUP_MIN = n
+    try:
+        yield
+    finally:
+        STORE.GROUP_MIN = old
 
 # ---------------------------------------------------------------- page points
 # A point is resolved against the file's page count N at run time, so the strategies
@@ -560,6 +573,78 @@ class GmemComparison(RuleBasedStateMachine):
             _event(f"set_memory_attributes_many item: {errno.errorcode.get(err, 'ok')}")
         assert [int(x) for x in e.errno] == r.errno
         assert [int(x) for x in e.error_offset] == r.error_offset
+
+    @enabled("convert_many_grouped")
+    @rule(items=st.lists(st.tuples(_point, st.booleans(), st.sampled_from([1, 1, 1, 2, 513])),
+                         min_size=2, max_size=16),
+          back=st.booleans(), flags=st.sampled_from([0, 0, ZERO]))
+    def convert_many_grouped(self, items, back, flags):
+        """A batch the engine applies grouped by block (its threshold lowered to 2 items):
+        items in several blocks, the same page more than once, to shared and to private;
+        ``back`` appends every item again the other way. The reference applies them one by
+        one, in order: results, state and counters must agree."""
+        offsets, sizes, attrs = [], [], []
+        for point, private, npages in items:
+            a = min(resolve(point, self.n), self.n - 1)
+            b = min(a + npages, self.n)
+            offsets.append(a * PAGE_SIZE)
+            sizes.append((b - a) * PAGE_SIZE)
+            attrs.append(PRIVATE if private else 0)
+        if back:
+            offsets, sizes = offsets * 2, sizes * 2
+            attrs = attrs + [PRIVATE - a for a in attrs]
+        shift = 18 if self.ORDER == 18 or (self.n >> 9) > 8 * len(offsets) else 9
+        spans = any((o >> 12) >> shift != ((o + z >> 12) - 1) >> shift for o, z in zip(offsets, sizes))
+        if self.ref.metadata_limit is None and self.ref.enomem == 0 and not spans:
+            _event("batch applied grouped by block"
+                   + (" (blocks reordered)" if len({o >> (12 + shift) for o in offsets}) > 1 else ""))
+        with group_from(2):
+            e = self.eng.set_memory_attributes_many(np.array(offsets, np.int64), np.array(sizes, np.int64),
+                                                    np.array(attrs, np.int64), flags)
+        r = self.ref.set_memory_attributes_many(offsets, sizes, attrs, flags)
+        note(f"grouped set_memory_attributes_many({offsets}, {sizes}, {attrs}, {flags}): engine "
+             f"{[int(x) for x in e.errno]} {[int(x) for x in e.error_offset]}, reference "
+             f"{r.errno} {r.error_offset}")
+        assert [int(x) for x in e.errno] == r.errno
+        assert [int(x) for x in e.error_offset] == r.error_offset
+
+    @enabled("fallocate_many")
+    @rule(items=st.lists(st.tuples(_where, _length, st.sampled_from(
+        ["allocate", "punch", "punch", "punch_past", "past_end", "no_keep_size", "unknown_bit",
+         "unaligned", "zero_size"])), min_size=1, max_size=6))
+    def fallocate_many(self, items):
+        """``fallocate_many`` against the reference's ``fallocate`` item by item: the same
+        errno and error_offset per item, then the same state and counters."""
+        modes, offsets, sizes = [], [], []
+        for where, length, kind in items:
+            a, b = target(self.ref, where, length)
+            mode = KEEP | (PUNCH if kind.startswith("punch") else 0)
+            off, size = a * PAGE_SIZE, (b - a) * PAGE_SIZE
+            if kind == "punch_past":
+                size += self.n * PAGE_SIZE
+            elif kind == "past_end":
+                off, size = self.n * PAGE_SIZE - PAGE_SIZE, 2 * PAGE_SIZE
+            elif kind == "no_keep_size":
+                mode = PUNCH
+            elif kind == "unknown_bit":
+                mode |= 0x10
+            elif kind == "unaligned":
+                off += 512
+            elif kind == "zero_size":
+                size = 0
+            modes.append(mode)
+            offsets.append(off)
+            sizes.append(size)
+        e = self.eng.fallocate_many(modes, offsets, sizes)
+        want = [outcome(self.ref.fallocate, m, o, z) for m, o, z in zip(modes, offsets, sizes)]
+        errnos = [0 if w[0] == "ok" else w[2] for w in want]
+        offs = [-1 if w[0] == "ok" or w[3] is None else w[3] for w in want]
+        note(f"fallocate_many({modes}, {offsets}, {sizes}): engine {[int(x) for x in e.errno]} "
+             f"{[int(x) for x in e.error_offset]}, reference {errnos} {offs}")
+        for err in errnos:
+            _event(f"fallocate_many item: {errno.errorcode.get(err, 'ok')}")
+        assert [int(x) for x in e.errno] == errnos
+        assert [int(x) for x in e.error_offset] == offs
 
     @precondition(lambda self: self.ref.enomem == 0)
     @enabled("inject_enomem")

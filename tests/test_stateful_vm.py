@@ -12,6 +12,9 @@ the memslots, the VM's view of private memory and both files' complete state.
 """
 from __future__ import annotations
 
+import errno
+
+import numpy as np
 import pytest
 from hypothesis import event, note, settings
 from hypothesis import strategies as st
@@ -165,6 +168,72 @@ class VmComparison(RuleBasedStateMachine):
             self.both("set_memory_attributes(vm)", self.eng.set_memory_attributes,
                       self.ref.set_memory_attributes, (base + first + 1) * PS, share * PS, 0)
 
+    # ---------------------------------------------------------------- batched forms
+    def batch_vs_calls(self, what, batch, calls):
+        """A batched call on the engine against the reference's calls one by one: the same
+        errno, error_offset (an exit's GPA for EFAULT) and value, item by item."""
+        want = []
+        for call in calls:
+            r = call()
+            if r[0] == "ok":
+                want.append((0, -1, r[1]))
+            elif r[0] == "err":
+                want.append((r[1], -1 if r[2] is None else r[2], None))
+            else:                         # an exit: the batched form's EFAULT at its GPA
+                want.append((errno.EFAULT, r[1], None))
+        got = [(int(e), int(o), None if batch.value is None or e else int(batch.value[i]))
+               for i, (e, o) in enumerate(zip(batch.errno, batch.error_offset))]
+        want = [(e, o, None if batch.value is None or e else v) for e, o, v in want]
+        note(f"{what}: engine {got}, reference {want}")
+        for e, _o, _v in want:
+            event(f"{what} item: {errno.errorcode.get(e, 'ok')}")
+        assert got == want, f"{what}: engine {got} != reference {want}"
+
+    @rule(items=st.lists(st.tuples(_gpa_page, st.sampled_from([1, 1, 2, 16, 512, 1024])),
+                         min_size=1, max_size=6),
+          chunk=st.sampled_from([PS, PS, 2 << 20]), mapping=st.sampled_from([None, None, PS, 2 << 20, 1 << 30]),
+          prefault=st.booleans(), misalign=st.sampled_from([0, 0, 0, 1]))
+    def guest_accept_many(self, items, chunk, mapping, prefault, misalign):
+        """``VM.guest_accept_many`` against the reference's ``guest_accept`` item by item."""
+        gpas, sizes = [], []
+        for gpa, pages in items:
+            if chunk == 2 << 20:
+                gpa -= gpa % 512
+                pages = max(512, pages - pages % 512)
+            gpas.append(gpa * PS + misalign * PS)
+            sizes.append(pages * PS)
+        batch = self.eng.guest_accept_many(np.array(gpas, np.int64), np.array(sizes, np.int64),
+                                           chunk=chunk, mapping=mapping, prefault=prefault)
+        self.batch_vs_calls("guest_accept_many", batch, [
+            (lambda g=g, z=z: outcome(self.ref.guest_accept, g, z, chunk=chunk, mapping=mapping,
+                                      prefault=prefault)) for g, z in zip(gpas, sizes)])
+
+    @rule(items=st.lists(st.tuples(_gpa_page, st.sampled_from([1, 2, 512, 1024, 4096]), st.booleans(),
+                                   st.sampled_from([0, 0, 0, 1, 8 | 16])), min_size=1, max_size=6))
+    def convert_vm_many(self, items):
+        """``VM.set_memory_attributes_many`` against the reference's per-GFN calls one by one."""
+        gpas = [g * PS + (1 if bad == 1 else 0) for g, _p, _v, bad in items]
+        sizes = [p * PS for _g, p, _v, _b in items]
+        attrs = [(PRIVATE if v else 0) | (bad if bad > 1 else 0) for _g, _p, v, bad in items]
+        batch = self.eng.set_memory_attributes_many(gpas, sizes, attrs)
+        self.batch_vs_calls("set_memory_attributes_many(vm)", batch, [
+            (lambda g=g, z=z, a=a: outcome(self.ref.set_memory_attributes, g, z, a))
+            for g, z, a in zip(gpas, sizes, attrs)])
+
+    @rule(which=st.sampled_from([0, 1]), items=st.lists(st.tuples(
+        st.sampled_from([0, 1, 511, 512, 1000, 1023]), st.sampled_from([1, 2, 512, 1024, 2000]),
+        st.sampled_from([3, 3, 3, 1, 2])), min_size=1, max_size=5))
+    def fallocate_many(self, which, items):
+        """``fallocate_many`` on a file of the VM (trusted-entity state, guest mappings)
+        against the reference's ``fallocate`` item by item."""
+        ge, gr = self.files[which]
+        modes = [m for _f, _p, m in items]
+        offs = [f * PS for f, _p, _m in items]
+        sizes = [p * PS for _f, p, _m in items]
+        batch = ge.fallocate_many(modes, offs, sizes)
+        self.batch_vs_calls("fallocate_many", batch, [
+            (lambda m=m, o=o, z=z: outcome(gr.fallocate, m, o, z)) for m, o, z in zip(modes, offs, sizes)])
+
     # ---------------------------------------------------------------- host access
     @rule(which=st.sampled_from([0, 1]), page=st.sampled_from([0, 1, 511, 1022, 1023, 1024]),
           delta=st.sampled_from([0, 7, 4000]),
@@ -248,3 +317,27 @@ def test_accept_every_mapping_level_against_reference(vm_type, order, mapping):
             e, r = ve.counters, vr.counters
             bad = {n: (int(e[n]), r[n]) for n in naive.COUNTERS if int(e[n]) != r[n]}
             assert not bad, f"chunk {chunk:#x}, prefault {prefault}: counters differ {bad}"
+
+
+@pytest.mark.parametrize("order", [0, 9])
+@pytest.mark.parametrize("vm_type", ["sw-protected", "tdx"])
+def test_accept_many_refills_the_block_of_a_page(order, vm_type):
+    """Accepting one page of a 2 MiB folio with a punched hole allocates the whole block
+    again, page by page or batched; the batched form agrees with the reference's calls."""
+    flags = MMAP | (naive.GUEST_MEMFD_FLAG_HUGETLB if order else 0)
+    vms = []
+    for V in (gmemfast.VM, naive.VM):
+        vm = V(vm_type)
+        g = vm.create_guest_memfd(4 << 20, flags, page_order=order)
+        vm.set_user_memory_region(0, 0, 4 << 20, g, 0)
+        vm.guest_accept(0, 4 << 20, chunk=PS)
+        g.fallocate(3, 5 * PS, PS)                   # a hole in the first 2 MiB block
+        vms.append((vm, g))
+    (ve, ge), (vr, gr) = vms
+    batch = ve.guest_accept_many([7 * PS, 600 * PS], PS, chunk=PS)
+    want = [vr.guest_accept(g, PS, chunk=PS) for g in (7 * PS, 600 * PS)]
+    assert not batch.errno.any() and [int(v) for v in batch.value] == want
+    assert_same_state(ge, gr, f"order {order}")
+    e, r = ve.counters, vr.counters
+    bad = {n: (int(e[n]), r[n]) for n in naive.COUNTERS if int(e[n]) != r[n]}
+    assert not bad, f"counters differ {bad}"

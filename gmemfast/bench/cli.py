@@ -23,9 +23,9 @@ def cli_run(args) -> int:
     try:
         only = {int(x) for x in args.only.split(",") if x.strip()} or None
     except ValueError:
-        raise ValueError(f"--only {args.only!r}: give target numbers 1-4 separated by commas") from None
-    if only and not only <= {1, 2, 3, 4}:
-        raise ValueError(f"--only {args.only!r}: targets are numbered 1 to 4")
+        raise ValueError(f"--only {args.only!r}: give target numbers 1-6 separated by commas") from None
+    if only and not only <= {1, 2, 3, 4, 5, 6}:
+        raise ValueError(f"--only {args.only!r}: targets are numbered 1 to 6")
     try:
         from .targets import format_table, run
     except ImportError as exc:

@@ -171,3 +171,64 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- target 5: split and merge in a booted guest ----------------------------------------
+PLATFORMS = ("snp", "tdx", "sw-protected")
+DIRECT_MAPS = ("keep", "no-direct-map", "on-conversion")
+BOOTED_SIZE = 16 * GIB
+BOOTED_SEED = 20260602
+
+
+def booted_guest(platform, direct_map, size=BOOTED_SIZE, churn=20_000):
+    """A booted guest of ``size`` on 1 GiB pages: ``VM(platform, direct_map=...)``, all
+    memory accepted at 2 MiB, then ``churn`` random 4 KiB round trips (shared and back,
+    not accepted again), so pages differ in trusted-entity and mapping state as in a
+    running guest. Returns ``(vm, gmem)``."""
+    gm = engine()
+    vm = gm.VM(platform, direct_map=direct_map)
+    g = vm.create_guest_memfd(size, gm.GUEST_MEMFD_FLAG_HUGETLB, page_order=18)
+    vm.set_user_memory_region(0, 0, size, g)
+    vm.guest_accept(0, size, chunk=2 << 20)
+    if churn:
+        offs = np.random.default_rng(BOOTED_SEED).integers(0, size // PAGE, churn) * PAGE
+        for o in offs.tolist():
+            g.set_memory_attributes(o, PAGE, 0)
+            g.set_memory_attributes(o, PAGE, gm.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    return vm, g
+
+
+def bare_file(size=BOOTED_SIZE):
+    """The same file alone: 1 GiB pages, allocated, never in a VM (the baseline)."""
+    return engine_allocated(size)
+
+
+def roundtrip_pages(n, size=BOOTED_SIZE, seed=BOOTED_SEED + 1):
+    """``n`` random page offsets for round trips."""
+    return (np.random.default_rng(seed).integers(0, size // PAGE, n) * PAGE).astype(np.int64)
+
+
+def split_merge_roundtrip(g, off, P):
+    """A 4 KiB conversion to shared (splitting the 1 GiB folio) and back (merging it)."""
+    g.set_memory_attributes(off, PAGE, 0)
+    g.set_memory_attributes(off, PAGE, P)
+
+
+# -- target 6: a lazily accepting guest touched at 4 KiB --------------------------------
+def accept_guest(size):
+    """A TDX guest of ``size`` (4 KiB pages), nothing accepted yet. Returns ``(vm, gmem)``."""
+    gm = engine()
+    vm = gm.VM("tdx")
+    g = vm.create_guest_memfd(size)
+    vm.set_user_memory_region(0, 0, size, g)
+    return vm, g
+
+
+def accept_every_page(vm, pages, batch=1 << 20):
+    """Accept each page of ``pages`` (indices, any order) at 4 KiB through
+    ``VM.guest_accept_many``, ``batch`` items a call. Returns the items that failed."""
+    bad = 0
+    for s in range(0, len(pages), batch):
+        r = vm.guest_accept_many(pages[s:s + batch] << 12, PAGE, chunk=PAGE)
+        bad += int(np.count_nonzero(r.errno))
+    return bad

@@ -10,18 +10,18 @@ from contextlib import contextmanager
 import numpy as np
 
 from .. import trace as T
-from .._layout import COUNTER_NAMES, RMP_VALIDATED, SEPT_MAPPED
+from .._layout import COUNTER_NAMES
 from ..cost import CostModel
 from ..errors import GmemError, MemoryFaultExit, MmioExit, errno_name
 from ..memory import Vfio, host_memory, timeline_figures
 from ..uapi import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_HUGETLB,
-                    GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_MEMORY_ATTRIBUTE_PRIVATE,
-                    KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE)
+                    GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_MEMORY_ATTRIBUTE_PRIVATE)
 from ..units import PAGE_SHIFT, PAGE_SIZE, broadcast_column, check_range, format_size
 from ..vm import VM
 from ..wallclock import phase_time, wall_time
 from .params import OperationFailed, ScenarioError, guest_record
 from .results import ScenarioResult
+from .vmm import VmmConversions, punch_error
 
 __all__ = ["Runner", "ACCEPT_UNIT", "BATCH", "FOUR_GIB", "TWO_MIB", "ONE_GIB", "PRIVATE",
            "PROGRESS_SCALE", "private_mapping"]
@@ -60,7 +60,7 @@ def private_mapping(platform: str, policy, page_order: int) -> int:
     return level
 
 
-class Runner:
+class Runner(VmmConversions):
     """The guest a scenario runs on, and the bookkeeping around its operations.
 
     Memory: one guest_memfd of ``size`` bytes (``gmem``), its first ``low`` bytes at GPA
@@ -366,85 +366,6 @@ class Runner:
                             message=f"{name}: converting to {'private' if attrs[i] else 'shared'}")
         return errs
 
-    def _legacy_convert_many(self, offs, sizes, attrs, lines, label) -> np.ndarray:
-        """Legacy tracking: KVM_SET_MEMORY_ATTRIBUTES on the VM, per request. Around it the
-        VMM (docs/model.md §13), as QEMU's kvm_convert_memory(): to private, unmaps the
-        range from the IOMMU first (``vfio``) and discards its separate shared copy after
-        (``discard_on_private``: ram_block_discard_range); to shared, punches the
-        guest_memfd range (``discard_on_share``: ram_block_discard_guest_memfd_range) and
-        maps the shared copy in the IOMMU. Content flags do not exist there."""
-        n = len(offs)
-        errs = np.zeros(n, np.int32)
-        vm, g = self.vm, self.gmem
-        every = max(1, n // 200)
-        for i, (off, size, a) in enumerate(zip(offs.tolist(), sizes.tolist(), attrs.tolist())):
-            undo = []
-            try:
-                check_range(off, size, self.size, "convert")
-                pieces = self._gpa_pieces(off, size)
-                if a and self.vfio is not None:
-                    for gpa, sz in pieces:
-                        undo += self.vfio.unmap(gpa, sz)
-                for gpa, sz in pieces:
-                    vm.set_memory_attributes(gpa, sz, a)
-                undo = []
-                if a and self.discard_on_private:
-                    for gpa, sz in pieces:     # QEMU's ram_block_discard_range
-                        vm.discard_shared(gpa, sz)
-                if not a and self.discard_on_share:   # ram_block_discard_guest_memfd_range
-                    g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, off, size)
-                if not a and self.vfio is not None:
-                    for gpa, sz in pieces:
-                        self.vfio.map(gpa, sz)
-            except GmemError as exc:
-                errs[i] = exc.errno
-                self._fail(exc, "convert", off, size, int(lines[i]) if lines is not None else 0)
-                if undo:
-                    self.vfio.remap(undo)
-            self.steps += 1
-            if n > 1000 and i % every == 0 and label is not None:
-                self.progress(label, i, n)
-        if n > 1000 and label is not None:
-            self.progress(label, n, n)
-        return errs
-
-    def _before_convert(self, offs, sizes, attrs: int):
-        """In place, before conversions to private: the VMM unmaps the pages from the IOMMU
-        (a pinned page cannot go private). Returns what to map again if one fails."""
-        if not attrs or self.vfio is None:
-            return None
-        undo = []
-        for off, size in zip(offs.tolist(), sizes.tolist()):
-            undo.append([r for gpa, sz in self._valid_pieces(off, size) for r in self.vfio.unmap(gpa, sz)])
-        return undo
-
-    def _after_convert(self, offs, sizes, attrs: int, flags, errs, undo) -> None:
-        """In place, after conversions: the discard policy punches the pages whose contents
-        are no longer wanted (not those converted with PRESERVE); to shared, the VMM maps
-        them in the IOMMU; a failed conversion to private maps back what was unmapped
-        before it (docs/model.md §13)."""
-        policy = self.discard_on_private if attrs else self.discard_on_share
-        for i, (off, size) in enumerate(zip(offs.tolist(), sizes.tolist())):
-            discard = policy and not flags[i] & KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE
-            try:
-                if errs[i]:
-                    if undo is not None and undo[i]:
-                        self.vfio.remap(undo[i])
-                    continue
-                if discard:
-                    self.gmem.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, off, size)
-                if not attrs and self.vfio is not None:
-                    for gpa, sz in self._valid_pieces(off, size):
-                        self.vfio.map(gpa, sz)
-            except GmemError as exc:
-                self._fail(exc, "discard" if discard else "vfio map", off, size)
-
-    def _valid_pieces(self, off: int, size: int):
-        """(gpa, size) pieces of a file range, or none if the range is not a valid one."""
-        if off < 0 or size <= 0 or (off | size) % PAGE_SIZE or off + size > self.size:
-            return []
-        return self._gpa_pieces(off, size)
-
     def convert(self, off: int, size: int, attrs: int, flags: int = 0, *, exits=False) -> int:
         return int(self.convert_many([off], size, attrs, flags, exits=exits)[0])
 
@@ -474,6 +395,17 @@ class Runner:
             self.gmem.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, off, size)
         except GmemError as exc:
             self._fail(exc, "punch", off, size, line)
+
+    def punch_many(self, offs, size: int) -> None:
+        """Punch holes over many ranges (in order, one batched call)."""
+        offs = np.ascontiguousarray(offs, np.int64)
+        if self.ops is not None:
+            self.ops.add_many(T.PUNCH, offs, size, 0, 0)
+        self.steps += len(offs)
+        r = self.gmem.fallocate_many(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offs, size)
+        for i in np.flatnonzero(r.errno).tolist():
+            off = int(offs[i])
+            self._fail(punch_error(int(r.errno[i]), off, size, int(r.error_offset[i])), "punch", off, size)
 
     def write(self, off: int, size: int, fill: int = T.DEFAULT_FILL, line: int = 0, data=None) -> None:
         """The host writes through its mmap (``data``, or ``size`` bytes of ``fill``)."""
@@ -569,36 +501,32 @@ class Runner:
 
     def accept_many(self, offs, size: int, chunk: int = PAGE_SIZE, *, label="accepting",
                     just_converted=False) -> None:
-        """The guest accepts many small ranges (after converting them back to private).
-
-        ``just_converted``: every range was converted to private without error right
-        before, so VM.guest_accept's checks (memslot, private view, alignment) hold and
-        are skipped: its per-call Python overhead (~40 us) would dominate churns.
-        """
+        """The guest accepts many small ranges (after converting them back to private), in
+        order, through ``VM.guest_accept_many``. Failed items are counted as
+        :meth:`accept` counts them. (``just_converted`` is accepted for callers that know
+        the ranges are private; the batched form needs no hint.)"""
         offs = np.asarray(offs, np.int64)
         if self.ops is not None:
             self.ops.add_many(T.ACCEPT, offs, size, chunk, 0)
         n = len(offs)
-        every = max(1, n // 200)
-        fast = (just_converted and self.in_place and size % chunk == 0
-                and not (offs % chunk).any())
-        if fast:
-            state = {"tdx": SEPT_MAPPED, "snp": RMP_VALIDATED}.get(self.platform, 0)
-            acc, cp, npg = self.gmem.store.accept, chunk >> PAGE_SHIFT, size >> PAGE_SHIFT
-            mp, pf = self.mapping >> PAGE_SHIFT, self.prefault
-            for i, p in enumerate((offs >> PAGE_SHIFT).tolist()):
-                acc(p, p + npg, cp, state, mp, pf)
-                if n > 5000 and i % every == 0 and label is not None:
-                    self.progress(label, i, n)
-        else:
-            for i, off in enumerate(offs.tolist()):
-                try:
-                    self.vm.guest_accept(self.gpa(off), size, chunk=chunk, mapping=self.mapping,
-                                         prefault=self.prefault)
+        step = max(BATCH, -(-n // 200))
+        gpas = np.where(offs < self.low, offs, FOUR_GIB + offs - self.low)
+        within = (offs < self.low) == (offs + size <= self.low)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            r = self.vm.guest_accept_many(gpas[s:e], size, chunk=chunk, mapping=self.mapping,
+                                          prefault=self.prefault)
+            for i in np.flatnonzero(r.errno | ~within[s:e]).tolist():
+                off = int(offs[s + i])
+                try:        # alone: the exit or error it raises, or over the 2 GiB hole, in pieces
+                    pieces = [(int(gpas[s + i]), size)] if within[s + i] else self._gpa_pieces(off, size)
+                    for gpa, nbytes in pieces:
+                        self.vm.guest_accept(gpa, nbytes, chunk=chunk, mapping=self.mapping,
+                                             prefault=self.prefault)
                 except (GmemError, MemoryFaultExit, MmioExit) as exc:
                     self._fail(exc, "accept", off, size)
-                if n > 5000 and i % every == 0 and label is not None:
-                    self.progress(label, i, n)
+            if n > 5000 and label is not None:
+                self.progress(label, e, n)
         self.steps += n * -(-size // chunk)       # each chunk accepted is one operation
 
     def accept_units(self, off: int, size: int, chunk: int = TWO_MIB, *, slices: int = 1,

@@ -388,20 +388,18 @@ def _balloon_round(run: Runner, nblocks: int, want: int, nbytes: int, granule: i
     run.mark("inflate" + nth)
     every = max(1, want // 50)
     with run.part(0, 2):
-        for i, off in enumerate(blocks.tolist()):
-            run.punch(off, granule)
-            if i % every == 0:
-                run.progress("inflating", i, want)
-                if want >= 200:
-                    run.sample()
+        for s, e in batches(want, every):
+            run.punch_many(blocks[s:e], granule)
+            run.progress("inflating", e, want)
+            if want >= 200:
+                run.sample()
     run.sample()
     run.phase("deflate")
     run.mark("deflate" + nth)
     with run.part(1, 2):
-        for i, off in enumerate(blocks.tolist()):
-            run.accept(off, granule, chunk)
-            if i % every == 0:
-                run.progress("deflating", i, want)
-                if want >= 200:
-                    run.sample()
+        for s, e in batches(want, every):
+            run.accept_many(blocks[s:e], granule, chunk, label=None)
+            run.progress("deflating", e, want)
+            if want >= 200:
+                run.sample()
     run.sample()
