@@ -410,6 +410,33 @@ def test_runner_legacy_discard_on_private(discard):
         assert r["separate_shared"] == 4 * P and r["doubly_allocated"] == 4 * P
 
 
+@pytest.mark.parametrize("on_share", [True, False])
+@pytest.mark.parametrize("on_private", [True, False])
+def test_legacy_batches_match_one_item_at_a_time(on_share, on_private):
+    """A batch of disjoint legacy conversions goes through the batched forms; with every
+    discard policy it leaves what the same items one call at a time leave."""
+    runs = [_runner(tracking="legacy", discard_on_share=on_share, discard_on_private=on_private)
+            for _ in range(2)]
+    rng = np.random.default_rng(7)
+    offs = rng.choice(run_pages := runs[0].size // P, 64, replace=False) * P
+    attrs = rng.integers(0, 2, 64) * PRIVATE
+    for k, run in enumerate(runs):
+        run.set_private_all()
+        run.accept(0, run.size, M2)
+        run.convert_many(offs, P, np.zeros(64, np.int64))      # every copy resident first
+        run.write(int(offs[0]), P, 0x11)
+        if k:                                                  # one call per item
+            for off, a in zip(offs.tolist(), attrs.tolist()):
+                assert run.convert(off, P, a) == 0
+        else:
+            assert not run.convert_many(offs, P, attrs).any()
+    assert run_pages > 64
+    a, b = runs
+    assert _counts(a) == _counts(b)
+    assert a.memory() == b.memory()
+    assert a.vm.private_gfns(0, a.size) == b.vm.private_gfns(0, b.size)
+
+
 def test_legacy_default_is_qemus_both_discards_and_in_place_none():
     legacy, in_place = _runner(tracking="legacy"), _runner()
     assert (legacy.discard_on_share, legacy.discard_on_private) == (True, True)
