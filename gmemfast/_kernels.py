@@ -229,7 +229,6 @@ C_SHARED_DISCARDS = _i(66)
 # pools
 # ======================================================================================
 
-@njit(**_KERNEL)
 def _new_l1(n1, meta, w):
     t = meta[M_FREE1]
     if t >= 0:
@@ -248,14 +247,12 @@ def _new_l1(n1, meta, w):
     return t
 
 
-@njit(**_KERNEL)
 def _free_l1(n1, meta, t):
     n1[t * N1, F_CHILD] = meta[M_FREE1]
     meta[M_FREE1] = t
     meta[M_NFREE1] += 1
 
 
-@njit(**_KERNEL)
 def _new_l0(w0, meta, w):
     u = meta[M_FREE0]
     base = 0
@@ -274,7 +271,6 @@ def _new_l0(w0, meta, w):
     return u
 
 
-@njit(**_KERNEL)
 def _free_l0(w0, meta, u):
     base = u * N1
     v = meta[M_FREE0] + 1   # stored +1 so that "none" (-1) packs as 0
@@ -286,7 +282,6 @@ def _free_l0(w0, meta, u):
     meta[M_NFREE0] += 1
 
 
-@njit(**_INLINE)
 def free_tables(meta):
     """Free tables of (level 1, level 0) available without growing the pools."""
     return (meta[M_CAP1] - meta[M_USED1] + meta[M_NFREE1],
@@ -303,7 +298,6 @@ def free_tables(meta):
 # block then cost no page table. A fifth exception turns the entry into a page table.
 # ======================================================================================
 
-@njit(**_INLINE)
 def cnt2(n2, i, k):
     """Pages of 1 GiB entry ``i`` with counted bit ``k`` set."""
     if n2[i, F_CHILD] < 0:
@@ -311,7 +305,6 @@ def cnt2(n2, i, k):
     return n2[i, F_CNT + k]
 
 
-@njit(**_INLINE)
 def cnt1(n1, e, k):
     """Pages of 2 MiB entry ``e`` with counted bit ``k`` set."""
     if n1[e, F_CHILD] < 0 and n1[e, F_NX] == 0:
@@ -319,7 +312,6 @@ def cnt1(n1, e, k):
     return n1[e, F_CNT + k]
 
 
-@njit(**_INLINE)
 def _xword(n1, e, q):
     """Word of page ``q`` of 2 MiB entry ``e`` (no page table)."""
     w = n1[e, F_WORD]
@@ -330,7 +322,6 @@ def _xword(n1, e, q):
     return w
 
 
-@njit(**_KERNEL)
 def _split_l2(n2, n1, meta, i):
     """Give uniform 1 GiB entry ``i`` a table of 512 uniform entries."""
     w = n2[i, F_WORD]
@@ -341,14 +332,12 @@ def _split_l2(n2, n1, meta, i):
     return t
 
 
-@njit(**_INLINE)
 def _init_cnt1(n1, e):
     w = n1[e, F_WORD]
     for k in range(NCOUNTED):
         n1[e, F_CNT + k] = N1 if (w >> k) & 1 else 0
 
 
-@njit(**_KERNEL)
 def _split_l1(n1, w0, meta, e):
     """Give 2 MiB entry ``e`` (uniform, maybe with exceptions) a table of page words."""
     w = n1[e, F_WORD]
@@ -365,7 +354,6 @@ def _split_l1(n1, w0, meta, e):
     return u
 
 
-@njit(**_INLINE)
 def _add_cnt(n2, n1, meta, i, e, w, nw):
     """Count page word ``w`` becoming ``nw`` in entries ``e`` (2 MiB) and ``i`` (1 GiB)."""
     diff = (w ^ nw) & COUNTED_MASK
@@ -378,7 +366,6 @@ def _add_cnt(n2, n1, meta, i, e, w, nw):
                 meta[M_GCNT + k] += d
 
 
-@njit(**_INLINE)
 def _set_xpage(n2, n1, w0, meta, i, e, q, nw):
     """Set page ``q`` of 2 MiB entry ``e`` (no page table) to ``nw``, as an exception
     if it fits. Returns False when the entry needs a page table instead (untouched).
@@ -412,7 +399,6 @@ def _set_xpage(n2, n1, w0, meta, i, e, q, nw):
     return True
 
 
-@njit(**_KERNEL)
 def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
     """Apply a transform to every page of 2 MiB entry ``e`` (no page table, with
     exceptions) without a page table. Returns pages changed."""
@@ -447,7 +433,6 @@ def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
     return changed
 
 
-@njit(**_INLINE)
 def _fold_l0(n1, w0, meta, e):
     """Fold entry ``e``'s page table into the entry if all its pages are equal."""
     u = n1[e, F_CHILD]
@@ -467,7 +452,6 @@ def _fold_l0(n1, w0, meta, e):
     _free_l0(w0, meta, u)
 
 
-@njit(**_INLINE)
 def _fold_l1(n2, n1, meta, i):
     """Fold 1 GiB entry ``i``'s table into the entry if all its entries are equal."""
     t = n2[i, F_CHILD]
@@ -493,7 +477,6 @@ def _fold_l1(n2, n1, meta, i):
 # walks: read and transform page ranges
 # ======================================================================================
 
-@njit(**_INLINE)
 def get_word(n2, n1, w0, p):
     i = p >> S2
     t = n2[i, F_CHILD]
@@ -508,7 +491,6 @@ def get_word(n2, n1, w0, p):
     return np.int64(w0[u * N1 + (p & (N1 - 1))]) | (n1[e, F_WORD] & ORDER_MASK)
 
 
-@njit(**_INLINE)
 def set_word(n2, n1, w0, meta, p, nw):
     """Set page ``p``'s word to ``nw`` (a one-page ``walk_apply``, without the walk). A
     folio order is a 2 MiB block's: new ``ORDER_MASK`` bits in ``nw`` are given to every
@@ -546,7 +528,6 @@ def set_word(n2, n1, w0, meta, p, nw):
     _fold_l1(n2, n1, meta, i)
 
 
-@njit(**_KERNEL)
 def get_words(n2, n1, w0, p0, p1, out):
     """Fill ``out[0:p1-p0]`` with the page words of ``[p0, p1)``."""
     p = p0
@@ -577,7 +558,6 @@ def get_words(n2, n1, w0, p0, p1, out):
         p = hi
 
 
-@njit(**_INLINE)
 def _single_bit(cmask):
     """Index k if ``cmask`` is exactly one counted bit, else -1."""
     for k in range(NCOUNTED):
@@ -586,7 +566,6 @@ def _single_bit(cmask):
     return -1
 
 
-@njit(**_INLINE)
 def _match1(n1, e, cmask, cval):
     """Whether every page (1), no page (0) of 2 MiB entry ``e`` (with counts) satisfies
     ``w & cmask == cval``, as its counts and folio order show; -1 if they cannot tell."""
@@ -603,7 +582,6 @@ def _match1(n1, e, cmask, cval):
     return 1 if (rep & cmask) == cval else 0
 
 
-@njit(**_INLINE)
 def _match2(n2, i, cmask, cval):
     """``_match1`` for 1 GiB entry ``i`` (with a table), on counted bits only."""
     if cmask & ~COUNTED_MASK:
@@ -619,7 +597,6 @@ def _match2(n2, i, cmask, cval):
     return 1 if (rep & cmask) == cval else 0
 
 
-@njit(**_KERNEL)
 def _xcount(n1, e, c0, clo, chi, cmask, cval):
     """Pages of ``[clo, chi)`` in 2 MiB entry ``e`` (no page table) matching."""
     inside = 0
@@ -637,7 +614,6 @@ def _xcount(n1, e, c0, clo, chi, cmask, cval):
     return hits
 
 
-@njit(**_KERNEL)
 def walk_count(n2, n1, w0, p0, p1, cmask, cval):
     """Number of pages in ``[p0, p1)`` whose word satisfies ``w & cmask == cval``."""
     k = _single_bit(cmask)
@@ -692,7 +668,6 @@ def walk_count(n2, n1, w0, p0, p1, cmask, cval):
     return total
 
 
-@njit(**_KERNEL)
 def walk_first(n2, n1, w0, p0, p1, cmask, cval):
     """First page in ``[p0, p1)`` with ``w & cmask == cval``, or -1."""
     for i in range(p0 >> S2, ((p1 - 1) >> S2) + 1):
@@ -741,7 +716,6 @@ def walk_first(n2, n1, w0, p0, p1, cmask, cval):
     return -1
 
 
-@njit(**_KERNEL)
 def _order_l2(n2, n1, meta, i, clr, setb):
     """A new folio order (``ORDER_MASK`` bits only) for every page of 1 GiB entry ``i``
     (with a table): one write per 2 MiB entry, whatever its pages hold. Returns the
@@ -767,7 +741,6 @@ def _order_l2(n2, n1, meta, i, clr, setb):
     return changed
 
 
-@njit(**_KERNEL)
 def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
     """For pages of ``[p0, p1)`` with ``w & cmask == cval``: ``w = (w & ~clr) | setb``.
 
@@ -918,7 +891,6 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
     return changed
 
 
-@njit(**_KERNEL)
 def walk_transitions(n2, n1, w0, p0, p1, bit):
     """Number of ``p`` in ``(p0, p1)`` where ``bit`` (a counted bit) differs between page
     p-1 and p. Blocks whose counts show the bit uniform cost one step."""
@@ -965,7 +937,6 @@ def walk_transitions(n2, n1, w0, p0, p1, bit):
     return total
 
 
-@njit(**_INLINE)
 def gcount(meta, k):
     """Pages of the file with counted bit ``k`` set."""
     c = meta[M_GCNT + k]
@@ -978,7 +949,6 @@ def gcount(meta, k):
 # mechanisms: TLB, direct map, folios
 # ======================================================================================
 
-@njit(**_INLINE)
 def _tlb_flush(meta, npages):
     if npages <= 0:
         return
@@ -989,7 +959,6 @@ def _tlb_flush(meta, npages):
     meta[C_TLB_SHOOTDOWNS] += 1
 
 
-@njit(**_IR_INLINE)
 def zap_host(n2, n1, w0, meta, p0, p1):
     """Unmap the host userspace mappings of ``[p0, p1)`` (every process)."""
     if gcount(meta, K_HMAP) == 0:
@@ -1000,7 +969,6 @@ def zap_host(n2, n1, w0, meta, p0, p1):
     return z
 
 
-@njit(**_KERNEL)
 def zap_guest(n2, n1, w0, meta, p0, p1):
     """Invalidate the guest (stage-2) mappings of ``[p0, p1)``."""
     meta[C_GUEST_INVALIDATIONS] += 1
@@ -1011,7 +979,6 @@ def zap_guest(n2, n1, w0, meta, p0, p1):
     return z
 
 
-@njit(**_KERNEL)
 def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
     """Remove (or restore) the pages of ``[p0, p1)`` matching the condition from the
     kernel direct map.
@@ -1070,12 +1037,10 @@ def dmap_change(n2, n1, w0, meta, p0, p1, cmask, cval, remove):
     return total
 
 
-@njit(**_IR_INLINE)
 def _vmemmap_per_folio(order):
     return HVO_FREED_2M if order == S1 else HVO_FREED_1G
 
 
-@njit(**_IR_INLINE)
 def _count_split(meta, nfolios):
     if nfolios <= 0:
         return
@@ -1088,7 +1053,6 @@ def _count_split(meta, nfolios):
         meta[C_VMEMMAP_PAGES_RESTORED] += nfolios * _vmemmap_per_folio(order)
 
 
-@njit(**_KERNEL)
 def split_folios(n2, n1, w0, meta, p0, p1):
     """Split to order 0 every huge folio touching ``[p0, p1)``. Returns folios split."""
     order = meta[M_ORDER]
@@ -1119,7 +1083,6 @@ def split_folios(n2, n1, w0, meta, p0, p1):
     return nf
 
 
-@njit(**_IR_INLINE)
 def _order_bits(order):
     if order == S1:
         return HUGE
@@ -1128,12 +1091,10 @@ def _order_bits(order):
     return 0
 
 
-@njit(**_IR_INLINE)
 def _mergeable(cnt_alloc, cnt_priv, cnt_pin, cnt_huge, n):
     return cnt_alloc == n and cnt_priv == n and cnt_pin == 0 and cnt_huge == 0
 
 
-@njit(**_KERNEL)
 def merge_folios(n2, n1, w0, meta, p0, p1):
     """Merge back to the backing order every huge block touching ``[p0, p1)`` that is
     wholly private, wholly allocated and holds no extra references."""
@@ -1181,7 +1142,6 @@ def merge_folios(n2, n1, w0, meta, p0, p1):
     return merged
 
 
-@njit(**_INLINE)
 def _count_zero(meta, npages, order):
     if npages <= 0:
         return
@@ -1194,7 +1154,6 @@ def _count_zero(meta, npages, order):
         meta[C_BYTES_ZEROED_4K] += npages * PAGE_BYTES
 
 
-@njit(**_KERNEL)
 def _alloc_block(n2, n1, w0, meta, q0, q1, holes, npriv, order):
     """Allocate the holes of one aligned block ``[q0, q1)`` of the backing order."""
     if holes == 0:
@@ -1214,7 +1173,6 @@ def _alloc_block(n2, n1, w0, meta, q0, q1, holes, npriv, order):
     meta[C_PAGES_ALLOCATED] += holes
 
 
-@njit(**_KERNEL)
 def allocate(n2, n1, w0, meta, p0, p1):
     """Allocate every hole of ``[p0, p1)`` widened to whole blocks of the backing order.
 
@@ -1272,7 +1230,6 @@ def allocate(n2, n1, w0, meta, p0, p1):
     return done
 
 
-@njit(**_KERNEL)
 def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state, map_pages, prefault):
     """The guest accepts (TDX) or validates (SNP) the private pages of ``[p0, p1)`` in
     chunks of ``chunk_pages`` (1 or 512): each page (already allocated by the caller) is
@@ -1290,7 +1247,6 @@ def accept(n2, n1, w0, meta, p0, p1, chunk_pages, te_state, map_pages, prefault)
     return _count_accept(meta, n_new, chunk_pages, map_pages, prefault)
 
 
-@njit(**_INLINE)
 def _count_accept(meta, n_new, chunk_pages, map_pages, prefault):
     """The work of accepting ``n_new`` new pages (``accept``); returns the chunks."""
     chunks = (n_new + chunk_pages - 1) // chunk_pages
@@ -1343,7 +1299,6 @@ def _count_accept(meta, n_new, chunk_pages, map_pages, prefault):
     return chunks
 
 
-@njit(**_IR_INLINE)
 def _te_release(n2, n1, w0, meta, p0, p1):
     """The trusted entity gives pages of ``[p0, p1)`` back to the host: SNP RMP entries
     become hypervisor-owned (an RMPUPDATE each), TDX secure-EPT entries are removed (a
@@ -1364,7 +1319,6 @@ def _te_release(n2, n1, w0, meta, p0, p1):
     return ch
 
 
-@njit(**_IR_INLINE)
 def _te_split_cost(meta, nsplit_folios):
     """Breaking a huge folio's trusted-entity mapping: PSMASH per 2 MiB RMP entry on
     SNP, TDH.MEM.PAGE.DEMOTE per 2 MiB secure-EPT mapping on TDX."""
@@ -1381,13 +1335,11 @@ def _te_split_cost(meta, nsplit_folios):
 # operations
 # ======================================================================================
 
-@njit(**_KERNEL)
 def attribute_ranges(n2, n1, w0, meta):
     """Maximal runs of equal shareability over the file (the per-file store's size)."""
     return 1 + walk_transitions(n2, n1, w0, I0, meta[M_NPAGES], PRIV)
 
 
-@njit(**_IR_INLINE)
 def _ranges_after(n2, n1, w0, meta, p0, p1, v):
     npages = meta[M_NPAGES]
     lo = max(p0 - 1, 0)
@@ -1403,7 +1355,6 @@ def _ranges_after(n2, n1, w0, meta, p0, p1, v):
     return attribute_ranges(n2, n1, w0, meta) + after - before
 
 
-@njit(**_IR_INLINE)
 def _folios_checked(n2, n1, w0, meta, p0, p1):
     if gcount(meta, K_ALLOC) == 0:
         return 0
@@ -1417,7 +1368,6 @@ def _folios_checked(n2, n1, w0, meta, p0, p1):
     return small + (walk_count(n2, n1, w0, q0, q1, HUGE, HUGE) >> order)
 
 
-@njit(**_KERNEL)
 def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     """``KVM_SET_MEMORY_ATTRIBUTES2`` on the file for a validated range.
 
@@ -1488,7 +1438,6 @@ def convert(n2, n1, w0, meta, p0, p1, to_private, zero):
     return 0, -1
 
 
-@njit(**_KERNEL)
 def convert_page(n2, n1, w0, meta, p, to_private, zero):
     """``convert`` of the single page ``p``: one read and one write of its word.
 
@@ -1576,7 +1525,6 @@ def convert_page(n2, n1, w0, meta, p, to_private, zero):
     return 0, -1
 
 
-@njit(**_KERNEL)
 def group_items(p0s, p1s, to_private, zero, skip, shift, start, order, g0, g1, gpriv, gzero):
     """The items whose ``skip`` is 0 grouped by the block ``p0 >> shift`` they lie in
     (blocks in ascending order, the items of one block in their own order): a counting
@@ -1610,7 +1558,6 @@ def group_items(p0s, p1s, to_private, zero, skip, shift, start, order, g0, g1, g
     return m
 
 
-@njit(**_KERNEL)
 def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, order, skip_set, start, out_err,
                  out_page):
     """Apply conversions ``start..`` of validated page ranges ``[p0s[k], p1s[k])`` in that
@@ -1645,7 +1592,6 @@ def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, order, skip_set, 
     return n
 
 
-@njit(**_INLINE)
 def _block_allocated(n2, n1, w0, meta, p):
     """Whether the whole backing-order block of page ``p`` is allocated (so allocating
     ``p`` widens to nothing)."""
@@ -1661,7 +1607,6 @@ def _block_allocated(n2, n1, w0, meta, p):
     return (get_word(n2, n1, w0, p) & ALLOC) != 0
 
 
-@njit(**_KERNEL)
 def accept_many(n2, n1, w0, meta, p0s, p1s, chunk_pages, te_state, map_pages, prefault, check,
                 start, out_err, out_page, out_chunks):
     """``accept`` of the page ranges ``[p0s[x], p1s[x])`` from item ``start`` on, in order,
@@ -1710,7 +1655,6 @@ def accept_many(n2, n1, w0, meta, p0s, p1s, chunk_pages, te_state, map_pages, pr
     return n
 
 
-@njit(**_KERNEL)
 def fallocate_many(n2, n1, w0, meta, punch_hole, p0s, p1s, start, out_err, out_page):
     """Allocations and hole punches (``punch_hole[x]``) of validated page ranges, in order
     from item ``start``; items whose ``out_err`` is set are skipped, empty punches do
@@ -1736,7 +1680,6 @@ def fallocate_many(n2, n1, w0, meta, punch_hole, p0s, p1s, start, out_err, out_p
     return n
 
 
-@njit(**_KERNEL)
 def punch(n2, n1, w0, meta, p0, p1):
     """Punch a hole over ``[p0, p1)`` (already clamped to the file).
 
@@ -1774,7 +1717,6 @@ def punch(n2, n1, w0, meta, p0, p1):
 # invariants
 # ======================================================================================
 
-@njit(**_KERNEL)
 def _word_ok(w, meta):
     """0 if a page word is consistent, else the ``INV_*`` number of the broken rule."""
     a = (w & ALLOC) != 0
@@ -1801,7 +1743,6 @@ def _word_ok(w, meta):
     return 0
 
 
-@njit(**_KERNEL)
 def check_tree(n2, n1, w0, meta, scratch):
     """Verify every invariant of the store. Returns ``(rule, page)``; rule 0 = all good.
 
@@ -1898,7 +1839,6 @@ def check_tree(n2, n1, w0, meta, scratch):
     return 0, -1
 
 
-@njit(**_INLINE)
 def dmap_counts(n2, meta):
     """Direct-map entries over the file by size, (1 GiB, 2 MiB, 4 KiB), from the counts
     ``dmap_change`` keeps as it breaks entries up (``dmap_entries`` counts them again)."""
@@ -1906,7 +1846,6 @@ def dmap_counts(n2, meta):
             meta[M_DSPLIT2] * N1)
 
 
-@njit(**_KERNEL)
 def count_dsplits(n2, n1, meta):
     """Set the counts ``dmap_counts`` reads from the split flags (a loaded state)."""
     npages = meta[M_NPAGES]
@@ -1927,7 +1866,6 @@ def count_dsplits(n2, n1, meta):
                 meta[M_DSPLIT2] += 1
 
 
-@njit(**_KERNEL)
 def dmap_entries(n2, n1, npages):
     """Direct-map entries over the file by size: (1 GiB, 2 MiB, 4 KiB), counted from the
     split flags."""
@@ -1953,7 +1891,6 @@ def dmap_entries(n2, n1, npages):
 # the saved form: every stored page word complete
 # ======================================================================================
 
-@njit(**_KERNEL)
 def order_bits_to_pages(n2, n1, w0, meta, on):
     """Copy (``on``) each 2 MiB entry's folio order into its page table and exceptions,
     the form a state is saved in, or take it back out (``not on``) into the entry, the
@@ -1993,3 +1930,35 @@ def order_bits_to_pages(n2, n1, w0, meta, on):
                     return INV_HUGE_BLOCK, c0 + (v & XQ_MASK)
                 n1[e, F_X0 + x] = (v & XQ_MASK) | (((xw & ~ORDER_MASK) | (ob if on else I0)) << XW_SHIFT)
     return 0, -1
+
+
+# ======================================================================================
+# compiling
+# ======================================================================================
+# The kernels above are plain functions until here, where each is compiled with its
+# options. numba resolves the calls between kernels when it first compiles one, by which
+# time every name below refers to its compiled form. Keeping the compile options out of
+# the definitions lets mutation testing (README, "Mutation testing") put its variants of
+# each kernel in place under NUMBA_DISABLE_JIT=1, where ``njit`` returns the function.
+_SMALL_STEPS = (  # force-inlined by LLVM into their callers
+    "free_tables", "cnt2", "cnt1", "_xword", "_init_cnt1", "_add_cnt", "_set_xpage",
+    "_fold_l0", "_fold_l1", "get_word", "set_word", "_single_bit", "_match1", "_match2",
+    "gcount", "_tlb_flush", "_count_zero", "_count_accept", "_block_allocated", "dmap_counts",
+)
+_INLINED_BEFORE_TYPING = (
+    "zap_host", "_vmemmap_per_folio", "_count_split", "_order_bits", "_mergeable",
+    "_te_release", "_te_split_cost", "_ranges_after", "_folios_checked",
+)
+_ENTRY_POINTS = (  # and the kernels they call that stay functions of their own
+    "_new_l1", "_free_l1", "_new_l0", "_free_l0", "_split_l2", "_split_l1", "_xapply_whole",
+    "get_words", "_xcount", "walk_count", "walk_first", "_order_l2", "walk_apply",
+    "walk_transitions", "zap_guest", "dmap_change", "split_folios", "merge_folios",
+    "_alloc_block", "allocate", "accept", "attribute_ranges", "convert", "convert_page",
+    "group_items", "convert_many", "accept_many", "fallocate_many", "punch", "_word_ok",
+    "check_tree", "count_dsplits", "dmap_entries", "order_bits_to_pages",
+)
+for _options, _names in ((_INLINE, _SMALL_STEPS), (_IR_INLINE, _INLINED_BEFORE_TYPING),
+                         (_KERNEL, _ENTRY_POINTS)):
+    for _name in _names:
+        globals()[_name] = njit(**_options)(globals()[_name])
+del _options, _names, _name
