@@ -32,6 +32,16 @@ _GMEM_POLICIES = ("direct_map", "merge", "metadata_limit", "content_modes")
 _PLATFORM_POLICIES = ("populate_converts", "pages_per_populate")
 
 
+def _check_mapping(mapping):
+    """A private mapping level (4 KiB, 2 MiB or 1 GiB), or None; ``EINVAL`` otherwise."""
+    if mapping is None:
+        return None
+    mapping = as_int(mapping, "mapping")
+    if mapping not in _MAPPING_LEVELS:
+        raise GmemError(errno.EINVAL, f"private mapping level {mapping:#x}: must be 4 KiB, 2 MiB or 1 GiB")
+    return mapping
+
+
 @dataclass(frozen=True)
 class Memslot:
     """One memslot: ``[gpa, gpa+size)`` backed by ``[gmem_offset, ...)`` of ``gmem`` for
@@ -464,11 +474,7 @@ class VM:
         gpa = as_int(gpa, "gpa")
         size = as_int(size, "size")
         chunk = check_accept_chunk(chunk)
-        if mapping is not None:
-            mapping = as_int(mapping, "mapping")
-            if mapping not in _MAPPING_LEVELS:
-                raise GmemError(errno.EINVAL, f"private mapping level {mapping:#x}: must be 4 KiB, "
-                                              "2 MiB or 1 GiB")
+        mapping = _check_mapping(mapping)
         check_range(gpa, size, _MAX_GPA, "guest accept")
         if gpa % chunk or size % chunk:
             raise GmemError(errno.EINVAL, f"guest accept [{gpa:#x}, +{size:#x}) is not aligned to "
@@ -503,11 +509,7 @@ class VM:
         n = g.shape[0] if g.ndim else 1
         g, sz = (int_column(v, name, n, "gpas") for v, name in ((g, "gpas"), (sizes, "sizes")))
         chunk = check_accept_chunk(chunk)
-        if mapping is not None:
-            mapping = as_int(mapping, "mapping")
-            if mapping not in _MAPPING_LEVELS:
-                raise GmemError(errno.EINVAL, f"private mapping level {mapping:#x}: must be 4 KiB, "
-                                              "2 MiB or 1 GiB")
+        mapping = _check_mapping(mapping)
         out_err = np.zeros(n, np.int32)
         out_off = np.full(n, -1, np.int64)
         chunks = np.zeros(n, np.int64)

@@ -121,3 +121,7 @@ def test_bad_mapping_level_is_einval_and_changes_nothing(mapping):
         vm.guest_accept(0, M2, mapping=mapping)
     assert e.value.errno == errno.EINVAL and "mapping level" in str(e.value)
     assert dict(vm.counters) == before and g.allocated_pages() == 0
+    with pytest.raises(GmemError) as e:                      # the batched form, checked once
+        vm.guest_accept_many([0, M2], M2, mapping=mapping)
+    assert e.value.errno == errno.EINVAL and "mapping level" in str(e.value)
+    assert dict(vm.counters) == before and g.allocated_pages() == 0
