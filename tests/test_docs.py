@@ -124,3 +124,28 @@ def test_documented_command_runs(tmp_path, monkeypatch, capsys, doc, argv):
         assert out.strip(), f"{' '.join(step)} printed nothing:\n{err}"
         for path in _outputs(step):
             assert (tmp_path / path).exists(), path
+
+
+SECTION_REF = re.compile(r"model\.md\s*§\s*(\d+(?:\.\d+)*)")
+HEADING = re.compile(r"^#{2,4} (\d+(?:\.\d+)*) ", re.M)
+
+
+def section_references():
+    """(file, section) of every ``docs/model.md §N`` citation in the project's text files."""
+    refs = []
+    for sub in ("gmemfast", "tests", "benchmarks", "docs", "examples"):
+        for path in sorted((ROOT / sub).rglob("*")):
+            if path.suffix in (".py", ".md", ".toml", ".txt") and "__pycache__" not in path.parts:
+                refs += [(path.relative_to(ROOT).as_posix(), m) for m in SECTION_REF.findall(path.read_text())]
+    refs += [("README.md", m) for m in SECTION_REF.findall((ROOT / "README.md").read_text())]
+    return refs
+
+
+def test_cited_sections_of_the_model_exist():
+    """Code and documents cite the behaviour reference by section number; renumbering a
+    section must not leave a citation pointing at nothing."""
+    sections = set(HEADING.findall((ROOT / "docs" / "model.md").read_text()))
+    refs = section_references()
+    assert len(refs) > 50, "the project cites docs/model.md by section throughout"
+    missing = sorted({f"{f}: §{s}" for f, s in refs if s not in sections})
+    assert not missing, f"citations of sections docs/model.md does not have: {missing}"
