@@ -5,7 +5,7 @@ number of distinct regions touched, not the number of pages:
 
 * level 2, one entry per 1 GiB block (``n2``, dense over the file);
 * level 1, tables of 512 entries, one per 2 MiB block (``n1``, a pool, int32: an entry
-  is one 64-byte cache line);
+  is 48 bytes, its counts packed two to a field);
 * level 0, tables of 512 page words (``w0``, a pool, uint16).
 
 An entry with no child table is *uniform*: its ``F_WORD`` is the state word of every page
@@ -81,10 +81,15 @@ F_WORD = _i(0)
 F_CHILD = _i(1)
 F_DSPLIT = _i(2)        # this block's direct-map entry is broken into smaller entries
 F_CNT = _i(3)
-F_NX = _i(11)           # 2 MiB entries: number of exception pages (see below)
-F_X0 = _i(12)
 NX = _i(4)
-NF = _i(16)
+NF = _i(16)             # fields of a 1 GiB entry (int64), and of a saved 2 MiB entry
+# A 2 MiB entry (int32) keeps the same first three fields, then its eight counts two to a
+# field (count k in the 16 bits at ``(k & 1) * 16`` of field ``F_CNT + k // 2``; a count
+# is at most 512), then its exceptions: 48 bytes an entry, 24 KiB a 1 GiB block.
+F_NX = _i(7)            # 2 MiB entries: number of exception pages (see below)
+F_X0 = _i(8)
+NF1 = _i(12)
+CNT_MASK = _i(0xFFFF)
 XQ_MASK = _i(0xFFFF)    # an exception packs page index (low 16 bits) | word << 16
 XW_SHIFT = _i(16)
 
@@ -309,7 +314,17 @@ def cnt1(n1, e, k):
     """Pages of 2 MiB entry ``e`` with counted bit ``k`` set."""
     if n1[e, F_CHILD] < 0 and n1[e, F_NX] == 0:
         return N1 if (n1[e, F_WORD] >> k) & 1 else 0
-    return n1[e, F_CNT + k]
+    return _get_cnt1(n1, e, k)
+
+
+def _get_cnt1(n1, e, k):
+    """Stored count ``k`` of 2 MiB entry ``e`` (valid with a page table or exceptions)."""
+    return (np.int64(n1[e, F_CNT + (k >> 1)]) >> ((k & 1) << 4)) & CNT_MASK
+
+
+def _add_cnt1(n1, e, k, d):
+    """Add ``d`` to stored count ``k`` of 2 MiB entry ``e``."""
+    n1[e, F_CNT + (k >> 1)] += np.int64(d) << ((k & 1) << 4)
 
 
 def _xword(n1, e, q):
@@ -334,8 +349,10 @@ def _split_l2(n2, n1, meta, i):
 
 def _init_cnt1(n1, e):
     w = n1[e, F_WORD]
-    for k in range(NCOUNTED):
-        n1[e, F_CNT + k] = N1 if (w >> k) & 1 else 0
+    for j in range(NCOUNTED >> 1):
+        lo = N1 if (w >> (2 * j)) & 1 else 0
+        hi = N1 if (w >> (2 * j + 1)) & 1 else 0
+        n1[e, F_CNT + j] = lo | (hi << 16)
 
 
 def _split_l1(n1, w0, meta, e):
@@ -361,7 +378,7 @@ def _add_cnt(n2, n1, meta, i, e, w, nw):
         for k in range(NCOUNTED):
             if (diff >> k) & 1:
                 d = 1 if (nw >> k) & 1 else -1
-                n1[e, F_CNT + k] += d
+                _add_cnt1(n1, e, k, d)
                 n2[i, F_CNT + k] += d
                 meta[M_GCNT + k] += d
 
@@ -414,7 +431,7 @@ def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
         for k in range(NCOUNTED):
             if (diff >> k) & 1:
                 d = (N1 - nx) if (nw >> k) & 1 else -(N1 - nx)
-                n1[e, F_CNT + k] += d
+                _add_cnt1(n1, e, k, d)
                 n2[i, F_CNT + k] += d
                 meta[M_GCNT + k] += d
     n1[e, F_WORD] = nw
@@ -439,7 +456,7 @@ def _fold_l0(n1, w0, meta, e):
     if u < 0:
         return
     for k in range(NCOUNTED):
-        c = n1[e, F_CNT + k]
+        c = _get_cnt1(n1, e, k)
         if c != 0 and c != N1:
             return
     base = u * N1
@@ -509,7 +526,7 @@ def set_word(n2, n1, w0, meta, p, nw):
         if (nw ^ ob) & HUGE:
             d = N1 if nw & HUGE else -N1
             if n1[e, F_CHILD] >= 0 or n1[e, F_NX]:
-                n1[e, F_CNT + K_HUGE] += d
+                _add_cnt1(n1, e, K_HUGE, d)
             n2[i, F_CNT + K_HUGE] += d
             meta[M_GCNT + K_HUGE] += d
     u = n1[e, F_CHILD]
@@ -574,7 +591,7 @@ def _match1(n1, e, cmask, cval):
     rep = n1[e, F_WORD] & ORDER_MASK
     for k in range(NCOUNTED):
         if (cmask >> k) & 1:
-            c = n1[e, F_CNT + k]
+            c = _get_cnt1(n1, e, k)
             if c == N1:
                 rep |= np.int64(1) << k
             elif c != 0:
@@ -646,7 +663,7 @@ def walk_count(n2, n1, w0, p0, p1, cmask, cval):
                     total += chi - clo
                 continue
             if k >= 0 and clo == c0 and chi == c0 + N1:
-                c = n1[e, F_CNT + k]
+                c = _get_cnt1(n1, e, k)
                 total += c if cval != 0 else N1 - c
                 continue
             m = _match1(n1, e, cmask, cval)
@@ -735,7 +752,7 @@ def _order_l2(n2, n1, meta, i, clr, setb):
             d = N1 if nob & HUGE else -N1
             dh += d
             if n1[e, F_CHILD] >= 0 or n1[e, F_NX]:
-                n1[e, F_CNT + K_HUGE] += d
+                _add_cnt1(n1, e, K_HUGE, d)
     n2[i, F_CNT + K_HUGE] += dh
     meta[M_GCNT + K_HUGE] += dh
     return changed
@@ -860,7 +877,7 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
                         n1[e, F_WORD] = (n1[e, F_WORD] & ~ORDER_MASK) | nob
                         if (ob ^ nob) & HUGE:
                             d = N1 if nob & HUGE else -N1
-                            n1[e, F_CNT + K_HUGE] += d
+                            _add_cnt1(n1, e, K_HUGE, d)
                             n2[i, F_CNT + K_HUGE] += d
                             meta[M_GCNT + K_HUGE] += d
                         touched = True
@@ -1823,7 +1840,7 @@ def check_tree(n2, n1, w0, meta, scratch):
                 for k in range(NCOUNTED):
                     c1[k] += (w >> k) & 1
             for k in range(NCOUNTED):
-                if n1[e, F_CNT + k] != c1[k]:
+                if _get_cnt1(n1, e, k) != c1[k]:
                     return INV_COUNTS, c0
                 c2[k] += c1[k]
             if order == S1 and c1[K_HUGE] != 0 and c1[K_HUGE] != N1:
@@ -1941,7 +1958,7 @@ def order_bits_to_pages(n2, n1, w0, meta, on):
 # the definitions lets mutation testing (README, "Mutation testing") put its variants of
 # each kernel in place under NUMBA_DISABLE_JIT=1, where ``njit`` returns the function.
 _SMALL_STEPS = (  # force-inlined by LLVM into their callers
-    "free_tables", "cnt2", "cnt1", "_xword", "_init_cnt1", "_add_cnt", "_set_xpage",
+    "free_tables", "cnt2", "cnt1", "_get_cnt1", "_add_cnt1", "_xword", "_init_cnt1", "_add_cnt", "_set_xpage",
     "_fold_l0", "_fold_l1", "get_word", "set_word", "_single_bit", "_match1", "_match2",
     "gcount", "_tlb_flush", "_count_zero", "_count_accept", "_block_allocated", "dmap_counts",
 )
