@@ -122,6 +122,7 @@ M_GCNT = _i(104)        # 8 slots: per counted bit, pages of the whole tree with
 META_SIZE = _i(128)
 META_V1_SHIFT = 16      # bookkeeping of state format 1 started at M_FREE1 - 16
 RESERVE = _i(64)        # free tables of each level guaranteed before a mutating kernel
+TOUCH_MIN = _i(64)      # a batch's items in a block from which its table is read ahead
 
 DMAP_KEEP = _i(0)
 DMAP_NONE = _i(1)
@@ -1609,6 +1610,184 @@ def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, order, skip_set, 
     return n
 
 
+def group_pages(offs, npages, ends, keys):
+    """One-page conversions at byte offsets ``offs`` grouped by the 1 GiB block they lie
+    in (blocks in ascending order, the items of one block in their own order): a counting
+    sort. ``ends`` (zeros, one per block) is left holding where each block's items end in
+    ``keys``; ``keys[k]`` is ``item << S2 | page within its block``. Returns -1, having
+    grouped nothing, if an offset is not a page-aligned offset inside the file, else 0."""
+    n = offs.shape[0]
+    nblocks = ends.shape[0]
+    for x in range(n):
+        o = offs[x]
+        if o < 0 or (o & (PAGE_BYTES - 1)) != 0 or (o >> PAGE_SHIFT) >= npages:
+            return -1
+        ends[o >> (PAGE_SHIFT + S2)] += 1
+    acc = I0
+    for b in range(nblocks):
+        c = ends[b]
+        ends[b] = acc
+        acc += c
+    for x in range(n):
+        p = offs[x] >> PAGE_SHIFT
+        b = p >> S2
+        k = ends[b]
+        ends[b] = k + 1
+        keys[k] = (x << S2) | (p & (N2 - 1))
+    return 0
+
+
+def convert_pages(n2, n1, w0, meta, keys, ends, to_private, zero, start, out_err, out_off):
+    """Apply one-page conversions grouped by ``group_pages``, from ``start``, all to
+    ``to_private`` with ``zero``: the results of applying them in their order when the
+    metadata limit is off and no ``ENOMEM`` is injected (conversions of different blocks
+    touch disjoint state but for counters that add up). The result of item ``x`` goes to
+    ``out_err[x]`` and ``out_off[x]`` (a byte offset), which start at 0 and -1.
+
+    A page of a block with a table whose 2 MiB entry holds no page table and has room for
+    another exception, needing no folio split, host unmapping, pin check or direct-map
+    change, is converted here, as ``convert_page`` would, with the work counters kept in
+    locals and added once; any other page goes through ``convert_page`` (``convert``
+    where it declines). Returns ``(k, s)``: the item to resume at (``len(keys)`` when
+    done, earlier when the pools need growing first), and a sum of the words read to
+    bring a block's table into cache (returned only so that the reads are kept)."""
+    n = keys.shape[0]
+    nblocks = ends.shape[0]
+    b = I0
+    while b < nblocks and ends[b] <= start:
+        b += 1
+    want = PRIV if to_private else I0
+    snp = meta[M_VMTYPE] == VM_SNP
+    onconv = meta[M_DMAP] == DMAP_ONCONV
+    order = meta[M_ORDER]
+    merge = to_private and order != 0 and meta[M_MERGE] != 0
+    slow_bits = HUGE | (HMAP | PIN if to_private else I0)
+    calls = I0
+    noop = I0
+    checked = I0
+    ginv = I0
+    gzap = I0
+    rmp = I0
+    nzero = I0
+    moved = I0
+    touched = I0
+    k = start
+    stop = n
+    while k < n:
+        while ends[b] <= k:
+            b += 1
+        end = ends[b]
+        t = n2[b, F_CHILD]
+        if t >= 0 and end - k >= TOUCH_MIN:
+            # read the block's table in one sequential sweep, so that the items (in
+            # their own, random, order) find their entries in cache
+            for r in range(t * N1, (t + 1) * N1):
+                touched += n1[r, F_WORD]
+        while k < end:
+            f1, f0 = free_tables(meta)
+            if f1 < RESERVE or f0 < RESERVE:
+                stop = k
+                break
+            key = keys[k]
+            k += 1
+            x = key >> S2
+            p = (b << S2) | (key & (N2 - 1))
+            t = n2[b, F_CHILD]
+            fast = False
+            e = I0
+            q = p & (N1 - 1)
+            w = I0
+            base = I0
+            nx = I0
+            slot = -1
+            if t >= 0:
+                e = t * N1 + ((p >> S1) & (N1 - 1))
+                nx = np.int64(n1[e, F_NX])
+                if n1[e, F_CHILD] < 0 and nx < NX:
+                    # the page's word: its exception's, if it has one (every slot is
+                    # looked at, so that the loop's end is always the same)
+                    base = np.int64(n1[e, F_WORD])
+                    w = base
+                    for y in range(NX):
+                        v = np.int64(n1[e, F_X0 + y])
+                        if y < nx and (v & XQ_MASK) == q:
+                            slot = y
+                            w = (v >> XW_SHIFT) | (base & ORDER_MASK)
+                    if (w & PRIV) == want:
+                        calls += 1
+                        noop += 1
+                        continue
+                    fast = ((w & slow_bits) == 0 and not (onconv and (w & ALLOC))
+                            and not ((w & TE_MASK) and not to_private and not snp))
+            if not fast:
+                err, pg = convert_page(n2, n1, w0, meta, p, to_private, zero)
+                if err == RC_SLOW:
+                    err, pg = convert(n2, n1, w0, meta, p, p + 1, to_private, zero)
+                if err != 0:
+                    out_err[x] = err
+                if pg != -1:
+                    out_off[x] = pg << PAGE_SHIFT
+                continue
+            calls += 1
+            nw = (w & ~PRIV) | want
+            if to_private and (w & ALLOC):
+                checked += 1
+            ginv += 1
+            if w & GMAP:
+                nw &= ~GMAP
+                gzap += 1
+            if not to_private and (w & TE_MASK):
+                nw &= ~TE_MASK
+                rmp += 1
+            if zero and (w & ALLOC):
+                nzero += 1
+                nw &= ~DATA
+            moved += 1
+            # ``set_word``: the page's exception changes, goes (back to the entry's word)
+            # or is added (there is room)
+            if slot < 0:
+                for j in range(NCOUNTED >> 1):
+                    lo = N1 if (base >> (2 * j)) & 1 else 0
+                    hi = N1 if (base >> (2 * j + 1)) & 1 else 0
+                    kept = np.int64(n1[e, F_CNT + j])
+                    n1[e, F_CNT + j] = (lo | (hi << 16)) if nx == 0 else kept
+                n1[e, F_X0 + nx] = q | ((nw & ~ORDER_MASK) << XW_SHIFT)
+                n1[e, F_NX] = nx + 1
+            elif nw == base:
+                n1[e, F_X0 + slot] = n1[e, F_X0 + nx - 1]
+                n1[e, F_NX] = nx - 1
+            else:
+                n1[e, F_X0 + slot] = q | ((nw & ~ORDER_MASK) << XW_SHIFT)
+            _add_cnt(n2, n1, meta, b, e, w, nw)
+            _fold_l1(n2, n1, meta, b)
+            if merge:
+                t = n2[b, F_CHILD]
+                if t < 0:
+                    merge_folios(n2, n1, w0, meta, p, p + 1)
+                elif order == S2:
+                    if _mergeable(n2[b, F_CNT + K_ALLOC], n2[b, F_CNT + K_PRIV],
+                                  n2[b, F_CNT + K_PIN], n2[b, F_CNT + K_HUGE], N2):
+                        merge_folios(n2, n1, w0, meta, p, p + 1)
+                elif _mergeable(cnt1(n1, e, K_ALLOC), cnt1(n1, e, K_PRIV), cnt1(n1, e, K_PIN),
+                                cnt1(n1, e, K_HUGE), N1):
+                    merge_folios(n2, n1, w0, meta, p, p + 1)
+        if stop < n:
+            break
+    meta[C_CONVERT_CALLS] += calls
+    meta[C_CONVERT_NOOP] += noop
+    meta[C_FOLIOS_CHECKED] += checked
+    meta[C_GUEST_INVALIDATIONS] += ginv
+    meta[C_GUEST_PTES_ZAPPED] += gzap
+    meta[C_RMP_UPDATES] += rmp
+    _count_zero(meta, nzero, I0)
+    if to_private:
+        meta[C_PAGES_TO_PRIVATE] += moved
+    else:
+        meta[C_PAGES_TO_SHARED] += moved
+    meta[C_ATTR_WRITES_RANGE] += moved
+    return stop, touched
+
+
 def _block_allocated(n2, n1, w0, meta, p):
     """Whether the whole backing-order block of page ``p`` is allocated (so allocating
     ``p`` widens to nothing)."""
@@ -1971,7 +2150,8 @@ _ENTRY_POINTS = (  # and the kernels they call that stay functions of their own
     "get_words", "_xcount", "walk_count", "walk_first", "_order_l2", "walk_apply",
     "walk_transitions", "zap_guest", "dmap_change", "split_folios", "merge_folios",
     "_alloc_block", "allocate", "accept", "attribute_ranges", "convert", "convert_page",
-    "group_items", "convert_many", "accept_many", "fallocate_many", "punch", "_word_ok",
+    "group_items", "convert_many", "group_pages", "convert_pages", "accept_many",
+    "fallocate_many", "punch", "_word_ok",
     "check_tree", "count_dsplits", "dmap_entries", "order_bits_to_pages",
 )
 for _options, _names in ((_INLINE, _SMALL_STEPS), (_IR_INLINE, _INLINED_BEFORE_TYPING),

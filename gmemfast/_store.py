@@ -26,6 +26,7 @@ _POOL_FIRST_BYTES = 1 << 30   # address space first reserved for page tables (se
 _L1_FIRST_BYTES = 3 << 30     # ... for tables of 2 MiB entries (24 KiB a 1 GiB block)
 _GC_SLACK = 64                # stored pages beyond twice the live ones before a sweep
 GROUP_MIN = 64               # batches from this size on are applied grouped by block
+_KEYS_KEPT = 1 << 20          # the largest batch whose grouping scratch is kept (8 MiB)
 _SMALL = 16                   # batches below this size go one call at a time
 
 _RC_GROW = K.RC_GROW
@@ -165,6 +166,7 @@ class PageStore:
         self._w0 = np.zeros(0, np.uint16)
         self._meta = meta
         self._data: dict[int, bytes] = {}    # page -> 4096 bytes; valid only with DATA set
+        self._keys = np.zeros(0, np.int64)     # scratch of convert_pages
         self.reserve()
 
     # ---------------------------------------------------------------- capacity
@@ -373,6 +375,34 @@ class PageStore:
             x = K.convert_many(*self._tree(), *args, x, out_err, out_page)
         if len(self._data) > _GC_SLACK:
             self.gc_bytes()
+
+    def convert_pages(self, offs, to_private: bool, zero: bool, out_err, out_off) -> bool:
+        """One-page conversions at byte offsets ``offs`` (int64, contiguous), all to
+        ``to_private`` with ``zero``, with the results of applying them in order: fills
+        ``out_err`` (0 = done) and ``out_off`` (a byte offset, -1 = none), which must hold 0
+        and -1. Grouped by 1 GiB block (``convert_many`` says why that changes no
+        result). Returns False, having done nothing, where the order could matter (a
+        metadata limit, injected ``ENOMEM``) or an offset is not a page of the file: the
+        caller then takes the general path."""
+        meta = self._meta
+        if meta[K.M_LIMIT] >= 0 or meta[K.M_ENOMEM] > 0:
+            return False
+        n = len(offs)
+        ends = np.zeros(((self.nr_pages - 1) >> K.S2) + 1, np.int64)
+        if n <= _KEYS_KEPT:        # kept between calls: a new array costs its page faults
+            if len(self._keys) < n:
+                self._keys = np.empty(min(max(n, 2 * len(self._keys)), _KEYS_KEPT), np.int64)
+            keys = self._keys[:n]
+        else:
+            keys = np.empty(n, np.int64)
+        if K.group_pages(offs, self.nr_pages, ends, keys) < 0:
+            return False
+        x = 0
+        while x < n:
+            x, _ = K.convert_pages(*self._tree(), keys, ends, to_private, zero, x, out_err, out_off)
+        if len(self._data) > _GC_SLACK:
+            self.gc_bytes()
+        return True
 
     @staticmethod
     def small_batch(n: int) -> bool:
