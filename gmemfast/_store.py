@@ -381,13 +381,14 @@ class PageStore:
         ``to_private`` with ``zero``, with the results of applying them in order: fills
         ``out_err`` (0 = done) and ``out_off`` (a byte offset, -1 = none), which must hold 0
         and -1. Grouped by 1 GiB block (``convert_many`` says why that changes no
-        result). Returns False, having done nothing, where the order could matter (a
-        metadata limit, injected ``ENOMEM``) or an offset is not a page of the file: the
-        caller then takes the general path."""
+        result). Returns False, having done nothing, for a batch too small to group
+        (``GROUP_MIN``), where the order could matter (a metadata limit, injected
+        ``ENOMEM``) or where an offset is not a page of the file: the caller then takes
+        the general path."""
         meta = self._meta
-        if meta[K.M_LIMIT] >= 0 or meta[K.M_ENOMEM] > 0:
-            return False
         n = len(offs)
+        if n < GROUP_MIN or meta[K.M_LIMIT] >= 0 or meta[K.M_ENOMEM] > 0:
+            return False
         ends = np.zeros(((self.nr_pages - 1) >> K.S2) + 1, np.int64)
         if n <= _KEYS_KEPT:        # kept between calls: a new array costs its page faults
             if len(self._keys) < n:
