@@ -1671,6 +1671,7 @@ def convert_pages(n2, n1, w0, meta, keys, ends, to_private, zero, start, out_err
     nzero = I0
     moved = I0
     touched = I0
+    room = False
     k = start
     stop = n
     while k < n:
@@ -1684,10 +1685,12 @@ def convert_pages(n2, n1, w0, meta, keys, ends, to_private, zero, start, out_err
             for r in range(t * N1, (t + 1) * N1):
                 touched += n1[r, F_WORD]
         while k < end:
-            f1, f0 = free_tables(meta)
-            if f1 < RESERVE or f0 < RESERVE:
-                stop = k
-                break
+            if not room:        # known only until a call that may take tables
+                f1, f0 = free_tables(meta)
+                if f1 < RESERVE or f0 < RESERVE:
+                    stop = k
+                    break
+                room = True
             key = keys[k]
             k += 1
             x = key >> S2
@@ -1720,6 +1723,7 @@ def convert_pages(n2, n1, w0, meta, keys, ends, to_private, zero, start, out_err
                     fast = ((w & slow_bits) == 0 and not (onconv and (w & ALLOC))
                             and not ((w & TE_MASK) and not to_private and not snp))
             if not fast:
+                room = False
                 err, pg = convert_page(n2, n1, w0, meta, p, to_private, zero)
                 if err == RC_SLOW:
                     err, pg = convert(n2, n1, w0, meta, p, p + 1, to_private, zero)
@@ -1761,15 +1765,18 @@ def convert_pages(n2, n1, w0, meta, keys, ends, to_private, zero, start, out_err
             _add_cnt(n2, n1, meta, b, e, w, nw)
             _fold_l1(n2, n1, meta, b)
             if merge:
+                # merge_folios(p, p + 1), called where its block could merge
                 t = n2[b, F_CHILD]
                 if t < 0:
-                    merge_folios(n2, n1, w0, meta, p, p + 1)
+                    due = True
                 elif order == S2:
-                    if _mergeable(n2[b, F_CNT + K_ALLOC], n2[b, F_CNT + K_PRIV],
-                                  n2[b, F_CNT + K_PIN], n2[b, F_CNT + K_HUGE], N2):
-                        merge_folios(n2, n1, w0, meta, p, p + 1)
-                elif _mergeable(cnt1(n1, e, K_ALLOC), cnt1(n1, e, K_PRIV), cnt1(n1, e, K_PIN),
-                                cnt1(n1, e, K_HUGE), N1):
+                    due = _mergeable(n2[b, F_CNT + K_ALLOC], n2[b, F_CNT + K_PRIV],
+                                     n2[b, F_CNT + K_PIN], n2[b, F_CNT + K_HUGE], N2)
+                else:
+                    due = _mergeable(cnt1(n1, e, K_ALLOC), cnt1(n1, e, K_PRIV), cnt1(n1, e, K_PIN),
+                                     cnt1(n1, e, K_HUGE), N1)
+                if due:
+                    room = False
                     merge_folios(n2, n1, w0, meta, p, p + 1)
         if stop < n:
             break
