@@ -1762,8 +1762,17 @@ def convert_pages(n2, n1, w0, meta, keys, ends, to_private, zero, start, out_err
                 n1[e, F_NX] = nx - 1
             else:
                 n1[e, F_X0 + slot] = q | ((nw & ~ORDER_MASK) << XW_SHIFT)
-            _add_cnt(n2, n1, meta, b, e, w, nw)
-            _fold_l1(n2, n1, meta, b)
+            # the counts: the private bit flips; any other counted bit that changed is
+            # counted as _add_cnt does
+            d = 1 if to_private else -1
+            _add_cnt1(n1, e, K_PRIV, d)
+            n2[b, F_CNT + K_PRIV] += d
+            meta[M_GCNT + K_PRIV] += d
+            if (w ^ nw) & COUNTED_MASK & ~PRIV:
+                _add_cnt(n2, n1, meta, b, e, w & ~PRIV, nw & ~PRIV)
+            c = n2[b, F_CNT + K_PRIV]
+            if c == 0 or c == N2:       # else _fold_l1 finds the block mixed
+                _fold_l1(n2, n1, meta, b)
             if merge:
                 # merge_folios(p, p + 1), called where its block could merge
                 t = n2[b, F_CHILD]
