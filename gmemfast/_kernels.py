@@ -5,7 +5,7 @@ number of distinct regions touched, not the number of pages:
 
 * level 2, one entry per 1 GiB block (``n2``, dense over the file);
 * level 1, tables of 512 entries, one per 2 MiB block (``n1``, a pool, int32: an entry
-  is one 64-byte cache line);
+  is 48 bytes, its counts packed two to a field);
 * level 0, tables of 512 page words (``w0``, a pool, uint16).
 
 An entry with no child table is *uniform*: its ``F_WORD`` is the state word of every page
@@ -81,10 +81,15 @@ F_WORD = _i(0)
 F_CHILD = _i(1)
 F_DSPLIT = _i(2)        # this block's direct-map entry is broken into smaller entries
 F_CNT = _i(3)
-F_NX = _i(11)           # 2 MiB entries: number of exception pages (see below)
-F_X0 = _i(12)
 NX = _i(4)
-NF = _i(16)
+NF = _i(16)             # fields of a 1 GiB entry (int64), and of a saved 2 MiB entry
+# A 2 MiB entry (int32) keeps the same first three fields, then its eight counts two to a
+# field (count k in the 16 bits at ``(k & 1) * 16`` of field ``F_CNT + k // 2``; a count
+# is at most 512), then its exceptions: 48 bytes an entry, 24 KiB a 1 GiB block.
+F_NX = _i(7)            # 2 MiB entries: number of exception pages (see below)
+F_X0 = _i(8)
+NF1 = _i(12)
+CNT_MASK = _i(0xFFFF)
 XQ_MASK = _i(0xFFFF)    # an exception packs page index (low 16 bits) | word << 16
 XW_SHIFT = _i(16)
 
@@ -117,6 +122,7 @@ M_GCNT = _i(104)        # 8 slots: per counted bit, pages of the whole tree with
 META_SIZE = _i(128)
 META_V1_SHIFT = 16      # bookkeeping of state format 1 started at M_FREE1 - 16
 RESERVE = _i(64)        # free tables of each level guaranteed before a mutating kernel
+TOUCH_MIN = _i(64)      # a batch's items in a block from which its table is read ahead
 
 DMAP_KEEP = _i(0)
 DMAP_NONE = _i(1)
@@ -309,7 +315,17 @@ def cnt1(n1, e, k):
     """Pages of 2 MiB entry ``e`` with counted bit ``k`` set."""
     if n1[e, F_CHILD] < 0 and n1[e, F_NX] == 0:
         return N1 if (n1[e, F_WORD] >> k) & 1 else 0
-    return n1[e, F_CNT + k]
+    return _get_cnt1(n1, e, k)
+
+
+def _get_cnt1(n1, e, k):
+    """Stored count ``k`` of 2 MiB entry ``e`` (valid with a page table or exceptions)."""
+    return (np.int64(n1[e, F_CNT + (k >> 1)]) >> ((k & 1) << 4)) & CNT_MASK
+
+
+def _add_cnt1(n1, e, k, d):
+    """Add ``d`` to stored count ``k`` of 2 MiB entry ``e``."""
+    n1[e, F_CNT + (k >> 1)] += np.int64(d) << ((k & 1) << 4)
 
 
 def _xword(n1, e, q):
@@ -334,8 +350,10 @@ def _split_l2(n2, n1, meta, i):
 
 def _init_cnt1(n1, e):
     w = n1[e, F_WORD]
-    for k in range(NCOUNTED):
-        n1[e, F_CNT + k] = N1 if (w >> k) & 1 else 0
+    for j in range(NCOUNTED >> 1):
+        lo = N1 if (w >> (2 * j)) & 1 else 0
+        hi = N1 if (w >> (2 * j + 1)) & 1 else 0
+        n1[e, F_CNT + j] = lo | (hi << 16)
 
 
 def _split_l1(n1, w0, meta, e):
@@ -361,7 +379,7 @@ def _add_cnt(n2, n1, meta, i, e, w, nw):
         for k in range(NCOUNTED):
             if (diff >> k) & 1:
                 d = 1 if (nw >> k) & 1 else -1
-                n1[e, F_CNT + k] += d
+                _add_cnt1(n1, e, k, d)
                 n2[i, F_CNT + k] += d
                 meta[M_GCNT + k] += d
 
@@ -414,7 +432,7 @@ def _xapply_whole(n2, n1, meta, i, e, cmask, cval, clr, setb):
         for k in range(NCOUNTED):
             if (diff >> k) & 1:
                 d = (N1 - nx) if (nw >> k) & 1 else -(N1 - nx)
-                n1[e, F_CNT + k] += d
+                _add_cnt1(n1, e, k, d)
                 n2[i, F_CNT + k] += d
                 meta[M_GCNT + k] += d
     n1[e, F_WORD] = nw
@@ -439,7 +457,7 @@ def _fold_l0(n1, w0, meta, e):
     if u < 0:
         return
     for k in range(NCOUNTED):
-        c = n1[e, F_CNT + k]
+        c = _get_cnt1(n1, e, k)
         if c != 0 and c != N1:
             return
     base = u * N1
@@ -509,7 +527,7 @@ def set_word(n2, n1, w0, meta, p, nw):
         if (nw ^ ob) & HUGE:
             d = N1 if nw & HUGE else -N1
             if n1[e, F_CHILD] >= 0 or n1[e, F_NX]:
-                n1[e, F_CNT + K_HUGE] += d
+                _add_cnt1(n1, e, K_HUGE, d)
             n2[i, F_CNT + K_HUGE] += d
             meta[M_GCNT + K_HUGE] += d
     u = n1[e, F_CHILD]
@@ -574,7 +592,7 @@ def _match1(n1, e, cmask, cval):
     rep = n1[e, F_WORD] & ORDER_MASK
     for k in range(NCOUNTED):
         if (cmask >> k) & 1:
-            c = n1[e, F_CNT + k]
+            c = _get_cnt1(n1, e, k)
             if c == N1:
                 rep |= np.int64(1) << k
             elif c != 0:
@@ -646,7 +664,7 @@ def walk_count(n2, n1, w0, p0, p1, cmask, cval):
                     total += chi - clo
                 continue
             if k >= 0 and clo == c0 and chi == c0 + N1:
-                c = n1[e, F_CNT + k]
+                c = _get_cnt1(n1, e, k)
                 total += c if cval != 0 else N1 - c
                 continue
             m = _match1(n1, e, cmask, cval)
@@ -735,7 +753,7 @@ def _order_l2(n2, n1, meta, i, clr, setb):
             d = N1 if nob & HUGE else -N1
             dh += d
             if n1[e, F_CHILD] >= 0 or n1[e, F_NX]:
-                n1[e, F_CNT + K_HUGE] += d
+                _add_cnt1(n1, e, K_HUGE, d)
     n2[i, F_CNT + K_HUGE] += dh
     meta[M_GCNT + K_HUGE] += dh
     return changed
@@ -860,7 +878,7 @@ def walk_apply(n2, n1, w0, meta, p0, p1, cmask, cval, clr, setb):
                         n1[e, F_WORD] = (n1[e, F_WORD] & ~ORDER_MASK) | nob
                         if (ob ^ nob) & HUGE:
                             d = N1 if nob & HUGE else -N1
-                            n1[e, F_CNT + K_HUGE] += d
+                            _add_cnt1(n1, e, K_HUGE, d)
                             n2[i, F_CNT + K_HUGE] += d
                             meta[M_GCNT + K_HUGE] += d
                         touched = True
@@ -1592,6 +1610,200 @@ def convert_many(n2, n1, w0, meta, p0s, p1s, to_private, zero, order, skip_set, 
     return n
 
 
+def group_pages(offs, npages, ends, keys):
+    """One-page conversions at byte offsets ``offs`` grouped by the 1 GiB block they lie
+    in (blocks in ascending order, the items of one block in their own order): a counting
+    sort. ``ends`` (zeros, one per block) is left holding where each block's items end in
+    ``keys``; ``keys[k]`` is ``item << S2 | page within its block``. Returns -1, having
+    grouped nothing, if an offset is not a page-aligned offset inside the file, else 0."""
+    n = offs.shape[0]
+    nblocks = ends.shape[0]
+    for x in range(n):
+        o = offs[x]
+        if o < 0 or (o & (PAGE_BYTES - 1)) != 0 or (o >> PAGE_SHIFT) >= npages:
+            return -1
+        ends[o >> (PAGE_SHIFT + S2)] += 1
+    acc = I0
+    for b in range(nblocks):
+        c = ends[b]
+        ends[b] = acc
+        acc += c
+    for x in range(n):
+        p = offs[x] >> PAGE_SHIFT
+        b = p >> S2
+        k = ends[b]
+        ends[b] = k + 1
+        keys[k] = (x << S2) | (p & (N2 - 1))
+    return 0
+
+
+def convert_pages(n2, n1, w0, meta, keys, ends, to_private, zero, start, out_err, out_off):
+    """Apply one-page conversions grouped by ``group_pages``, from ``start``, all to
+    ``to_private`` with ``zero``: the results of applying them in their order when the
+    metadata limit is off and no ``ENOMEM`` is injected (conversions of different blocks
+    touch disjoint state but for counters that add up). The result of item ``x`` goes to
+    ``out_err[x]`` and ``out_off[x]`` (a byte offset), which start at 0 and -1.
+
+    A page of a block with a table whose 2 MiB entry holds no page table and has room for
+    another exception, needing no folio split, host unmapping, pin check or direct-map
+    change, is converted here, as ``convert_page`` would, with the work counters kept in
+    locals and added once; any other page goes through ``convert_page`` (``convert``
+    where it declines). Returns ``(k, s)``: the item to resume at (``len(keys)`` when
+    done, earlier when the pools need growing first), and a sum of the words read to
+    bring a block's table into cache (returned only so that the reads are kept)."""
+    n = keys.shape[0]
+    nblocks = ends.shape[0]
+    b = I0
+    while b < nblocks and ends[b] <= start:
+        b += 1
+    want = PRIV if to_private else I0
+    snp = meta[M_VMTYPE] == VM_SNP
+    onconv = meta[M_DMAP] == DMAP_ONCONV
+    order = meta[M_ORDER]
+    merge = to_private and order != 0 and meta[M_MERGE] != 0
+    slow_bits = HUGE | (HMAP | PIN if to_private else I0)
+    calls = I0
+    noop = I0
+    checked = I0
+    ginv = I0
+    gzap = I0
+    rmp = I0
+    nzero = I0
+    moved = I0
+    touched = I0
+    room = False
+    k = start
+    stop = n
+    while k < n:
+        while ends[b] <= k:
+            b += 1
+        end = ends[b]
+        t = n2[b, F_CHILD]
+        if t >= 0 and end - k >= TOUCH_MIN:
+            # read the block's table in one sequential sweep, so that the items (in
+            # their own, random, order) find their entries in cache
+            for r in range(t * N1, (t + 1) * N1):
+                touched += n1[r, F_WORD]
+        while k < end:
+            if not room:        # known only until a call that may take tables
+                f1, f0 = free_tables(meta)
+                if f1 < RESERVE or f0 < RESERVE:
+                    stop = k
+                    break
+                room = True
+            key = keys[k]
+            k += 1
+            x = key >> S2
+            p = (b << S2) | (key & (N2 - 1))
+            t = n2[b, F_CHILD]
+            fast = False
+            e = I0
+            q = p & (N1 - 1)
+            w = I0
+            base = I0
+            nx = I0
+            slot = -1
+            if t >= 0:
+                e = t * N1 + ((p >> S1) & (N1 - 1))
+                nx = np.int64(n1[e, F_NX])
+                if n1[e, F_CHILD] < 0 and nx < NX:
+                    # the page's word: its exception's, if it has one (every slot is
+                    # looked at, so that the loop's end is always the same)
+                    base = np.int64(n1[e, F_WORD])
+                    w = base
+                    for y in range(NX):
+                        v = np.int64(n1[e, F_X0 + y])
+                        if y < nx and (v & XQ_MASK) == q:
+                            slot = y
+                            w = (v >> XW_SHIFT) | (base & ORDER_MASK)
+                    if (w & PRIV) == want:
+                        calls += 1
+                        noop += 1
+                        continue
+                    fast = ((w & slow_bits) == 0 and not (onconv and (w & ALLOC))
+                            and not ((w & TE_MASK) and not to_private and not snp))
+            if not fast:
+                room = False
+                err, pg = convert_page(n2, n1, w0, meta, p, to_private, zero)
+                if err == RC_SLOW:
+                    err, pg = convert(n2, n1, w0, meta, p, p + 1, to_private, zero)
+                if err != 0:
+                    out_err[x] = err
+                if pg != -1:
+                    out_off[x] = pg << PAGE_SHIFT
+                continue
+            calls += 1
+            nw = (w & ~PRIV) | want
+            if to_private and (w & ALLOC):
+                checked += 1
+            ginv += 1
+            if w & GMAP:
+                nw &= ~GMAP
+                gzap += 1
+            if not to_private and (w & TE_MASK):
+                nw &= ~TE_MASK
+                rmp += 1
+            if zero and (w & ALLOC):
+                nzero += 1
+                nw &= ~DATA
+            moved += 1
+            # ``set_word``: the page's exception changes, goes (back to the entry's word)
+            # or is added (there is room)
+            if slot < 0:
+                for j in range(NCOUNTED >> 1):
+                    lo = N1 if (base >> (2 * j)) & 1 else 0
+                    hi = N1 if (base >> (2 * j + 1)) & 1 else 0
+                    kept = np.int64(n1[e, F_CNT + j])
+                    n1[e, F_CNT + j] = (lo | (hi << 16)) if nx == 0 else kept
+                n1[e, F_X0 + nx] = q | ((nw & ~ORDER_MASK) << XW_SHIFT)
+                n1[e, F_NX] = nx + 1
+            elif nw == base:
+                n1[e, F_X0 + slot] = n1[e, F_X0 + nx - 1]
+                n1[e, F_NX] = nx - 1
+            else:
+                n1[e, F_X0 + slot] = q | ((nw & ~ORDER_MASK) << XW_SHIFT)
+            # the counts: the private bit flips; any other counted bit that changed is
+            # counted as _add_cnt does
+            d = 1 if to_private else -1
+            _add_cnt1(n1, e, K_PRIV, d)
+            n2[b, F_CNT + K_PRIV] += d
+            meta[M_GCNT + K_PRIV] += d
+            if (w ^ nw) & COUNTED_MASK & ~PRIV:
+                _add_cnt(n2, n1, meta, b, e, w & ~PRIV, nw & ~PRIV)
+            c = n2[b, F_CNT + K_PRIV]
+            if c == 0 or c == N2:       # else _fold_l1 finds the block mixed
+                _fold_l1(n2, n1, meta, b)
+            if merge:
+                # merge_folios(p, p + 1), called where its block could merge
+                t = n2[b, F_CHILD]
+                if t < 0:
+                    due = True
+                elif order == S2:
+                    due = _mergeable(n2[b, F_CNT + K_ALLOC], n2[b, F_CNT + K_PRIV],
+                                     n2[b, F_CNT + K_PIN], n2[b, F_CNT + K_HUGE], N2)
+                else:
+                    due = _mergeable(cnt1(n1, e, K_ALLOC), cnt1(n1, e, K_PRIV), cnt1(n1, e, K_PIN),
+                                     cnt1(n1, e, K_HUGE), N1)
+                if due:
+                    room = False
+                    merge_folios(n2, n1, w0, meta, p, p + 1)
+        if stop < n:
+            break
+    meta[C_CONVERT_CALLS] += calls
+    meta[C_CONVERT_NOOP] += noop
+    meta[C_FOLIOS_CHECKED] += checked
+    meta[C_GUEST_INVALIDATIONS] += ginv
+    meta[C_GUEST_PTES_ZAPPED] += gzap
+    meta[C_RMP_UPDATES] += rmp
+    _count_zero(meta, nzero, I0)
+    if to_private:
+        meta[C_PAGES_TO_PRIVATE] += moved
+    else:
+        meta[C_PAGES_TO_SHARED] += moved
+    meta[C_ATTR_WRITES_RANGE] += moved
+    return stop, touched
+
+
 def _block_allocated(n2, n1, w0, meta, p):
     """Whether the whole backing-order block of page ``p`` is allocated (so allocating
     ``p`` widens to nothing)."""
@@ -1823,7 +2035,7 @@ def check_tree(n2, n1, w0, meta, scratch):
                 for k in range(NCOUNTED):
                     c1[k] += (w >> k) & 1
             for k in range(NCOUNTED):
-                if n1[e, F_CNT + k] != c1[k]:
+                if _get_cnt1(n1, e, k) != c1[k]:
                     return INV_COUNTS, c0
                 c2[k] += c1[k]
             if order == S1 and c1[K_HUGE] != 0 and c1[K_HUGE] != N1:
@@ -1941,7 +2153,7 @@ def order_bits_to_pages(n2, n1, w0, meta, on):
 # the definitions lets mutation testing (README, "Mutation testing") put its variants of
 # each kernel in place under NUMBA_DISABLE_JIT=1, where ``njit`` returns the function.
 _SMALL_STEPS = (  # force-inlined by LLVM into their callers
-    "free_tables", "cnt2", "cnt1", "_xword", "_init_cnt1", "_add_cnt", "_set_xpage",
+    "free_tables", "cnt2", "cnt1", "_get_cnt1", "_add_cnt1", "_xword", "_init_cnt1", "_add_cnt", "_set_xpage",
     "_fold_l0", "_fold_l1", "get_word", "set_word", "_single_bit", "_match1", "_match2",
     "gcount", "_tlb_flush", "_count_zero", "_count_accept", "_block_allocated", "dmap_counts",
 )
@@ -1954,7 +2166,8 @@ _ENTRY_POINTS = (  # and the kernels they call that stay functions of their own
     "get_words", "_xcount", "walk_count", "walk_first", "_order_l2", "walk_apply",
     "walk_transitions", "zap_guest", "dmap_change", "split_folios", "merge_folios",
     "_alloc_block", "allocate", "accept", "attribute_ranges", "convert", "convert_page",
-    "group_items", "convert_many", "accept_many", "fallocate_many", "punch", "_word_ok",
+    "group_items", "convert_many", "group_pages", "convert_pages", "accept_many",
+    "fallocate_many", "punch", "_word_ok",
     "check_tree", "count_dsplits", "dmap_entries", "order_bits_to_pages",
 )
 for _options, _names in ((_INLINE, _SMALL_STEPS), (_IR_INLINE, _INLINED_BEFORE_TYPING),

@@ -23,9 +23,10 @@ from .units import PAGE_SHIFT, PAGE_SIZE
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 _POOL_FIRST_BYTES = 1 << 30   # address space first reserved for page tables (see reserve)
-_L1_FIRST_BYTES = 4 << 30     # ... for tables of 2 MiB entries (int32: 32 KiB a 1 GiB block)
+_L1_FIRST_BYTES = 3 << 30     # ... for tables of 2 MiB entries (24 KiB a 1 GiB block)
 _GC_SLACK = 64                # stored pages beyond twice the live ones before a sweep
 GROUP_MIN = 64               # batches from this size on are applied grouped by block
+_KEYS_KEPT = 1 << 20          # the largest batch whose grouping scratch is kept (8 MiB)
 _SMALL = 16                   # batches below this size go one call at a time
 
 _RC_GROW = K.RC_GROW
@@ -81,6 +82,42 @@ def upgrade_meta(meta: np.ndarray, version: int) -> np.ndarray:
     return out
 
 
+# A saved 2 MiB entry has ``K.NF`` int64 fields: word, child, direct-map split, the eight
+# counts one to a field, the number of exceptions, the exceptions (the layout the state
+# format has always had); the store keeps it in ``K.NF1`` int32 fields (see _kernels).
+_SAVED_NX = 3 + int(K.NCOUNTED)
+_SAVED_X0 = _SAVED_NX + 1
+
+
+def saved_l1(n1: np.ndarray) -> np.ndarray:
+    """2 MiB entries as the store keeps them, in their saved layout."""
+    out = np.zeros((len(n1), K.NF), np.int64)
+    kept = n1.astype(np.int64)
+    out[:, :K.F_CNT] = kept[:, :K.F_CNT]
+    for k in range(K.NCOUNTED):
+        out[:, K.F_CNT + k] = (kept[:, K.F_CNT + (k >> 1)] >> ((k & 1) * 16)) & K.CNT_MASK
+    out[:, _SAVED_NX] = kept[:, K.F_NX]
+    out[:, _SAVED_X0:_SAVED_X0 + K.NX] = kept[:, K.F_X0:K.F_X0 + K.NX]
+    return out
+
+
+def kept_l1(saved: np.ndarray) -> np.ndarray:
+    """Saved 2 MiB entries in the layout the store keeps; ``ValueError`` if a field does
+    not fit it (a count outside ``[0, 512]``, another field outside int32)."""
+    counts = saved[:, K.F_CNT:K.F_CNT + K.NCOUNTED]
+    other = np.concatenate([saved[:, :K.F_CNT], saved[:, _SAVED_NX:]], axis=1)
+    if len(saved) and (counts.min() < 0 or counts.max() > K.N1
+                       or other.min() < np.iinfo(np.int32).min or other.max() > np.iinfo(np.int32).max):
+        raise ValueError("state arrays hold values out of range (damaged file)")
+    out = np.zeros((len(saved), K.NF1), np.int64)
+    out[:, :K.F_CNT] = saved[:, :K.F_CNT]
+    for k in range(K.NCOUNTED):
+        out[:, K.F_CNT + (k >> 1)] |= counts[:, k] << ((k & 1) * 16)
+    out[:, K.F_NX] = saved[:, _SAVED_NX]
+    out[:, K.F_X0:K.F_X0 + K.NX] = saved[:, _SAVED_X0:_SAVED_X0 + K.NX]
+    return out.astype(np.int32)
+
+
 def word_order(w: int) -> int:
     """Folio order of a page word: 0, 9 or 18, or -1 for a hole."""
     if not w & ALLOC:
@@ -125,10 +162,11 @@ class PageStore:
         meta[K.M_INITW] = initw
         meta[K.M_GCNT + 1] = nl2 * K.N2 if initw else 0
         self._n2 = n2
-        self._n1 = np.zeros((0, K.NF), np.int32)
+        self._n1 = np.zeros((0, K.NF1), np.int32)
         self._w0 = np.zeros(0, np.uint16)
         self._meta = meta
         self._data: dict[int, bytes] = {}    # page -> 4096 bytes; valid only with DATA set
+        self._keys = np.zeros(0, np.int64)     # scratch of convert_pages
         self.reserve()
 
     # ---------------------------------------------------------------- capacity
@@ -145,8 +183,8 @@ class PageStore:
             cap = max(2 * int(meta[K.M_CAP1]), int(meta[K.M_USED1]) + 2 * K.RESERVE)
             if meta[K.M_CAP1] == 0:
                 # one table per 1 GiB block at most: reserve them all (address space)
-                cap = max(cap, min(len(self._n2), _L1_FIRST_BYTES // (K.N1 * K.NF * 4)) + K.RESERVE)
-            n1 = np.zeros((cap * K.N1, K.NF), np.int32)
+                cap = max(cap, min(len(self._n2), _L1_FIRST_BYTES // (K.N1 * K.NF1 * 4)) + K.RESERVE)
+            n1 = np.zeros((cap * K.N1, K.NF1), np.int32)
             n1[: len(self._n1)] = self._n1
             self._n1 = n1
             meta[K.M_CAP1] = cap
@@ -207,7 +245,7 @@ class PageStore:
     def footprint(self) -> int:
         """Bytes of page state held (summaries, tables in use, contents)."""
         m = self._meta
-        return int(self._n2.nbytes + m[K.M_USED1] * K.N1 * K.NF * 4 + m[K.M_USED0] * K.N1 * 2
+        return int(self._n2.nbytes + m[K.M_USED1] * K.N1 * K.NF1 * 4 + m[K.M_USED0] * K.N1 * 2
                    + len(self._data) * PAGE_SIZE)
 
     def check(self) -> tuple[int, int]:
@@ -338,6 +376,35 @@ class PageStore:
         if len(self._data) > _GC_SLACK:
             self.gc_bytes()
 
+    def convert_pages(self, offs, to_private: bool, zero: bool, out_err, out_off) -> bool:
+        """One-page conversions at byte offsets ``offs`` (int64, contiguous), all to
+        ``to_private`` with ``zero``, with the results of applying them in order: fills
+        ``out_err`` (0 = done) and ``out_off`` (a byte offset, -1 = none), which must hold 0
+        and -1. Grouped by 1 GiB block (``convert_many`` says why that changes no
+        result). Returns False, having done nothing, for a batch too small to group
+        (``GROUP_MIN``), where the order could matter (a metadata limit, injected
+        ``ENOMEM``) or where an offset is not a page of the file: the caller then takes
+        the general path."""
+        meta = self._meta
+        n = len(offs)
+        if n < GROUP_MIN or meta[K.M_LIMIT] >= 0 or meta[K.M_ENOMEM] > 0:
+            return False
+        ends = np.zeros(((self.nr_pages - 1) >> K.S2) + 1, np.int64)
+        if n <= _KEYS_KEPT:        # kept between calls: a new array costs its page faults
+            if len(self._keys) < n:
+                self._keys = np.empty(min(max(n, 2 * len(self._keys)), _KEYS_KEPT), np.int64)
+            keys = self._keys[:n]
+        else:
+            keys = np.empty(n, np.int64)
+        if K.group_pages(offs, self.nr_pages, ends, keys) < 0:
+            return False
+        x = 0
+        while x < n:
+            x, _ = K.convert_pages(*self._tree(), keys, ends, to_private, zero, x, out_err, out_off)
+        if len(self._data) > _GC_SLACK:
+            self.gc_bytes()
+        return True
+
     @staticmethod
     def small_batch(n: int) -> bool:
         """Whether a batch of ``n`` conversions costs less applied one call at a time than
@@ -436,7 +503,7 @@ class PageStore:
         n1 = self._n1[: int(m[K.M_USED1]) * K.N1].copy()
         w0 = self._w0[: int(m[K.M_USED0]) * K.N1].copy()
         K.order_bits_to_pages(self._n2, n1, w0, m, True)
-        n1 = n1.astype(np.int64)     # saved as int64, as it has always been
+        n1 = saved_l1(n1)            # saved as int64, as it has always been
         return {
             "n2": self._n2,
             "n1": n1,
@@ -462,9 +529,7 @@ class PageStore:
         pages = np.asarray(arrays["data_pages"]).tolist()
         if len(blob) != len(pages) * PAGE_SIZE:
             raise ValueError("stored contents do not match their page list (damaged file)")
-        if len(n1) and (n1.min() < np.iinfo(np.int32).min or n1.max() > np.iinfo(np.int32).max):
-            raise ValueError("state arrays hold values out of range (damaged file)")
-        n1 = n1.astype(np.int32)     # saved as int64, kept as int32
+        n1 = kept_l1(n1)             # saved as int64 fields, kept packed in int32
         meta[K.M_CAP1] = meta[K.M_USED1]
         meta[K.M_CAP0] = meta[K.M_USED0]
         rule, page = K.order_bits_to_pages(n2, n1, w0, meta, False)

@@ -61,6 +61,8 @@ SIGNATURES = {
     "convert": _TREE + (_I, _I, _B, _B),
     "group_items": (_IA, _IA, _IA, _BA, _EA, _I, _IA, _IA, _IA, _IA, _IA, _BA),
     "convert_many": _TREE + (_IA, _IA, _IA, _BA, _IA, _B, _I, _EA, _IA),
+    "group_pages": (_IA, _I, _IA, _IA),
+    "convert_pages": _TREE + (_IA, _IA, _B, _B, _I, _EA, _IA),
     "accept_many": _TREE + (_IA, _IA, _I, _I, _I, _B, _B, _I, _EA, _IA, _IA),
     "fallocate_many": _TREE + (_BA, _IA, _IA, _I, _EA, _IA),
     "order_bits_to_pages": _TREE + (_B,),
@@ -71,7 +73,7 @@ SIGNATURES = {
 # compiled once there (the first, the conversion's, is the longest).
 RUN_GROUPS = (
     ("convert", "convert_many", "convert_page", "group_items", "gcount", "free_tables",
-     "get_word", "attribute_ranges"),
+     "get_word", "attribute_ranges", "group_pages", "convert_pages"),
     ("allocate", "accept", "accept_many", "fallocate_many", "punch", "zap_guest",
      "walk_apply", "walk_count", "walk_first", "get_words", "dmap_counts"),
 )

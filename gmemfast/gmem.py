@@ -582,6 +582,10 @@ class GuestMemfd:
         n = offs.shape[0] if offs.ndim else 1
         if self._store.small_batch(n):
             return self._few_conversions(offs, n, sizes, attributes, flags)
+        if offs.ndim and self._binding.in_place:
+            res = self._page_conversions(offs, n, sizes, attributes, flags)
+            if res is not None:
+                return res
         offs, sizes, attrs, flags = (int_column(v, name, n)
                                      for v, name in ((offs, "offsets"), (sizes, "sizes"),
                                                      (attributes, "attributes"), (flags, "flags")))
@@ -602,6 +606,33 @@ class GuestMemfd:
                                  out_err, out_off)
         done = out_err != errno.EOPNOTSUPP
         np.left_shift(out_off, PAGE_SHIFT, out=out_off, where=done & (out_off >= 0))
+        return BatchResult(out_err, out_off)
+
+    def _page_conversions(self, offs, n, sizes, attributes, flags) -> BatchResult | None:
+        """The common batch: ``n`` one-page conversions with one attribute value and one
+        flags value (scalars, or arrays holding one value), validated and applied in one
+        pass per step (the same results as the general path); ``None`` for any other
+        batch, or one with an invalid item."""
+        one = []
+        for v, name in ((sizes, "sizes"), (attributes, "attributes"), (flags, "flags")):
+            a = int_array(v, name)
+            if a.ndim and (a.shape[0] != n or a[0] != a[-1] or (a != a[0]).any()):
+                return None
+            one.append(a.reshape(-1)[:1])
+        s, a, f = one
+        if int(s[0]) != PAGE_SIZE:
+            return None
+        # the checks of the arguments shared by every item, at a valid offset
+        if conversion_errnos(np.zeros(1, np.int64), s, a, f, file_size=self.size, coco=self._coco,
+                             finalized=self._store.finalized,
+                             content_modes=self._policies["content_modes"])[0]:
+            return None
+        f = int(f[0])
+        zero = f == _ZERO or (f == 0 and bool(self._coco))
+        out_err = np.zeros(n, np.int32)
+        out_off = np.full(n, -1, np.int64)
+        if not self._store.convert_pages(np.ascontiguousarray(offs), int(a[0]) != 0, zero, out_err, out_off):
+            return None
         return BatchResult(out_err, out_off)
 
     def _few_conversions(self, offs, n, sizes, attributes, flags) -> BatchResult:

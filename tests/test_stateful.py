@@ -608,6 +608,47 @@ class GmemComparison(RuleBasedStateMachine):
         assert [int(x) for x in e.errno] == r.errno
         assert [int(x) for x in e.error_offset] == r.error_offset
 
+    @enabled("convert_pages_batch")
+    @rule(points=st.lists(_point, min_size=2, max_size=24), private=st.booleans(),
+          back=st.booleans(), flags=st.sampled_from([0, 0, 0, ZERO, PRESERVE]),
+          bad=st.sampled_from([None, None, None, "unaligned", "past_end"]))
+    def convert_pages_batch(self, points, private, back, flags, bad):
+        """A batch of one-page conversions with one attribute value and one flags value:
+        the engine's own path for it (grouped by 1 GiB block, pages converted in place)
+        where it applies, its general path where it must fall back (a metadata limit,
+        injected ENOMEM, an invalid offset, pins, host mappings, direct-map changes...);
+        the same page more than once, pages in several blocks and, with ``back``, a second
+        batch the other way. The reference applies the items one by one, in order:
+        results, state and counters must agree."""
+        offsets = [min(resolve(pt, self.n), self.n - 1) * PAGE_SIZE for pt in points]
+        if bad == "unaligned":
+            offsets[len(offsets) // 2] += 8
+        elif bad == "past_end":
+            offsets[-1] = self.n * PAGE_SIZE
+        attr = PRIVATE if private else 0
+        store = self.eng.store
+        taken = []
+
+        def spy(*args, _inner=store.convert_pages):
+            taken.append(_inner(*args))
+            return taken[-1]
+        store.convert_pages = spy
+        try:
+            for a in [attr, PRIVATE - attr] if back else [attr]:
+                taken.clear()
+                with group_from(2):
+                    e = self.eng.set_memory_attributes_many(np.array(offsets, np.int64), PAGE_SIZE, a, flags)
+                r = self.ref.set_memory_attributes_many(offsets, PAGE_SIZE, a, flags)
+                _event("page batch: " + ("converted in place" if taken == [True] else
+                                         "general path" if taken else "refused before grouping"))
+                note(f"page batch set_memory_attributes_many({offsets}, {PAGE_SIZE}, {a}, {flags}): "
+                     f"engine {[int(x) for x in e.errno]} {[int(x) for x in e.error_offset]}, "
+                     f"reference {r.errno} {r.error_offset}")
+                assert [int(x) for x in e.errno] == r.errno
+                assert [int(x) for x in e.error_offset] == r.error_offset
+        finally:
+            del store.convert_pages
+
     @enabled("fallocate_many")
     @rule(items=st.lists(st.tuples(_where, _length, st.sampled_from(
         ["allocate", "punch", "punch", "punch_past", "past_end", "no_keep_size", "unknown_bit",
