@@ -166,6 +166,20 @@ RES = '[counters.guest_exits]\nns=1\nsource="x"\n[resources.r]\n'
     (RES + 'kind="serial"\nwhat=3\nsource="x"', "resources.r: 'what' must be a string, not 3"),
     (RES + 'kind="serial"\ncounters="psmash"\nsource="x"',
      "resources.r: counters must be a list of counter names, not 'psmash'"),
+    (RES + 'kind="serial"\ncounters=["psmash", "psmash"]\nsource="x"', "resources.r: a counter is listed twice in counters"),
+    (RES + 'kind="bandwidth"\ngb_per_s=0\nsource="x"',
+     "resources.r: a bandwidth resource needs gb_per_s, a finite number > 0, not 0"),
+    (RES + 'kind="bandwidth"\ngb_per_s=inf\nsource="x"',
+     "resources.r: a bandwidth resource needs gb_per_s, a finite number > 0, not inf"),
+    (RES + 'kind="bandwidth"\ngb_per_s=1\ncounters=["psmash", "guest_exits", "bytes_copied"]\nsource="x"',
+     "resources.r: psmash, guest_exits count(s) no bytes: list them under bytes_each with the bytes of one count"),
+    (RES + 'kind="bandwidth"\ngb_per_s=1\nholds={guest_exits=1}\nsource="x"',
+     "resources.r: holds is for serial resources"),
+    (RES + 'kind="serial"\ngb_per_s=1\nsource="x"', "resources.r: gb_per_s and bytes_each are for bandwidth resources"),
+    (RES + 'kind="shared"\nbytes_each={guest_exits=8}\nsource="x"',
+     "resources.r: gb_per_s and bytes_each are for bandwidth resources"),
+    (RES + 'kind="serial"\ncounters=["psmash", "guest_exits"]\nholds={guest_exits=1, psmash=2}\nsource="x"',
+     "resources.r: guest_exits, psmash both held whole (counters) and in part (holds)"),
     (RES + 'kind="serial"\ncounters=[1]\nsource="x"', "resources.r: counters must be a list of counter names, not [1]"),
     (RES + 'kind="serial"\ncounters=["psmash", "bogus"]\nsource="x"', "resources.r: unknown counter name(s) 'bogus'; "
      "`gmemfast counters` lists them with their figures and sources"),
@@ -240,3 +254,53 @@ def test_bad_arguments_to_estimate_name_their_type():
         m.estimate(by_operation=(("a", {}),))
     with pytest.raises(TypeError, match=r"^estimate\(\) needs counters, by_operation, or both$"):
         m.estimate()
+
+
+CNT = '[counters.guest_exits]\nns=1\nsource="x"\n'
+
+
+@pytest.mark.parametrize("text, message", [
+    ('colour=1\nsize=2\n' + CNT, "unknown top-level key(s) colour, size; a profile has a [profile] table, "
+     "[counters.<name>] and [resources.<name>] tables"),
+    ('profile=3\n' + CNT, "'profile' must be a table, not 3"),
+    ('[profile]\nzz=1\naa=2\n' + CNT, "unknown key(s) aa, zz in [profile]; known: name, description, base"),
+    ('[profile]\nname=""\n' + CNT, "profile.name must be a non-empty string, not ''"),
+    ('[profile]\nname=3\n' + CNT, "profile.name must be a non-empty string, not 3"),
+    ('[profile]\ndescription=3\n' + CNT, "profile.description must be a string, not 3"),
+    ('[profile]\nbase="vax"\n' + CNT,
+     "profile.base must name a built-in profile (snp, tdx, sw-protected, snp-genoa, tdx-gnr), not 'vax'"),
+    ('[counters.guest_exits]\nns=1\nsource="x"\nfoo=1\nbar=2',
+     "counters.guest_exits: unknown key(s) bar, foo; known: ns, gb_per_s, source"),
+    ('[counters.guest_exits]\ngb_per_s=1\nsource="x"',
+     "counters.guest_exits: gb_per_s is only for byte counters (bytes_copied, bytes_zeroed_1g, bytes_zeroed_2m, "
+     "bytes_zeroed_4k, hash_bytes); give 'ns' per guest exit to the host and re-entry instead"),
+    ('[counters.bytes_copied]\ngb_per_s="fast"\nsource="x"', "counters.bytes_copied: gb_per_s must be a number, not 'fast'"),
+    ('[counters.bytes_copied]\ngb_per_s=true\nsource="x"', "counters.bytes_copied: gb_per_s must be a number, not True"),
+])
+def test_bad_profile_message_names_the_value(tmp_path, text, message):
+    path = tmp_path / "p.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        CostModel.from_profile(path)
+    assert str(err.value) == f"profile file {str(path)!r}: {message}"
+
+
+def test_a_profile_without_description_has_none(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[profile]\nname="n"\n' + CNT, encoding="utf-8")
+    m = CostModel.from_profile(path)
+    assert (m.name, m.description) == ("n", "")
+    assert m.describe().split("\n")[1] == f"guest_exits: {format_ns(1.0)} per guest exit to the host and re-entry"
+
+
+def test_a_user_profile_may_start_from_an_alias_and_share_a_built_in_name(tmp_path):
+    snp = CostModel.from_profile("snp")
+    alias = tmp_path / "mine.toml"
+    alias.write_text('[profile]\nbase="snp-milan"\n', encoding="utf-8")
+    assert dict(CostModel.from_profile(alias).ns_per_unit) == dict(snp.ns_per_unit)
+    # a user's copy saved as snp.toml starting from the built-in snp is no loop
+    same = tmp_path / "snp.toml"
+    same.write_text('[profile]\nbase="snp"\n[counters.psmash]\nns=1\nsource="x"\n', encoding="utf-8")
+    m = CostModel.from_profile(same)
+    assert m.name == "snp" and m.ns_per_unit["psmash"] == 1.0
+    assert m.ns_per_unit["rmp_updates"] == snp.ns_per_unit["rmp_updates"]
