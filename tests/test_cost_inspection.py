@@ -266,6 +266,8 @@ CNT = '[counters.guest_exits]\nns=1\nsource="x"\n'
     ('[profile]\nzz=1\naa=2\n' + CNT, "unknown key(s) aa, zz in [profile]; known: name, description, base"),
     ('[profile]\nname=""\n' + CNT, "profile.name must be a non-empty string, not ''"),
     ('[profile]\nname=3\n' + CNT, "profile.name must be a non-empty string, not 3"),
+    ('counters=3', "'counters' must be a table of [counters.<name>] tables, not 3"),
+    ('resources=3\n' + CNT, "'resources' must be a table of [resources.<name>] tables, not 3"),
     ('[profile]\ndescription=3\n' + CNT, "profile.description must be a string, not 3"),
     ('[profile]\nbase="vax"\n' + CNT,
      "profile.base must name a built-in profile (snp, tdx, sw-protected, snp-genoa, tdx-gnr), not 'vax'"),
@@ -304,3 +306,23 @@ def test_a_user_profile_may_start_from_an_alias_and_share_a_built_in_name(tmp_pa
     m = CostModel.from_profile(same)
     assert m.name == "snp" and m.ns_per_unit["psmash"] == 1.0
     assert m.ns_per_unit["rmp_updates"] == snp.ns_per_unit["rmp_updates"]
+
+
+def test_what_counts_as_a_profile_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for missing in ("missing.toml", str(tmp_path / "dir" / "profile"), f"dir{__import__('os').sep}p"):
+        with pytest.raises(FileNotFoundError):
+            CostModel.from_profile(missing)
+    (tmp_path / "plain").write_text(CNT, encoding="utf-8")       # no suffix, no folder: it exists
+    assert CostModel.from_profile("plain").name == "plain"
+    with pytest.raises(ValueError, match="^unknown cost profile 'plane': use one of snp, "):
+        CostModel.from_profile("plane")
+    with pytest.raises(TypeError, match=r"^a profile is a built-in name or a path, not int \(3\)$"):
+        CostModel.from_profile(3)
+
+
+def test_a_profile_file_may_start_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + ('[profile]\nname="bom"\n' + CNT).encode("utf-8"))
+    m = CostModel.from_profile(path)
+    assert m.name == "bom" and m.ns_per_unit["guest_exits"] == 1.0
