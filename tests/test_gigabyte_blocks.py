@@ -67,3 +67,24 @@ def test_whole_gigabyte_steps_match_the_reference(flags, kw):
         same_counts(eng, ref, what)
     assert_same_state(eng, ref, "at the end")
     eng.check()
+
+
+def test_direct_map_splits_in_a_file_ending_inside_a_gigabyte_block(tmp_path):
+    """The last 1 GiB block holds only two 2 MiB blocks: splitting it makes two 2 MiB
+    entries, not 512, live and when the counts are rebuilt by a load."""
+    size = G + 2 * M2
+    eng, ref = pair(size, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED, direct_map="on-conversion")
+    for g in (eng, ref):
+        g.fallocate(KEEP, 0, size)
+        g.set_memory_attributes(G + M2 + 4096, 2 * 4096, PRIVATE)  # the tail block: 1G -> 2M -> 4K
+        g.set_memory_attributes(5 * M2, 4096, PRIVATE)             # and one page of block 0
+    assert_same_counters(eng, ref, naive.COUNTERS, "after the splits")
+    assert eng.direct_map_entries() == ref.direct_map_entries()
+    assert eng.direct_map_entries() == {"1G": 0, "2M": 511 + 1, "4K": 512 + 512}
+    eng.save(tmp_path / "s.npz")
+    back = gmemfast.GuestMemfd.load(tmp_path / "s.npz")
+    assert back.direct_map_entries() == ref.direct_map_entries()
+    for g in (back, ref):
+        g.set_memory_attributes(3 * M2, 4096, PRIVATE)             # one more 2 MiB entry split
+    assert back.direct_map_entries() == ref.direct_map_entries()
+    back.check()
