@@ -1,0 +1,109 @@
+"""Batched calls with awkward items (bad modes, punches past the end or over pins,
+unaligned or refused conversions) against the same items one call at a time on a twin:
+each item's result, the counters and the state must agree."""
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+
+from conftest import normalize_dump
+from gmemfast import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
+                      GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE, VM, GmemError, GuestMemfd)
+
+P = 4096
+M2 = 2 << 20
+KEEP = FALLOC_FL_KEEP_SIZE
+PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
+
+
+def singly(call, items):
+    err, off = [], []
+    for item in items:
+        try:
+            call(*item)
+            err.append(0)
+            off.append(-1)
+        except GmemError as exc:
+            err.append(exc.errno)
+            off.append(-1 if exc.error_offset is None else exc.error_offset)
+    return err, off
+
+
+def same(a, b):
+    assert dict(a.counters) == dict(b.counters)
+    assert normalize_dump(a.dump()) == normalize_dump(b.dump())
+
+
+def pinned_file():
+    g = GuestMemfd(4 * M2, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    g.fallocate(KEEP, 0, 4 * M2)
+    pins = [g.pin(10 * P, 2 * P), g.pin(600 * P)]
+    return g, pins
+
+
+FALLOCATE_ITEMS = [
+    (0, 0, P),                        # no KEEP_SIZE: EOPNOTSUPP
+    (KEEP | 0x100, 0, P),             # an unknown mode bit
+    (PUNCH, 3 * M2, 2 * M2),          # a punch past the end is cut at the end
+    (KEEP, 3 * M2, 2 * M2),           # an allocation past the end is EINVAL
+    (PUNCH, 8 * P, 8 * P),            # over a held pin
+    (PUNCH, P + 1, P),                # unaligned
+    (KEEP, 3 * M2, M2),               # allocates again what was punched
+    (PUNCH, 512 * P, 512 * P),        # a whole 2 MiB block holding the other pin
+]
+
+
+def test_fallocate_many_matches_one_call_per_item():
+    batch, batch_pins = pinned_file()
+    single, single_pins = pinned_file()
+    modes, offs, sizes = (np.array(c, np.int64) for c in zip(*FALLOCATE_ITEMS))
+    res = batch.fallocate_many(modes, offs, sizes)
+    err, off = singly(single.fallocate, FALLOCATE_ITEMS)
+    assert res.errno.tolist() == err
+    assert res.error_offset.tolist() == off
+    assert err[:2] == [errno.EOPNOTSUPP] * 2 and err[3] == errno.EINVAL and err[5] == errno.EINVAL
+    same(batch, single)
+    # the pins the punches orphaned hold nothing in the file when released
+    for pins, g in ((batch_pins, batch), (single_pins, single)):
+        for pin in pins:
+            pin.release()
+    same(batch, single)
+    assert sum(batch.dump()["pins"]) == 0
+
+
+def test_refused_conversions_in_a_batch_are_each_a_call():
+    batch = GuestMemfd(M2, GUEST_MEMFD_FLAG_MMAP, vm_type="snp")
+    single = GuestMemfd(M2, GUEST_MEMFD_FLAG_MMAP, vm_type="snp")
+    items = [(P + 1, P, 0), (0, P, 0), (M2, P, 0), (0, 0, 0), (2 * P, P, 0x10), (3 * P, P, 0)]
+    offs, sizes, attrs = (np.array(c, np.int64) for c in zip(*items))
+    res = batch.set_memory_attributes_many(offs, sizes, attrs)
+    err, off = singly(single.set_memory_attributes, items)
+    assert res.errno.tolist() == err
+    assert err.count(errno.EINVAL) == 4
+    assert batch.counters["convert_calls"] == len(items)
+    assert batch.counters["convert_einval"] == 4
+    same(batch, single)
+
+
+def test_legacy_vm_attribute_batch_matches_one_call_per_item():
+    def legacy():
+        vm = VM("snp", in_place=False)
+        vm.set_user_memory_region(0, 0, M2, vm.create_guest_memfd(M2))
+        return vm
+    batch, single = legacy(), legacy()
+    items = [(0, 4 * P, PRIVATE), (P + 8, P, 0), (2 * P, P + 1, PRIVATE), (P, P, 0), (0, 0, PRIVATE),
+             (1 << 60, P, PRIVATE), (8 * P, 4 * P, PRIVATE)]
+    gpas, sizes, attrs = (np.array(c, np.int64) for c in zip(*items))
+    res = batch.set_memory_attributes_many(gpas, sizes, attrs)
+    err, off = singly(single.set_memory_attributes, items)
+    assert res.errno.tolist() == err and res.errno.dtype == np.int32
+    assert err.count(errno.EINVAL) >= 4
+    assert batch.private_gfn_ranges() == single.private_gfn_ranges() == [(0, 1), (2, 4), (8, 12)]
+    assert dict(batch.counters) == dict(single.counters)
+    # a batch with every item refused
+    res = batch.set_memory_attributes_many([P + 1, 3], P, 0)
+    assert res.errno.tolist() == [errno.EINVAL] * 2 and res.errno.dtype == np.int32
+    assert batch.private_gfn_ranges() == [(0, 1), (2, 4), (8, 12)]
