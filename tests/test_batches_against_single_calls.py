@@ -107,3 +107,40 @@ def test_legacy_vm_attribute_batch_matches_one_call_per_item():
     res = batch.set_memory_attributes_many([P + 1, 3], P, 0)
     assert res.errno.tolist() == [errno.EINVAL] * 2 and res.errno.dtype == np.int32
     assert batch.private_gfn_ranges() == [(0, 1), (2, 4), (8, 12)]
+
+
+def test_a_large_batch_with_one_injected_enomem_fails_the_item_it_would_one_by_one():
+    """A batch large enough to be applied grouped by block must still fail exactly the
+    conversion that fails when the items are applied in order."""
+    rng = np.random.default_rng(3)
+    pages = rng.permutation(np.arange(0, 8 * 512, 37))[:80]          # > GROUP_MIN items, out of order
+    items = [(int(p) * P, P, 0) for p in pages]
+    for k in (0, 5, 79):
+        batch = GuestMemfd(8 * M2, GUEST_MEMFD_FLAG_MMAP)
+        single = GuestMemfd(8 * M2, GUEST_MEMFD_FLAG_MMAP)
+        for g in (batch, single):
+            g.set_memory_attributes(items[k][0], P, 0)               # item k finds nothing to do
+            g.inject_enomem(1)
+        offs = np.array([o for o, _s, _a in items], np.int64)
+        res = batch.set_memory_attributes_many(offs, P, 0)
+        err, off = singly(single.set_memory_attributes, items)
+        assert res.errno.tolist() == err, k
+        assert err.count(errno.ENOMEM) == 1
+        same(batch, single)
+
+
+@pytest.mark.parametrize("flags", [0x1, 0x2])
+def test_content_mode_flags_in_a_batch_are_refused_as_one_by_one(flags):
+    from gmemfast import KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE, KVM_SET_MEMORY_ATTRIBUTES2_ZERO
+    flag = (KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE, KVM_SET_MEMORY_ATTRIBUTES2_ZERO)[flags - 1]
+    items = [(0, P, 0, flag), (P, P, PRIVATE, flag), (2 * P, P, 0, flag), (3 * P, P, PRIVATE, flag)]
+    for vm_type in ("sw-protected", "snp"):
+        batch = GuestMemfd(M2, GUEST_MEMFD_FLAG_MMAP, vm_type=vm_type)
+        single = GuestMemfd(M2, GUEST_MEMFD_FLAG_MMAP, vm_type=vm_type)
+        offs, sizes, attrs, fl = (np.array(c, np.int64) for c in zip(*items))
+        res = batch.set_memory_attributes_many(offs, sizes, attrs, fl)
+        err, off = singly(single.set_memory_attributes, items)
+        assert res.errno.tolist() == err, vm_type
+        if flag == KVM_SET_MEMORY_ATTRIBUTES2_ZERO:
+            assert err[1] == err[3] == errno.EOPNOTSUPP and err[0] == err[2] == 0
+        same(batch, single)
