@@ -71,3 +71,23 @@ def test_a_file_survives_pickling_with_its_state_and_counters():
     copy.set_memory_attributes(M, 8 * P, PRIVATE)                  # the copy works on its own
     assert copy.private_pages() == 1024 and g.private_pages() == 1024 - 8
     copy.check()
+
+
+def test_memory_footprint_grows_by_what_each_structure_holds():
+    """A mixed 2 MiB block with more exception pages than its entry holds gets a table of
+    512 two-byte page words (README, "How it is fast"); stored contents cost a page each."""
+    def with_shared(n):
+        g = GuestMemfd(4 * M, GUEST_MEMFD_FLAG_MMAP)
+        for k in range(n):
+            g.set_memory_attributes(M + 9 * k * P, P, 0)
+        return g
+    fresh = GuestMemfd(4 * M, GUEST_MEMFD_FLAG_MMAP).memory_footprint()
+    four, five = with_shared(4), with_shared(5)
+    assert four.memory_footprint() > fresh                  # the 1 GiB block now has its 2 MiB entries
+    assert five.memory_footprint() - four.memory_footprint() == 512 * 2
+    before = five.memory_footprint()
+    five.host_write(M + 3, b"x")
+    five.host_write(M + 9 * P, b"y" * P)
+    five.host_write(M + 18 * P + 100, b"z")
+    assert five.memory_footprint() - before == 3 * P
+    assert type(five.memory_footprint()) is int
