@@ -144,3 +144,19 @@ def test_content_mode_flags_in_a_batch_are_refused_as_one_by_one(flags):
         if flag == KVM_SET_MEMORY_ATTRIBUTES2_ZERO:
             assert err[1] == err[3] == errno.EOPNOTSUPP and err[0] == err[2] == 0
         same(batch, single)
+
+
+def test_a_grouped_batch_on_a_file_ending_one_page_into_a_block():
+    size = 3 * M2 + P                                                # 1537 pages: the last block holds one
+    rng = np.random.default_rng(5)
+    pages = rng.permutation(np.arange(size // P))[:100]
+    pages[7] = size // P - 1
+    items = [(int(p) * P, P, PRIVATE if k % 3 == 0 else 0) for k, p in enumerate(pages)]
+    batch = GuestMemfd(size, GUEST_MEMFD_FLAG_MMAP)
+    single = GuestMemfd(size, GUEST_MEMFD_FLAG_MMAP)
+    offs, sizes, attrs = (np.array(c, np.int64) for c in zip(*items))
+    res = batch.set_memory_attributes_many(offs, sizes, attrs)
+    err, _off = singly(single.set_memory_attributes, items)
+    assert res.errno.tolist() == err == [0] * len(items)
+    assert not batch.is_private(size - P)
+    same(batch, single)
