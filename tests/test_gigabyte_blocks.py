@@ -50,6 +50,13 @@ STEPS = [
     ("both blocks to shared", lambda g: g.set_memory_attributes(0, 2 * G, 0)),
     ("block 1 to private", lambda g: g.set_memory_attributes(G, G, PRIVATE)),
     ("allocate block 1 again", lambda g: g.fallocate(KEEP, G, G)),
+    # six scattered pages of one 2 MiB block: a page table under a 1 GiB folio's entry
+    ("six pages of block 1 to shared", lambda g: [g.set_memory_attributes(G + 3 * M2 + 37 * k * 4096, 4096, 0)
+                                                   for k in range(6)]),
+    ("block 1 wholly private again", lambda g: g.set_memory_attributes(G, G, PRIVATE)),
+    ("three pages of block 0 to shared", lambda g: [g.set_memory_attributes(M2 * 7 + 5 * k * 4096, 4096, 0)
+                                                     for k in range(3)]),
+    ("block 0 wholly private again", lambda g: g.set_memory_attributes(0, G, PRIVATE)),
 ]
 
 
@@ -65,6 +72,7 @@ def test_whole_gigabyte_steps_match_the_reference(flags, kw):
         step(eng)
         step(ref)
         same_counts(eng, ref, what)
+        eng.check()
     assert_same_state(eng, ref, "at the end")
     eng.check()
 

@@ -133,3 +133,17 @@ def test_bad_argument_types_are_named():
         with pytest.raises(TypeError) as err:
             call()
         assert str(err.value) == f"{name} must be an int, not str ('x')"
+
+
+def test_batch_and_host_access_messages_name_what_is_wrong():
+    g = GuestMemfd(M2, GUEST_MEMFD_FLAG_MMAP)
+    with pytest.raises(TypeError, match=r"^offsets must be integers, not <U1$"):
+        g.fallocate_many(KEEP, "x", P)
+    with pytest.raises(ValueError, match=r"^sizes has 3 items but offsets has 2: give arrays of the same length"):
+        g.set_memory_attributes_many([0, P], [P] * 3, 0)
+    with pytest.raises(ValueError, match=r"^sizes has 3 items but gpas has 2: give arrays of the same length"):
+        VM("snp").guest_accept_many([0, P], [P] * 3)
+    with pytest.raises(gmemfast.SigBusError, match=r"host write at 0x3000: page 0x3000 is private"):
+        g.host_write(3 * P, b"x")
+    with pytest.raises(TypeError, match=r"^gpa must be an int, not str \('x'\)$"):
+        VM("snp").guest_accept("x", P)
