@@ -96,3 +96,26 @@ def test_direct_map_splits_in_a_file_ending_inside_a_gigabyte_block(tmp_path):
         g.set_memory_attributes(3 * M2, 4096, PRIVATE)             # one more 2 MiB entry split
     assert back.direct_map_entries() == ref.direct_map_entries()
     back.check()
+
+
+def test_page_tables_freed_and_reused_while_the_pools_grow(monkeypatch):
+    """Single conversions that need more page tables than the pools hold (the pools grow
+    during the call), tables freed by merges and taken again: the same as the reference."""
+    from gmemfast import _store
+    monkeypatch.setattr(_store, "_POOL_FIRST_BYTES", 0)
+    monkeypatch.setattr(_store, "_L1_FIRST_BYTES", 0)
+    eng, ref = pair(G, GUEST_MEMFD_FLAG_MMAP)
+    for round_ in range(3):
+        blocks = range(round_ * 40, round_ * 40 + 40)
+        for g in (eng, ref):
+            for b in blocks:                                            # six pages: a page table each
+                for k in range(6):
+                    g.set_memory_attributes(b * M2 + (11 * k + round_) * 4096, 4096, 0)
+        same_counts(eng, ref, f"round {round_}: tables made")
+        eng.check()
+        for g in (eng, ref):
+            for b in list(blocks)[::2]:                                 # half of them merge again
+                g.set_memory_attributes(b * M2, M2, PRIVATE)
+        same_counts(eng, ref, f"round {round_}: half merged")
+        eng.check()
+    assert_same_state(eng, ref, "at the end")

@@ -147,3 +147,11 @@ def test_batch_and_host_access_messages_name_what_is_wrong():
         g.host_write(3 * P, b"x")
     with pytest.raises(TypeError, match=r"^gpa must be an int, not str \('x'\)$"):
         VM("snp").guest_accept("x", P)
+
+
+def test_slot_and_flag_messages_name_what_is_wrong():
+    with pytest.raises(GmemError, match=r"memslot 3 does not exist \(size 0 deletes a slot\)"):
+        VM("snp").set_user_memory_region(3, 0, 0, None)
+    g = GuestMemfd(M2, GUEST_MEMFD_FLAG_MMAP)
+    with pytest.raises(TypeError, match=r"^flags must be an int, not str \('x'\)$"):
+        g.set_memory_attributes(0, P, 0, "x")
