@@ -133,7 +133,8 @@ def test_a_large_batch_with_one_injected_enomem_fails_the_item_it_would_one_by_o
 def test_content_mode_flags_in_a_batch_are_refused_as_one_by_one(flags):
     from gmemfast import KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE, KVM_SET_MEMORY_ATTRIBUTES2_ZERO
     flag = (KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE, KVM_SET_MEMORY_ATTRIBUTES2_ZERO)[flags - 1]
-    items = [(0, P, 0, flag), (P, P, PRIVATE, flag), (2 * P, P, 0, flag), (3 * P, P, PRIVATE, flag)]
+    # enough items that the batch is checked as arrays, not call by call
+    items = [(k * P, P, PRIVATE if k % 2 else 0, flag) for k in range(80)]
     for vm_type in ("sw-protected", "snp"):
         batch = GuestMemfd(M2, GUEST_MEMFD_FLAG_MMAP, vm_type=vm_type)
         single = GuestMemfd(M2, GUEST_MEMFD_FLAG_MMAP, vm_type=vm_type)
@@ -159,4 +160,17 @@ def test_a_grouped_batch_on_a_file_ending_one_page_into_a_block():
     err, _off = singly(single.set_memory_attributes, items)
     assert res.errno.tolist() == err == [0] * len(items)
     assert not batch.is_private(size - P)
+    same(batch, single)
+
+
+def test_a_batched_punch_far_past_the_end_is_cut_at_the_end():
+    items = [(PUNCH, 0, 4 << 30), (KEEP, 0, M2), (PUNCH, M2 - P, 1 << 40)]
+    batch, single = GuestMemfd(4 * M2, GUEST_MEMFD_FLAG_MMAP), GuestMemfd(4 * M2, GUEST_MEMFD_FLAG_MMAP)
+    for g in (batch, single):
+        g.fallocate(KEEP, 0, 4 * M2)
+    modes, offs, sizes = (np.array(c, np.int64) for c in zip(*items))
+    res = batch.fallocate_many(modes, offs, sizes)
+    err, _off = singly(single.fallocate, items)
+    assert res.errno.tolist() == err == [0, 0, 0]
+    assert batch.allocated_pages() == M2 // P - 1
     same(batch, single)
