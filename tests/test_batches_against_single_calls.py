@@ -130,7 +130,7 @@ def test_a_large_batch_with_one_injected_enomem_fails_the_item_it_would_one_by_o
 
 
 @pytest.mark.parametrize("flags", [0x1, 0x2])
-def test_content_mode_flags_in_a_batch_are_refused_as_one_by_one(flags):
+def test_content_mode_flags_in_a_large_batch_are_refused_as_one_by_one(flags):
     from gmemfast import KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE, KVM_SET_MEMORY_ATTRIBUTES2_ZERO
     flag = (KVM_SET_MEMORY_ATTRIBUTES2_PRESERVE, KVM_SET_MEMORY_ATTRIBUTES2_ZERO)[flags - 1]
     # enough items that the batch is checked as arrays, not call by call
