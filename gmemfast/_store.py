@@ -389,6 +389,7 @@ class PageStore:
         n = len(offs)
         if n < GROUP_MIN or meta[K.M_LIMIT] >= 0 or meta[K.M_ENOMEM] > 0:
             return False
+        _warm.ensure_compiled("pages")
         ends = np.zeros(((self.nr_pages - 1) >> K.S2) + 1, np.int64)
         if n <= _KEYS_KEPT:        # kept between calls: a new array costs its page faults
             if len(self._keys) < n:

@@ -4,11 +4,14 @@ numba compiles a kernel on its first call and keeps the machine code in its on-d
 (``cache=True``), so only a new install (or a changed ``_kernels.py``) compiles. That
 first compile takes seconds; done lazily it would land silently inside the first
 operation a user times. :func:`ensure_compiled` is called when a page store is made: if
-this install's kernels have not been compiled yet it prints one line, compiles every
-kernel the page store calls, with the argument types the store passes, in two processes
-at once (this one and a forked or spawned worker, each a share of :data:`GROUPS`), and
-leaves a stamp next to numba's cache. Later runs see the stamp and load the kernels from
-the cache when first called.
+this install's kernels have not been compiled yet it prints one line, compiles the
+kernels every run calls (``"run"``), with the argument types the store passes, in two
+processes at once (this one and a forked or spawned worker, each a share of the groups),
+and leaves a stamp next to numba's cache. Kernels only some runs call (``"pages"``: the
+batched one-page conversions; ``"state"``: checking, saving, loading) are compiled the
+same way when first needed, and :func:`compile_seconds` lets a timed run leave that time
+out of what it reports. Later runs see the stamps and load the kernels from the cache when
+first called.
 
 The stamp names a hash of ``_kernels.py``, the numba and Python versions and the CPU, as
 numba's cache does. With ``NUMBA_DISABLE_JIT=1`` nothing is compiled.
@@ -29,7 +32,7 @@ from numba.core import types as T
 
 from . import _kernels as K
 
-__all__ = ["GROUPS", "KINDS", "SIGNATURES", "ensure_compiled", "compile_group", "jit_enabled"]
+__all__ = ["GROUPS", "KINDS", "SIGNATURES", "compile_group", "compile_seconds", "ensure_compiled", "jit_enabled"]
 
 _TREE = (T.int64[:, ::1], T.int32[:, ::1], T.uint16[::1], T.int64[::1])
 _I = T.int64
@@ -73,19 +76,37 @@ SIGNATURES = {
 # compiled once there (the first, the conversion's, is the longest).
 RUN_GROUPS = (
     ("convert", "convert_many", "convert_page", "group_items", "gcount", "free_tables",
-     "get_word", "attribute_ranges", "group_pages", "convert_pages"),
+     "get_word", "attribute_ranges"),
     ("allocate", "accept", "accept_many", "fallocate_many", "punch", "zap_guest",
      "walk_apply", "walk_count", "walk_first", "get_words", "dmap_counts"),
 )
-# The kernels of checking, saving and loading a state, compiled when first needed.
+# Batches of one-page conversions converted in place (``PageStore.convert_pages``), and
+# the kernels of checking, saving and loading a state: compiled when first needed, so a
+# run that needs neither (``boot``) does not wait for them.
+PAGE_GROUPS = (
+    ("group_pages", "convert_pages"),
+)
 STATE_GROUPS = (
     ("check_tree", "dmap_entries", "order_bits_to_pages", "count_dsplits"),
 )
-KINDS = {"run": RUN_GROUPS, "state": STATE_GROUPS}
-GROUPS = RUN_GROUPS + STATE_GROUPS
+KINDS = {"run": RUN_GROUPS, "pages": PAGE_GROUPS, "state": STATE_GROUPS}
+GROUPS = RUN_GROUPS + PAGE_GROUPS + STATE_GROUPS
+ANNOUNCE = {
+    "run": "gmemfast: compiling the model's kernels, once per install (some 20 s of CPU time, in two processes)...",
+    "pages": "gmemfast: compiling the batched page conversions, once per install (a few seconds)...",
+    "state": "gmemfast: compiling the state checks, once per install (a few seconds)...",
+}
 
 _DONE: set = set()
 _LOCK = threading.Lock()
+_SECONDS = [0.0]        # spent in ensure_compiled compiling, or waiting for another process to
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent on the first compile (compiling, or waiting while
+    another process compiled). A timed run subtracts what it spent, so the first run's
+    reported time never includes compiling kernels it first needs part way."""
+    return _SECONDS[0]
 
 
 def jit_enabled() -> bool:
@@ -126,6 +147,14 @@ def ensure_compiled(kind: str = "run", announce=None) -> bool:
     standard error). Returns True if it compiled."""
     if kind in _DONE or not jit_enabled():
         return False
+    t0 = time.perf_counter()
+    try:
+        return _ensure_compiled(kind, announce)
+    finally:
+        _SECONDS[0] += time.perf_counter() - t0
+
+
+def _ensure_compiled(kind: str, announce) -> bool:
     with _LOCK:
         if kind in _DONE:
             return False
@@ -137,9 +166,7 @@ def ensure_compiled(kind: str = "run", announce=None) -> bool:
             if os.path.exists(stamp):       # another process compiled them meanwhile
                 _DONE.add(kind)
                 return False
-            text = ("gmemfast: compiling the model's kernels, once per install (some 20 s of "
-                    "CPU time, in two processes)..." if kind == "run" else
-                    "gmemfast: compiling the state checks, once per install (a few seconds)...")
+            text = ANNOUNCE[kind]
             if announce is None:
                 print(text, file=sys.stderr, flush=True)
             else:

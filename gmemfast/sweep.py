@@ -41,6 +41,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import _warm
 from .report import format_sweep
 from .scenarios import (COMMON_PARAMS, SCENARIOS, ScenarioError, get_scenario, load_scenario_file,
                         resolve_params, run_any, run_scenario)
@@ -279,6 +280,8 @@ def warm_up() -> float:
     t0 = time.perf_counter()
     from numba import config
     if not config.DISABLE_JIT:
+        for kind in _warm.KINDS:          # every kernel, also those compiled when first needed
+            _warm.ensure_compiled(kind)
         for name, p in WARM_UP_RUNS:
             run_scenario(name, p)
     return time.perf_counter() - t0
