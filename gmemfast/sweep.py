@@ -500,7 +500,6 @@ def _resumable(plan: SweepPlan, out) -> dict:
 
 
 def _run_tasks(plan: SweepPlan, todo: list, client, rows: dict, out, progress) -> dict:
-    from distributed import as_completed
     if not client.nthreads():
         client.wait_for_workers(1, timeout=60)
     token = uuid.uuid4().hex[:12]
@@ -522,23 +521,22 @@ def _run_tasks(plan: SweepPlan, todo: list, client, rows: dict, out, progress) -
         if progress is not None:
             progress(f"sweep{_fail_text(failed)}{_remaining(time.monotonic() - start, done, len(todo))}",
                      done, len(todo))
-    ac = as_completed(futures, with_results=True, raise_errors=False)
-    seen = 0
+    pending = list(futures)
     try:
-        while seen < len(futures):
-            batch = ac.next_batch(block=False)
-            if not batch:
+        while pending:
+            # each future's own status, polled: a result is taken once its task is done
+            ready = [f for f in pending if f.done()]
+            if not ready:
                 report()
                 time.sleep(POLL_SECONDS)
                 continue
-            for fut, result in batch:
-                seen += 1
+            taken_now = {id(f) for f in ready}
+            pending = [f for f in pending if id(f) not in taken_now]
+            for fut in ready:
                 c = configs[fut.key]
                 if c.config_id in rows:          # never two rows of one configuration
                     continue
-                if fut.status != "finished" or not isinstance(result, dict):
-                    exc = result[1] if isinstance(result, tuple) and len(result) > 1 else result
-                    result = {"error": f"{type(exc).__name__}: {exc}", "run_seconds": None}
+                result = _task_result(fut)
                 rows[c.config_id] = {"config": c.label, "config_id": c.config_id,
                                      "scenario": plan.scenario, **c.columns, **result}
                 done += 1
@@ -551,6 +549,21 @@ def _run_tasks(plan: SweepPlan, todo: list, client, rows: dict, out, progress) -
         if left:
             client.cancel(left)
     return {"warm_up": t1 - t0, "grid": time.perf_counter() - t1}
+
+
+def _task_result(fut) -> dict:
+    """A finished task's row fields, or the error of one that failed or was cancelled."""
+    try:
+        if fut.status == "finished":
+            result = fut.result()
+            if isinstance(result, dict):
+                return result
+            exc = TypeError(f"a configuration returned {type(result).__name__}")
+        else:
+            exc = fut.exception() if fut.status == "error" else RuntimeError(f"task {fut.status}")
+    except Exception as e:            # the result could not be fetched (its worker died)
+        exc = e
+    return {"error": f"{type(exc).__name__}: {exc}", "run_seconds": None}
 
 
 def _fail_text(failed: int) -> str:
