@@ -174,3 +174,55 @@ def test_a_batched_punch_far_past_the_end_is_cut_at_the_end():
     assert res.errno.tolist() == err == [0, 0, 0]
     assert batch.allocated_pages() == M2 // P - 1
     same(batch, single)
+
+
+def scattered_shared(order=0):
+    """A private, allocated 64 MiB file with three shared pages in each 2 MiB block (few
+    enough to be exceptions of its entry, no page table): one pinned, one written through
+    the host mapping."""
+    from gmemfast import GUEST_MEMFD_FLAG_HUGETLB
+    flags = GUEST_MEMFD_FLAG_MMAP | (GUEST_MEMFD_FLAG_HUGETLB if order else 0)
+    g = GuestMemfd(32 * M2, flags, page_order=order)
+    g.fallocate(KEEP, 0, 32 * M2)
+    pages = np.array([b * 512 + q for b in range(32) for q in (7, 100, 300)])
+    pages = pages[np.random.default_rng(7).permutation(len(pages))]
+    for p in pages.tolist():
+        g.set_memory_attributes(p * P, P, 0)
+    pin = g.pin(int(pages[5]) * P)
+    g.host_write(int(pages[9]) * P, b"host")
+    return g, pages, pin
+
+
+@pytest.mark.parametrize("order", [0, 9])
+def test_one_page_batch_to_private_over_a_pinned_and_a_host_mapped_page(order):
+    """A batch of one-page conversions to private meets a pinned page (EAGAIN, nothing
+    changes there) and a host-mapped one (unmapped first): as one call per item."""
+    batch, pages, _pin = scattered_shared(order)
+    twin, _pages, _pin2 = scattered_shared(order)
+    offs = pages * P
+    r = batch.set_memory_attributes_many(offs, P, PRIVATE)
+    err, off = singly(lambda o: twin.set_memory_attributes(o, P, PRIVATE), [(int(o),) for o in offs])
+    assert list(r.errno) == err and list(r.error_offset) == off
+    assert err[5] == errno.EAGAIN and err.count(0) == len(err) - 1
+    assert not batch.is_private(int(offs[5])) and batch.is_private(int(offs[9]))
+    same(batch, twin)
+
+
+def test_a_batch_whose_items_all_span_blocks_keeps_their_order():
+    """Items that each cross a 2 MiB boundary and overlap their neighbours, with opposite
+    attributes, in descending order: the result is that of applying them in order."""
+    from gmemfast import GUEST_MEMFD_FLAG_HUGETLB
+    def make():
+        g = GuestMemfd(160 * M2, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_HUGETLB, page_order=9)
+        g.fallocate(KEEP, 0, 160 * M2)
+        return g
+    batch, twin = make(), make()
+    k = np.arange(150, 0, -1)
+    offs = k * M2 - M2 // 2                  # [2k-0.5, 2k+1.5) MiB: spans the boundary at 2k MiB
+    sizes = np.full(len(k), M2 * 3 // 2)     # ... and overlaps the next item down by half a MiB
+    attrs = np.where(k % 2 == 0, PRIVATE, 0)
+    r = batch.set_memory_attributes_many(offs, sizes, attrs)
+    for o, s, a in zip(offs.tolist(), sizes.tolist(), attrs.tolist()):
+        twin.set_memory_attributes(o, s, a)
+    assert not r.errno.any()
+    same(batch, twin)

@@ -164,7 +164,8 @@ def test_contents_that_do_not_fit_their_page_list(tmp_path):
     header, arrays = _read(path)
     arrays["data_blob"] = arrays["data_blob"][:100]
     _write(path, header, arrays, reseal=("arrays",))
-    _refused(path, "stored contents do not match their page list")
+    msg = _refused(path, "stored contents do not match their page list")
+    assert msg.endswith(": stored contents do not match their page list (damaged file)"), msg
 
 
 def test_a_state_that_breaks_an_invariant(tmp_path):
@@ -344,3 +345,5 @@ def test_check_names_direct_map_counts_that_disagree():
     _n2, _n1, _w0, meta = _tree(g)
     meta[K.M_DSPLIT2] += 1                            # a 2 MiB direct-map entry never broken
     _expect(g, 17)
+    with pytest.raises(AssertionError, match=r"broken at page 0 \(offset 0x0\)"):
+        g.check()                                     # a whole-file count: named at page 0

@@ -155,3 +155,22 @@ def test_slot_and_flag_messages_name_what_is_wrong():
     g = GuestMemfd(M2, GUEST_MEMFD_FLAG_MMAP)
     with pytest.raises(TypeError, match=r"^flags must be an int, not str \('x'\)$"):
         g.set_memory_attributes(0, P, 0, "x")
+
+
+def test_a_save_holds_only_live_contents(tmp_path):
+    """Bytes of pages punched since they were written are not live: a save holds only the
+    pages whose contents are, and the loaded file reads the same everywhere."""
+    g = GuestMemfd(M2, SHARED)
+    g.fallocate(KEEP, 0, M2)
+    for p in range(8):
+        g.host_write(p * P, bytes([p + 1]) * P)
+    g.fallocate(PUNCH, 2 * P, 3 * P)                         # pages 2-4 lose their contents
+    assert g.store.data_pages() == [0, 1, 5, 6, 7]
+    g.save(tmp_path / "g.npz")
+    h = GuestMemfd.load(tmp_path / "g.npz")
+    assert h.store.data_pages() == [0, 1, 5, 6, 7]
+    assert normalize_dump(h.dump()) == normalize_dump(g.dump())
+    g.fallocate(KEEP, 0, M2)
+    h.fallocate(KEEP, 0, M2)
+    assert h.host_read(0, 8 * P) == g.host_read(0, 8 * P) == (
+        bytes([1]) * P + bytes([2]) * P + bytes(3 * P) + bytes([6]) * P + bytes([7]) * P + bytes([8]) * P)
