@@ -26,7 +26,7 @@ from .uapi import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_KNOWN_MODES
 from .units import PAGE_SHIFT, PAGE_SIZE, as_int, check_range, format_size, parse_size
 from .units import broadcast_column, check_count
 
-__all__ = ["BatchResult", "GuestMemfd", "HostMapping", "Pin", "conversion_errnos"]
+__all__ = ["BatchResult", "GuestMemfd", "HostMapping", "Pin", "conversion_errnos", "zeroes_contents"]
 
 DIRECT_MAP_POLICIES = ("keep", "no-direct-map", "on-conversion")
 MERGE_POLICIES = ("eager", "never")
@@ -141,6 +141,13 @@ def conversion_errnos(offsets, sizes, attributes, flags, *, file_size: int, coco
     if coco:
         unsupported |= (f == _PRESERVE) & ((a == 0) | finalized)
     return np.where(einval, errno.EINVAL, np.where(unsupported, errno.EOPNOTSUPP, 0)).astype(np.int32)
+
+
+def zeroes_contents(flags, coco: bool):
+    """Whether conversions with ``flags`` (an int or an array of them) zero the pages'
+    contents (docs/model.md §4.4): ``ZERO`` asks for it, and with no content flag a
+    confidential VM's converted pages read as zeroes."""
+    return (flags == _ZERO) | ((flags == 0) & coco)
 
 
 class GuestMemfd:
@@ -548,7 +555,7 @@ class GuestMemfd:
             why = f"PRESERVE on {self.vm_type} is supported only before the VM is finalized"
         if why is not None:
             raise GmemError(errno.EOPNOTSUPP, why, offset)
-        return p0, p1, flags == _ZERO or (flags == 0 and self._coco)
+        return p0, p1, bool(zeroes_contents(flags, self._coco))
 
     def set_memory_attributes(self, offset, size, attributes, flags=0) -> None:
         """``KVM_SET_MEMORY_ATTRIBUTES2`` on this file (in-place conversion).
@@ -601,7 +608,7 @@ class GuestMemfd:
                 self._count_refused(code, int(np.count_nonzero(out_err == code)))
             unsupported = out_err == errno.EOPNOTSUPP
             out_off[unsupported] = offs[unsupported]     # EOPNOTSUPP reports the range's start
-        zero = (flags == _ZERO) | ((flags == 0) & self._coco)
+        zero = zeroes_contents(flags, self._coco)
         self._store.convert_many(offs >> PAGE_SHIFT, (offs + sizes) >> PAGE_SHIFT, attrs, zero,
                                  out_err, out_off)
         done = out_err != errno.EOPNOTSUPP
@@ -628,7 +635,7 @@ class GuestMemfd:
                              content_modes=self._policies["content_modes"])[0]:
             return None
         f = int(f[0])
-        zero = f == _ZERO or (f == 0 and bool(self._coco))
+        zero = bool(zeroes_contents(f, self._coco))
         out_err = np.zeros(n, np.int32)
         out_off = np.full(n, -1, np.int64)
         if not self._store.convert_pages(np.ascontiguousarray(offs), int(a[0]) != 0, zero, out_err, out_off):
