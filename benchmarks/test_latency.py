@@ -213,7 +213,7 @@ def test_guest_accept_many_1000_pages_after_give_back(benchmark, guest):
         g.set_memory_attributes_many(offs, PS, 0)
         g.set_memory_attributes_many(offs, PS, P)
     r = benchmark.pedantic(vm.guest_accept_many, args=(offs, PS), kwargs={"chunk": PS},
-                           setup=give_back, rounds=30)
+                           setup=give_back, rounds=100)
     assert not r.errno.any() and (r.value == 1).all()
 
 
