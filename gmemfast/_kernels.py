@@ -160,6 +160,7 @@ INV_GCOUNTS = _i(14)
 INV_EXCEPTIONS = _i(15)
 INV_ORDER = _i(16)
 INV_DMAP_COUNTS = _i(17)    # checked by the store (dmap_entries against dmap_counts)
+INV_POOLS = _i(18)
 
 # ---- counters (index into meta) ----
 C_HOST_FAULTS = _i(0)
@@ -2051,6 +2052,63 @@ def check_tree(n2, n1, w0, meta, scratch):
     return 0, -1
 
 
+def check_pools(n2, n1, w0, meta, seen1, seen0):
+    """Verify that the page-table pools' free lists hold exactly the tables no entry
+    uses, each once, and as many as they count (``M_NFREE1``, ``M_NFREE0``). Returns
+    ``(INV_POOLS, level)`` (1: the 2 MiB entries' tables, 0: the page tables) or
+    ``(0, -1)``. A table that is neither used nor free is lost to the pools for good.
+    ``seen1``, ``seen0``: zeroed uint8 arrays of ``M_USED1`` and ``M_USED0`` entries."""
+    used1 = meta[M_USED1]
+    used0 = meta[M_USED0]
+    if used1 < 0 or used1 > meta[M_CAP1] or used1 * N1 > n1.shape[0] or seen1.shape[0] != used1:
+        return INV_POOLS, 1
+    if used0 < 0 or used0 > meta[M_CAP0] or used0 * N1 > w0.shape[0] or seen0.shape[0] != used0:
+        return INV_POOLS, 0
+    for i in range(n2.shape[0]):
+        t = n2[i, F_CHILD]
+        if t < 0:
+            continue
+        if t >= used1 or seen1[t]:
+            return INV_POOLS, 1
+        seen1[t] = 1
+        for j in range(N1):
+            u = n1[t * N1 + j, F_CHILD]
+            if u < 0:
+                continue
+            if u >= used0 or seen0[u]:
+                return INV_POOLS, 0
+            seen0[u] = 1
+    t = meta[M_FREE1]
+    nfree = I0
+    while t >= 0:
+        if t >= used1 or seen1[t] or nfree >= used1:
+            return INV_POOLS, 1
+        seen1[t] = 2
+        nfree += 1
+        t = n1[t * N1, F_CHILD]
+    if nfree != meta[M_NFREE1]:
+        return INV_POOLS, 1
+    for t in range(used1):
+        if seen1[t] == 0:
+            return INV_POOLS, 1
+    u = meta[M_FREE0]
+    nfree = I0
+    while u >= 0:
+        if u >= used0 or seen0[u] or nfree >= used0:
+            return INV_POOLS, 0
+        seen0[u] = 2
+        nfree += 1
+        base = u * N1
+        u = (np.int64(w0[base]) | (np.int64(w0[base + 1]) << 16)
+             | (np.int64(w0[base + 2]) << 32) | (np.int64(w0[base + 3]) << 48)) - 1
+    if nfree != meta[M_NFREE0]:
+        return INV_POOLS, 0
+    for u in range(used0):
+        if seen0[u] == 0:
+            return INV_POOLS, 0
+    return 0, -1
+
+
 def dmap_counts(n2, meta):
     """Direct-map entries over the file by size, (1 GiB, 2 MiB, 4 KiB), from the counts
     ``dmap_change`` keeps as it breaks entries up (``dmap_entries`` counts them again)."""
@@ -2168,7 +2226,7 @@ _ENTRY_POINTS = (  # and the kernels they call that stay functions of their own
     "_alloc_block", "allocate", "accept", "attribute_ranges", "convert", "convert_page",
     "group_items", "convert_many", "group_pages", "convert_pages", "accept_many",
     "fallocate_many", "punch", "_word_ok",
-    "check_tree", "count_dsplits", "dmap_entries", "order_bits_to_pages",
+    "check_tree", "check_pools", "count_dsplits", "dmap_entries", "order_bits_to_pages",
 )
 for _options, _names in ((_INLINE, _SMALL_STEPS), (_IR_INLINE, _INLINED_BEFORE_TYPING),
                          (_KERNEL, _ENTRY_POINTS)):

@@ -52,6 +52,7 @@ INVARIANTS = {
     15: "a 2 MiB entry's exception pages are distinct, in range and differ from its word",
     16: "a folio's order is kept by its 2 MiB entries, never in page tables or exceptions",
     17: "the direct-map entry counts agree with the entries broken up",
+    18: "the table pools' free lists hold exactly the tables not in use, each once",
 }
 
 COUNTER_NAMES = (

@@ -55,6 +55,7 @@ SIGNATURES = {
     "count_dsplits": (_TREE[0], _TREE[1], _TREE[3]),
     "attribute_ranges": _TREE,
     "check_tree": _TREE + (T.int64[:, ::1],),
+    "check_pools": _TREE + (T.uint8[::1], T.uint8[::1]),
     "walk_apply": _TREE + (_I, _I, _I, _I, _I, _I),
     "allocate": _TREE + (_I, _I),
     "accept": _TREE + (_I, _I, _I, _I, _I, _B),
@@ -87,7 +88,7 @@ PAGE_GROUPS = (
     ("group_pages", "convert_pages"),
 )
 STATE_GROUPS = (
-    ("check_tree", "dmap_entries", "order_bits_to_pages", "count_dsplits"),
+    ("check_tree", "check_pools", "dmap_entries", "order_bits_to_pages", "count_dsplits"),
 )
 KINDS = {"run": RUN_GROUPS, "pages": PAGE_GROUPS, "state": STATE_GROUPS}
 GROUPS = RUN_GROUPS + PAGE_GROUPS + STATE_GROUPS

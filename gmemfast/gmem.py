@@ -345,8 +345,8 @@ class GuestMemfd:
         """Verify every invariant; raise ``AssertionError`` naming the broken one."""
         rule, page = self._store.check()
         if rule:
-            raise AssertionError(f"page-state invariant {rule} ({INVARIANTS.get(rule, '?')}) "
-                                 f"broken at page {page} (offset {page << PAGE_SHIFT:#x})")
+            where = f" at page {page} (offset {page << PAGE_SHIFT:#x})" if page >= 0 else ""
+            raise AssertionError(f"page-state invariant {rule} ({INVARIANTS.get(rule, '?')}) broken{where}")
         held: dict[int, int] = {}
         for pages in self._pin_handles.values():
             for p in pages:

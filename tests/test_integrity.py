@@ -326,6 +326,93 @@ def test_check_names_pin_handles_without_pin_counts():
         g.check()
 
 
+def _freed_tables():
+    """A file whose pools hold freed tables of both levels: page tables freed as 2 MiB
+    entries become uniform again, then the 1 GiB entry's table as the whole file does."""
+    g = gmemfast.GuestMemfd(8 << 20, MMAP_SHARED)
+    for b in range(4):                                   # 4 x 2 MiB, six private pages each
+        for k in range(6):
+            g.set_memory_attributes(b * (2 << 20) + 11 * k * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    g.set_memory_attributes(0, 4 << 20, 0)               # entries 0 and 1 uniform again
+    meta = g.store._meta
+    assert meta[K.M_NFREE0] == 2 and meta[K.M_NFREE1] == 0
+    g.check()
+    return g
+
+
+def _page_table_in_use(g):
+    n2, n1, _w0, _meta = _tree(g)
+    t = n2[0, K.F_CHILD]
+    u = [int(n1[t * K.N1 + j, K.F_CHILD]) for j in range(K.N1) if n1[t * K.N1 + j, K.F_CHILD] >= 0]
+    assert u
+    return u[0]
+
+
+def _link0(w0, u, nxt):
+    """Point freed page table ``u``'s free-list link at ``nxt`` (-1: the end)."""
+    v = nxt + 1
+    for k in range(4):
+        w0[u * K.N1 + k] = (v >> (16 * k)) & 0xFFFF
+
+
+def test_check_names_a_free_count_that_disagrees():
+    g = _freed_tables()
+    g.store._meta[K.M_NFREE0] -= 1                       # one freed page table not counted
+    _expect(g, 18)
+
+
+def test_check_names_a_table_in_use_on_a_free_list():
+    g = _freed_tables()
+    _n2, _n1, w0, meta = _tree(g)
+    head = int(meta[K.M_FREE0])
+    u = _page_table_in_use(g)
+    _link0(w0, head, u)                                  # the list runs on into a used table
+    meta[K.M_NFREE0] += 1
+    _expect(g, 18)
+
+
+def test_check_names_a_free_list_that_loops():
+    g = _freed_tables()
+    _n2, _n1, w0, meta = _tree(g)
+    head = int(meta[K.M_FREE0])
+    _link0(w0, head, head)                               # a cycle: the check must still end
+    _expect(g, 18)
+
+
+def test_check_names_a_table_lost_to_the_pools():
+    g = _freed_tables()
+    _n2, _n1, w0, meta = _tree(g)
+    head = int(meta[K.M_FREE0])
+    _link0(w0, head, -1)                                 # the second freed table: neither used nor free
+    meta[K.M_NFREE0] = 1
+    _expect(g, 18)
+
+
+def test_check_names_freed_entry_tables_that_disagree():
+    g = _freed_tables()
+    g.set_memory_attributes(0, 8 << 20, 0)      # the whole file as it started: uniform
+    _n2, _n1, _w0, meta = _tree(g)
+    assert meta[K.M_NFREE1] == 1 and meta[K.M_NFREE0] == 4
+    g.check()
+    meta[K.M_NFREE1] = 0
+    _expect(g, 18)
+    meta[K.M_NFREE1] = 1
+    meta[K.M_FREE1] = -1                                 # the freed table dropped from its list
+    _expect(g, 18)
+
+
+def test_a_state_file_with_broken_free_lists(tmp_path):
+    g = _freed_tables()
+    path = tmp_path / "g.npz"
+    g.save(str(path))
+    header, arrays = _read(path)
+    meta = arrays["meta"].copy()
+    meta[K.M_NFREE0] += 1
+    arrays["meta"] = meta
+    _write(path, header, arrays, reseal=("arrays",))
+    _refused(path, "state is inconsistent", "invariant 18", INVARIANTS[18])
+
+
 def test_check_passes_on_a_busy_healthy_file():
     """The control: the same operations without corruption pass check()."""
     g = gmemfast.GuestMemfd(8 << 20, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_HUGETLB,
