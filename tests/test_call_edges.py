@@ -1,0 +1,174 @@
+"""The edges of single calls: what an error says (the value and why, so a user can act on
+it), what a call returns when its work spans memslots, batched calls given only scalars,
+and the defaults a bare ``VM()`` starts with.
+
+Expected texts are built from the arguments of each call, not copied from an output."""
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from conftest import normalize_dump
+from gmemfast import (FALLOC_FL_KEEP_SIZE, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
+                      KVM_MEMORY_ATTRIBUTE_PRIVATE, VM, GmemError, GuestMemfd, SigBusError)
+
+PS = 4096
+M = 1 << 20
+PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
+MMAP_SHARED = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+
+
+def shared_file(size=4 * M):
+    return GuestMemfd(size, MMAP_SHARED)
+
+
+# ------------------------------------------------------------------ argument types
+@pytest.mark.parametrize("call, name, value", [
+    (lambda g, v: g.pin(0, v), "size", "x"),
+    (lambda g, v: g.pin(v), "offset", 1.5),
+    (lambda g, v: g.folio_order(v), "offset", "x"),
+])
+def test_a_value_of_the_wrong_type_is_named(call, name, value):
+    g = shared_file()
+    before = normalize_dump(g.dump())
+    with pytest.raises(TypeError) as info:
+        call(g, value)
+    msg = str(info.value)
+    assert msg.startswith(f"{name} must be an int"), msg
+    assert type(value).__name__ in msg and repr(value) in msg, msg
+    assert normalize_dump(g.dump()) == before
+
+
+@pytest.mark.parametrize("column", ["offsets", "sizes", "attributes"])
+def test_a_batch_column_of_the_wrong_type_is_named(column):
+    g = shared_file()
+    args = {"offsets": [0, PS], "sizes": PS, "attributes": PRIVATE}
+    args[column] = ["a", "b"]
+    with pytest.raises(TypeError) as info:
+        g.set_memory_attributes_many(args["offsets"], args["sizes"], args["attributes"])
+    assert str(info.value).startswith(f"{column} must be integers"), str(info.value)
+    assert g.private_pages() == 0
+
+
+@pytest.mark.parametrize("column", ["modes", "sizes"])
+def test_a_fallocate_batch_column_of_the_wrong_type_is_named(column):
+    g = shared_file()
+    args = {"modes": FALLOC_FL_KEEP_SIZE, "offsets": [0, PS], "sizes": PS}
+    args[column] = [0.5, 1.5]
+    with pytest.raises(TypeError) as info:
+        g.fallocate_many(args["modes"], args["offsets"], args["sizes"])
+    assert str(info.value).startswith(f"{column} must be integers"), str(info.value)
+    assert g.allocated_pages() == 0
+
+
+@pytest.mark.parametrize("column", ["gpas", "sizes"])
+def test_a_vm_batch_column_of_the_wrong_type_is_named(column):
+    vm = VM("snp")
+    g = vm.create_guest_memfd(4 * M, GUEST_MEMFD_FLAG_MMAP)
+    vm.set_user_memory_region(0, 0, 4 * M, g)
+    args = {"gpas": [0, PS], "sizes": PS}
+    args[column] = [0.5, 1.5]
+    for call in (lambda: vm.set_memory_attributes_many(args["gpas"], args["sizes"], 0),
+                 lambda: vm.guest_accept_many(args["gpas"], args["sizes"], chunk=PS)):
+        with pytest.raises(TypeError) as info:
+            call()
+        assert str(info.value).startswith(f"{column} must be integers"), str(info.value)
+    assert g.private_pages() == g.nr_pages
+
+
+# ------------------------------------------------------------------ ranges and faults
+def test_a_pin_past_the_end_names_its_range_and_the_end():
+    g = shared_file()
+    off, size = g.size - PS, 2 * PS
+    with pytest.raises(GmemError) as info:
+        g.pin(off, size)
+    assert info.value.errno == errno.EFAULT
+    assert f"pin [{off:#x}, {off + size:#x}) goes past the end ({g.size:#x})" in str(info.value)
+    assert g.pins == ()
+
+
+def test_a_host_read_of_a_private_page_names_the_access():
+    g = shared_file()
+    g.set_memory_attributes(3 * PS, PS, PRIVATE)
+    with pytest.raises(SigBusError) as info:
+        g.host_read(3 * PS + 8, 16)
+    assert info.value.errno == errno.EFAULT
+    msg = str(info.value)
+    assert f"host read at {3 * PS + 8:#x}" in msg and "is private" in msg, msg
+    with pytest.raises(SigBusError) as info:
+        g.host_write(3 * PS, b"x")
+    assert f"host write at {3 * PS:#x}" in str(info.value), str(info.value)
+
+
+def test_a_memslot_id_out_of_range_says_the_range():
+    vm = VM()
+    g = vm.create_guest_memfd(4 * M, GUEST_MEMFD_FLAG_MMAP)
+    with pytest.raises(GmemError) as info:
+        vm.set_user_memory_region(100_000, 0, 4 * M, g)
+    assert info.value.errno == errno.EINVAL
+    assert "memslot id 100000 is out of range (0 to " in str(info.value), str(info.value)
+    assert vm.memslots == {}
+
+
+def test_a_memslot_past_its_file_names_the_file_range():
+    vm = VM()
+    g = vm.create_guest_memfd(4 * M, GUEST_MEMFD_FLAG_MMAP)
+    with pytest.raises(GmemError) as info:
+        vm.set_user_memory_region(3, 0, 8 * M, g)
+    assert info.value.errno == errno.EINVAL
+    msg = str(info.value)
+    assert "memslot 3 guest_memfd range" in msg and f"{8 * M:#x}" in msg and f"({4 * M:#x})" in msg, msg
+    assert vm.memslots == {}
+
+
+# ------------------------------------------------------------------ work over memslots
+@pytest.mark.parametrize("vm_type", ["snp", "tdx"])
+def test_guest_accept_over_two_memslots_returns_the_chunks_of_both(vm_type):
+    vm = VM(vm_type, in_place=False)
+    g = vm.create_guest_memfd(8 * M, 0)
+    vm.set_user_memory_region(0, 0, 2 * M, g)                        # file [0, 2M)
+    vm.set_user_memory_region(1, 2 * M, 4 * M, g, gmem_offset=4 * M)  # file [4M, 8M)
+    vm.set_memory_attributes(0, 6 * M, PRIVATE)
+    # one chunk of 2 MiB in the first memslot, two in the second
+    assert vm.guest_accept(0, 6 * M) == 3
+    assert (g.te_states(0, 2 * M) != 0).all() and (g.te_states(4 * M, 4 * M) != 0).all()
+    assert not g.te_states(2 * M, 2 * M).any()
+    # at 4 KiB: the pages of both
+    vm2 = VM(vm_type, in_place=False)
+    g2 = vm2.create_guest_memfd(2 * M, 0)
+    vm2.set_user_memory_region(0, 0, M, g2)
+    vm2.set_user_memory_region(1, M, M, g2, gmem_offset=M)
+    vm2.set_memory_attributes(0, 2 * M, PRIVATE)
+    assert vm2.guest_accept(M - 3 * PS, 5 * PS, chunk=PS) == 5
+
+
+# ------------------------------------------------------------------ batches of scalars
+def test_a_fallocate_batch_of_scalars_is_one_call():
+    g, ref = shared_file(), shared_file()
+    r = g.fallocate_many(FALLOC_FL_KEEP_SIZE, 2 * M, M)
+    ref.fallocate(FALLOC_FL_KEEP_SIZE, 2 * M, M)
+    assert r.errno.tolist() == [0] and r.error_offset.tolist() == [-1]
+    assert g.counters["fallocate_calls"] == ref.counters["fallocate_calls"] == 1
+    assert normalize_dump(g.dump()) == normalize_dump(ref.dump())
+
+
+def test_a_conversion_batch_of_scalars_is_one_call():
+    g, ref = shared_file(), shared_file()
+    r = g.set_memory_attributes_many(M, 2 * PS, PRIVATE)
+    ref.set_memory_attributes(M, 2 * PS, PRIVATE)
+    assert r.errno.tolist() == [0]
+    assert g.counters["convert_calls"] == ref.counters["convert_calls"] == 1
+    assert normalize_dump(g.dump()) == normalize_dump(ref.dump())
+
+
+# ------------------------------------------------------------------ defaults
+def test_a_bare_vm_is_a_software_protected_vm_converting_in_place():
+    vm = VM()
+    assert vm.vm_type == "sw-protected"
+    assert vm.in_place
+    g = vm.create_guest_memfd(2 * M, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    g.host_write(0, b"kept")
+    g.set_memory_attributes(0, PS, PRIVATE)
+    g.set_memory_attributes(0, PS, 0)
+    assert g.host_read(0, 4) == b"kept"       # sw-protected keeps contents both ways
