@@ -111,6 +111,10 @@ def test_refused_calls_on_separate_memory_name_the_call_and_the_value(call, what
     assert err.value.errno == errno.EFAULT
     assert err.value.detail == f"{what} [0x0, +0xc000): no memslot at 0x4000"
     with pytest.raises(GmemError) as err:
+        fn(4 * P, 8 * P)                                # starting in the hole
+    assert err.value.errno == errno.EFAULT
+    assert err.value.detail == f"{what} [0x4000, +0x8000): no memslot at 0x4000"
+    with pytest.raises(GmemError) as err:
         fn(8 * P, 8 * P)                                # past the last memslot
     assert err.value.detail == f"{what} [0x8000, +0x8000): no memslot at 0xc000"
     with pytest.raises(GmemError) as err:
