@@ -28,6 +28,7 @@ def shared_file(size=4 * M):
     (lambda g, v: g.pin(0, v), "size", "x"),
     (lambda g, v: g.pin(v), "offset", 1.5),
     (lambda g, v: g.folio_order(v), "offset", "x"),
+    (lambda g, v: GuestMemfd(4 * M, MMAP_SHARED, metadata_limit=v), "metadata_limit", "8"),
 ])
 def test_a_value_of_the_wrong_type_is_named(call, name, value):
     g = shared_file()

@@ -234,6 +234,9 @@ def test_check_names_each_page_rule(rule, policies, word):
     g.check()
     _set_word(g, 77, word)
     _expect(g, rule)
+    page = 0 if rule == 4 else 77          # a wrong huge folio is named by its block's first page
+    with pytest.raises(AssertionError, match=rf"broken at page {page} \(offset {page * PS:#x}\)"):
+        g.check()
 
 
 def _mixed_block(order=0):
