@@ -10,7 +10,8 @@ import errno
 import pytest
 
 from conftest import normalize_dump
-from gmemfast import (FALLOC_FL_KEEP_SIZE, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
+from gmemfast import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_HUGETLB,
+                      GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
                       KVM_MEMORY_ATTRIBUTE_PRIVATE, VM, GmemError, GuestMemfd, SigBusError)
 
 PS = 4096
@@ -100,6 +101,55 @@ def test_a_host_read_of_a_private_page_names_the_access():
     with pytest.raises(SigBusError) as info:
         g.host_write(3 * PS, b"x")
     assert f"host write at {3 * PS:#x}" in str(info.value), str(info.value)
+
+
+def test_an_empty_host_read_reads_nothing():
+    g = shared_file()
+    g.host_write(0, b"abc")
+    assert g.host_read(0, 0) == b""
+    assert g.host_read(PS, 0) == b""
+
+
+def test_folio_order_outside_the_file_is_einval():
+    g = shared_file()
+    for off in (g.size, g.size + PS, -PS):
+        with pytest.raises(GmemError) as info:
+            g.folio_order(off)
+        assert info.value.errno == errno.EINVAL
+        assert f"offset {off:#x} is outside the file (size {g.size:#x})" in str(info.value)
+
+
+def test_batch_columns_of_different_lengths_name_both():
+    vm = VM("snp")
+    g = vm.create_guest_memfd(4 * M, GUEST_MEMFD_FLAG_MMAP)
+    vm.set_user_memory_region(0, 0, 4 * M, g)
+    for call in (lambda: vm.set_memory_attributes_many([0, PS], [PS, PS, PS], 0),
+                 lambda: vm.guest_accept_many([0, PS], [PS, PS, PS], chunk=PS)):
+        with pytest.raises(ValueError) as info:
+            call()
+        assert "sizes has 3 items but gpas has 2" in str(info.value), str(info.value)
+    assert g.private_pages() == g.nr_pages
+    with pytest.raises(ValueError) as info:
+        g.set_memory_attributes_many([0, PS], [PS, PS, PS], 0)
+    assert "sizes has 3 items but offsets has 2" in str(info.value), str(info.value)
+
+
+def test_each_punch_refused_at_a_pin_is_counted():
+    g = GuestMemfd(4 * M, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+                   | GUEST_MEMFD_FLAG_HUGETLB, page_order=9)
+    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 4 * M)
+    pin = g.pin(3 * PS)
+    for k in range(3):
+        with pytest.raises(GmemError) as info:
+            g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, 2 * M)
+        assert info.value.errno == errno.EAGAIN
+        assert g.counters["punch_eagain"] == k + 1
+    r = g.fallocate_many(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, [0, 2 * M], 2 * M)
+    assert r.errno.tolist() == [errno.EAGAIN, 0]
+    assert g.counters["punch_eagain"] == 4
+    pin.release()
+    g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, 2 * M)
+    assert g.counters["punch_eagain"] == 4 and g.allocated_pages() == 0
 
 
 def test_a_memslot_id_out_of_range_says_the_range():

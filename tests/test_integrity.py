@@ -404,6 +404,23 @@ def test_check_names_freed_entry_tables_that_disagree():
     _expect(g, 18)
 
 
+def test_check_counts_every_freed_entry_table():
+    """Three 1 GiB entries get a table of 2 MiB entries and lose it again: three tables
+    on the free list, counted as three."""
+    g = gmemfast.GuestMemfd(4 << 30, MMAP_SHARED)
+    for b in range(3):
+        g.set_memory_attributes((b << 30) + 7 * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    meta = g.store._meta
+    assert meta[K.M_USED1] == 3 and meta[K.M_NFREE1] == 0
+    for b in range(3):
+        g.set_memory_attributes((b << 30) + 7 * PS, PS, 0)
+    assert meta[K.M_NFREE1] == 3
+    g.check()
+    g.set_memory_attributes(7 * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)   # one taken again
+    assert meta[K.M_NFREE1] == 2 and meta[K.M_USED1] == 3
+    g.check()
+
+
 def test_a_state_file_with_broken_free_lists(tmp_path):
     g = _freed_tables()
     path = tmp_path / "g.npz"
