@@ -1,5 +1,5 @@
-"""The metadata limit on shareability ranges (``metadata_limit``, docs/model.md, step 3
-of a conversion): a conversion that would leave the file with more maximal runs of equal
+"""The metadata limit on shareability ranges (``metadata_limit``, docs/model.md §4.4
+step 3 and §8): a conversion that would leave the file with more maximal runs of equal
 shareability than the limit fails with ``ENOMEM`` and changes nothing; one that leaves
 exactly the limit succeeds. The engine counts the runs the conversion would leave from the
 pages next to the range; the reference (tests/naive.py) counts them over the whole file
