@@ -3,9 +3,9 @@ partly allocated (a page punched out of a huge folio) or holes, for every backin
 order and direct-map policy.
 
 A one-page item skips the block-level work of an accept when its backing block is already
-wholly allocated (allocating the page widens to nothing: docs/model.md §4.2, every allocation widens to
-whole blocks of the backing order); otherwise
-allocating it widens to the whole huge page. Each item's result, the file's counters and
+wholly allocated: every allocation widens to whole blocks of the backing order and
+allocates their holes (docs/model.md §4.2), so allocating the page then does nothing;
+otherwise it allocates the block's holes. Each item's result, the file's counters and
 its state must be what the reference (tests/naive.py) gives for the same accepts one at a
 time; the 1 GiB files are compared with one ``VM.guest_accept`` call per item on a twin
 VM instead (the reference is too slow at that size)."""
