@@ -24,6 +24,7 @@ from .units import PAGE_SHIFT, PAGE_SIZE
 ZERO_PAGE = bytes(PAGE_SIZE)
 _POOL_FIRST_BYTES = 1 << 30   # address space first reserved for page tables (see reserve)
 _L1_FIRST_BYTES = 3 << 30     # ... for tables of 2 MiB entries (24 KiB a 1 GiB block)
+_ROOM_PAGES = int(K.RESERVE) << int(K.S2)   # ranges longer than this may need room_for
 _GC_SLACK = 64                # stored pages beyond twice the live ones before a sweep
 GROUP_MIN = 64               # batches from this size on are applied grouped by block
 _KEYS_KEPT = 1 << 20          # the largest batch whose grouping scratch is kept (8 MiB)
@@ -170,8 +171,9 @@ class PageStore:
         self.reserve()
 
     # ---------------------------------------------------------------- capacity
-    def reserve(self) -> None:
-        """Make sure every pool has ``RESERVE`` free tables (kernels never allocate).
+    def reserve(self, extra1: int = 0) -> None:
+        """Make sure every pool has ``RESERVE`` free tables (kernels never allocate), and
+        the pool of 2 MiB-entry tables ``extra1`` more (``room_for``).
 
         The first allocation reserves room for as many tables as the file could ever
         need, up to a bound: the pools are zero-filled with ``calloc``, so pages of them
@@ -179,8 +181,8 @@ class PageStore:
         """
         meta = self._meta
         f1, f0 = K.free_tables(meta)
-        if f1 < K.RESERVE:
-            cap = max(2 * int(meta[K.M_CAP1]), int(meta[K.M_USED1]) + 2 * K.RESERVE)
+        if f1 < K.RESERVE + extra1:
+            cap = max(2 * int(meta[K.M_CAP1]), int(meta[K.M_USED1]) + 2 * K.RESERVE + extra1)
             if meta[K.M_CAP1] == 0:
                 # one table per 1 GiB block at most: reserve them all (address space)
                 cap = max(cap, min(len(self._n2), _L1_FIRST_BYTES // (K.N1 * K.NF1 * 4)) + K.RESERVE)
@@ -200,6 +202,24 @@ class PageStore:
     def _tree(self):
         self.reserve()
         return self._n2, self._n1, self._w0, self._meta
+
+    def room_for(self, p0s, p1s) -> int:
+        """Tables of 2 MiB entries that calls over the page ranges ``[p0s, p1s)`` (ints or
+        arrays) may take beyond the ``RESERVE`` every kernel call can count on: a range
+        over more 1 GiB blocks than that can give each block that has none a table of its
+        own (a direct-map break under every block), so those are reserved. Returns the
+        number reserved (0 for ranges over at most ``RESERVE`` blocks each)."""
+        spans = (np.asarray(p1s) - 1 >> K.S2) - (np.asarray(p0s) >> K.S2) + 1
+        big = spans > K.RESERVE
+        if not big.any():
+            return 0
+        bare = int(np.count_nonzero(self._n2[:, K.F_CHILD] < 0))
+        if spans.ndim == 0:
+            i0 = int(p0s) >> K.S2
+            bare = int(np.count_nonzero(self._n2[i0:i0 + int(spans), K.F_CHILD] < 0))
+        extra = min(int(spans[big].sum()), bare)
+        self.reserve(extra)
+        return extra
 
     # ---------------------------------------------------------------- reading
     def word(self, p: int) -> int:
@@ -298,10 +318,14 @@ class PageStore:
     def apply(self, p0: int, p1: int, cmask: int, cval: int, clr: int, setb: int) -> int:
         """For pages of ``[p0, p1)`` with ``w & cmask == cval``: ``w = (w & ~clr) | setb``.
         Returns the pages changed."""
+        if p1 - p0 > _ROOM_PAGES:
+            self.room_for(p0, p1)
         return int(K.walk_apply(*self._tree(), p0, p1, cmask, cval, clr, setb))
 
     def allocate(self, p0: int, p1: int) -> int:
         """Allocate every hole of ``[p0, p1)``, widened to whole backing-order blocks."""
+        if p1 - p0 > _ROOM_PAGES:
+            self.room_for(p0, p1)
         return int(K.allocate(*self._tree(), p0, p1))
 
     def fault_in(self, p0: int, p1: int, bit: int) -> int:
@@ -324,14 +348,20 @@ class PageStore:
         returns the chunks that did work. ``map_pages``: the host's mapping level in
         pages (0: the chunk's); ``prefault``: the VMM mapped it beforehand."""
         self.allocate(p0, p1)
+        if p1 - p0 > _ROOM_PAGES:
+            self.room_for(p0, p1)
         return int(K.accept(*self._tree(), p0, p1, chunk_pages, te_state, map_pages, bool(prefault)))
 
     def zap_guest(self, p0: int, p1: int) -> int:
         """Invalidate the guest (stage-2) mappings of ``[p0, p1)``."""
+        if p1 - p0 > _ROOM_PAGES:
+            self.room_for(p0, p1)
         return int(K.zap_guest(*self._tree(), p0, p1))
 
     def punch(self, p0: int, p1: int) -> tuple[int, int]:
         """Punch a hole over ``[p0, p1)``: ``(0, -1)`` or ``(EAGAIN, pinned page)``."""
+        if p1 - p0 > _ROOM_PAGES:
+            self.room_for(p0, p1)
         err, pg = K.punch(*self._tree(), p0, p1)
         if not err:
             self.gc_bytes()
@@ -346,6 +376,8 @@ class PageStore:
         if p1 - p0 == 1:
             err, pg = hot.convert_page(self._n2, self._n1, self._w0, self._meta, p0, to_private, zero)
         if err == _RC_SLOW:
+            if p1 - p0 > _ROOM_PAGES:
+                self.room_for(p0, p1)
             err, pg = hot.convert(self._n2, self._n1, self._w0, self._meta, p0, p1, to_private, zero)
         while err == _RC_GROW:
             self.reserve()
@@ -377,7 +409,9 @@ class PageStore:
             if m >= 0:
                 args = (g0[:m], g1[:m], gpriv[:m], gzero[:m], order[:m], False)
         x, n = 0, len(args[0])
+        extra = self.room_for(args[0], args[1])
         while x < n:
+            self.reserve(extra)
             x = K.convert_many(*self._tree(), *args, x, out_err, out_page)
         if len(self._data) > _GC_SLACK:
             self.gc_bytes()
@@ -424,7 +458,9 @@ class PageStore:
         the chunks of each item."""
         chunks = np.zeros(len(p0s), np.int64)
         x, n = 0, len(p0s)
+        extra = self.room_for(p0s, p1s)
         while x < n:
+            self.reserve(extra)
             x = K.accept_many(*self._tree(), p0s, p1s, chunk_pages, te_state, map_pages,
                               bool(prefault), bool(check), x, out_err, out_page, chunks)
         return chunks
@@ -433,7 +469,9 @@ class PageStore:
         """Allocations and punches of validated page ranges in order (empty punches do
         nothing); fills ``out_err`` and ``out_page``."""
         x, n = 0, len(p0s)
+        extra = self.room_for(p0s, p1s)
         while x < n:
+            self.reserve(extra)
             x = K.fallocate_many(*self._tree(), punch_hole, p0s, p1s, x, out_err, out_page)
         self.gc_bytes()
 

@@ -1,0 +1,85 @@
+"""One call over more 1 GiB blocks than the table pools keep free: with 4 KiB folios and
+the ``on-conversion`` direct-map policy, allocating private memory breaks the direct map
+under every block it touches (docs/model.md §5), so each block takes a table of 2 MiB
+entries in that one call. The pools are made small here (as a file of hundreds of TiB
+finds them after its first reservation), and each kind of call must still leave a sound
+state with the direct map worked out by hand: every 1 GiB and 2 MiB entry over a removed
+page broken, one 4 KiB entry per page of the file."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gmemfast
+from gmemfast import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP,
+                      KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+G = 1 << 30
+PS = 4096
+BLOCKS = 150                     # more than the 128 tables the small pools start with
+PUNCH = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+@pytest.fixture
+def small_pools(monkeypatch):
+    from gmemfast import _store
+    monkeypatch.setattr(_store, "_POOL_FIRST_BYTES", 0)
+    monkeypatch.setattr(_store, "_L1_FIRST_BYTES", 0)
+
+
+def every_entry_broken(g):
+    assert g.direct_map_entries() == {"1G": 0, "2M": 0, "4K": BLOCKS * G // PS}
+    g.check()
+
+
+def whole_file(flags=GUEST_MEMFD_FLAG_MMAP):
+    return gmemfast.GuestMemfd(BLOCKS * G, flags, direct_map="on-conversion")
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_allocating_every_block_in_one_call(small_pools, batched):
+    g = whole_file()
+    if batched:
+        r = g.fallocate_many(FALLOC_FL_KEEP_SIZE, [0, 5 * G], [BLOCKS * G, PS])
+        assert r.errno.tolist() == [0, 0]
+    else:
+        g.fallocate(FALLOC_FL_KEEP_SIZE, 0, BLOCKS * G)
+    assert g.allocated_pages() == BLOCKS * G // PS
+    every_entry_broken(g)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_converting_every_block_in_one_call(small_pools, batched):
+    """Allocated shared memory converted to private: each page removed from the direct map."""
+    g = gmemfast.GuestMemfd(BLOCKS * G, GUEST_MEMFD_FLAG_MMAP | gmemfast.GUEST_MEMFD_FLAG_INIT_SHARED,
+                            direct_map="on-conversion")
+    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, BLOCKS * G)
+    assert g.direct_map_entries()["1G"] == BLOCKS            # shared: nothing removed yet
+    if batched:
+        half = BLOCKS // 2 * G
+        r = g.set_memory_attributes_many(np.array([0, half]), np.array([half, BLOCKS * G - half]),
+                                         KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        assert r.errno.tolist() == [0, 0]
+    else:
+        g.set_memory_attributes(0, BLOCKS * G, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    assert g.private_pages() == BLOCKS * G // PS
+    every_entry_broken(g)
+
+
+def test_punching_and_allocating_again(small_pools):
+    g = whole_file()
+    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, BLOCKS * G)
+    g.fallocate(PUNCH, 0, BLOCKS * G)
+    assert g.allocated_pages() == 0
+    g.check()
+    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, BLOCKS * G)           # breaks stay broken (§5)
+    every_entry_broken(g)
+
+
+def test_accepting_every_block_in_one_call(small_pools):
+    vm = gmemfast.VM("tdx", direct_map="on-conversion")
+    g = vm.create_guest_memfd(BLOCKS * G, GUEST_MEMFD_FLAG_MMAP)
+    vm.set_user_memory_region(0, 0, BLOCKS * G, g)
+    assert vm.guest_accept(0, BLOCKS * G) == BLOCKS * 512       # one 2 MiB chunk each
+    assert g.allocated_pages() == BLOCKS * G // PS
+    every_entry_broken(g)
