@@ -223,3 +223,23 @@ def test_a_bare_vm_is_a_software_protected_vm_converting_in_place():
     g.set_memory_attributes(0, PS, PRIVATE)
     g.set_memory_attributes(0, PS, 0)
     assert g.host_read(0, 4) == b"kept"       # sw-protected keeps contents both ways
+
+
+# ------------------------------------------------------------------ unsafe folios
+def test_each_conversion_refused_at_a_pin_drains_the_lru_once():
+    """A pinned page makes its folio unsafe: the kernel drains the per-CPU LRU batches
+    once, finds the pin still there and refuses with EAGAIN (docs/model.md §3)."""
+    g = shared_file()
+    g.host_write(9 * PS, b"pinned")
+    pin = g.pin(9 * PS)
+    for k in range(1, 4):
+        with pytest.raises(GmemError) as info:
+            g.set_memory_attributes(8 * PS, 4 * PS, PRIVATE)
+        assert info.value.errno == errno.EAGAIN and info.value.error_offset == 9 * PS
+        assert g.counters["lru_drains"] == k and g.counters["convert_eagain"] == k
+    r = g.set_memory_attributes_many([9 * PS, 20 * PS], PS, PRIVATE)
+    assert r.errno.tolist() == [errno.EAGAIN, 0]
+    assert g.counters["lru_drains"] == 4
+    pin.release()
+    g.set_memory_attributes(8 * PS, 4 * PS, PRIVATE)
+    assert g.counters["lru_drains"] == 4 and g.private_pages() == 5

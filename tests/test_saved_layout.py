@@ -124,3 +124,30 @@ def write_fixture(path) -> None:
             dst.writestr(info.filename, src.read(info.filename))
     raw.unlink()
     Path(path).write_bytes(buf.getvalue())
+
+
+def test_saved_exceptions_carry_their_folio_order(tmp_path):
+    """A state file holds every page word complete: a page of a 1 GiB folio that is an
+    exception of its 2 MiB entry (it holds bytes) is saved with the folio's order bits,
+    and a file of that form loads as the same state."""
+    from gmemfast._layout import GIG, HUGE
+    g = gmemfast.GuestMemfd(1 << 30, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_HUGETLB, page_order=18)
+    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 1 << 30)
+    g.set_memory_attributes(5 * PS, PS, 0)
+    g.host_write(5 * PS, b"one page with bytes")
+    g.set_memory_attributes(5 * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    assert g.folio_order(0) == 18
+    arrays = _saved_arrays(g, tmp_path)
+    t = int(arrays["n2"][0, K.F_CHILD])
+    assert t >= 0
+    e = arrays["n1"][t * K.N1]                                  # the first 2 MiB entry
+    nx = int(e[K.F_CNT + K.NCOUNTED])
+    assert nx == 1 and e[K.F_CHILD] < 0
+    v = int(e[K.F_CNT + K.NCOUNTED + 1])
+    assert v & K.XQ_MASK == 5
+    assert (v >> K.XW_SHIFT) & (HUGE | GIG) == HUGE | GIG
+    assert e[K.F_WORD] & (HUGE | GIG) == HUGE | GIG
+    back = gmemfast.GuestMemfd.load(str(tmp_path / "s.npz"))
+    back.check()
+    assert back.folio_order(5 * PS) == 18
+    assert np.array_equal(back.page_words(), g.page_words())
