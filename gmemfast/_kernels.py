@@ -2078,34 +2078,27 @@ def check_pools(n2, n1, w0, meta, seen1, seen0):
             if u >= used0 or seen0[u]:
                 return INV_POOLS, 0
             seen0[u] = 1
-    t = meta[M_FREE1]
-    nfree = I0
-    while t >= 0:
-        if t >= used1 or seen1[t] or nfree >= used1:
-            return INV_POOLS, 1
-        seen1[t] = 2
-        nfree += 1
-        t = n1[t * N1, F_CHILD]
-    if nfree != meta[M_NFREE1]:
-        return INV_POOLS, 1
-    for t in range(used1):
-        if seen1[t] == 0:
-            return INV_POOLS, 1
-    u = meta[M_FREE0]
-    nfree = I0
-    while u >= 0:
-        if u >= used0 or seen0[u] or nfree >= used0:
-            return INV_POOLS, 0
-        seen0[u] = 2
-        nfree += 1
-        base = u * N1
-        u = (np.int64(w0[base]) | (np.int64(w0[base + 1]) << 16)
-             | (np.int64(w0[base + 2]) << 32) | (np.int64(w0[base + 3]) << 48)) - 1
-    if nfree != meta[M_NFREE0]:
-        return INV_POOLS, 0
-    for u in range(used0):
-        if seen0[u] == 0:
-            return INV_POOLS, 0
+    for level in range(2):          # the free list of each pool, followed to its end
+        seen = seen0 if level == 0 else seen1
+        used = used0 if level == 0 else used1
+        t = meta[M_FREE0] if level == 0 else meta[M_FREE1]
+        nfree = I0
+        while t >= 0:
+            if t >= used or seen[t] or nfree >= used:
+                return INV_POOLS, level
+            seen[t] = 2
+            nfree += 1
+            if level == 1:
+                t = np.int64(n1[t * N1, F_CHILD])
+            else:           # stored +1 in the table's first four words (_free_l0)
+                base = t * N1
+                t = (np.int64(w0[base]) | (np.int64(w0[base + 1]) << 16)
+                     | (np.int64(w0[base + 2]) << 32) | (np.int64(w0[base + 3]) << 48)) - 1
+        if nfree != (meta[M_NFREE0] if level == 0 else meta[M_NFREE1]):
+            return INV_POOLS, level
+        for u in range(used):
+            if seen[u] == 0:
+                return INV_POOLS, level
     return 0, -1
 
 
