@@ -24,7 +24,7 @@ from .units import PAGE_SHIFT, PAGE_SIZE
 ZERO_PAGE = bytes(PAGE_SIZE)
 _POOL_FIRST_BYTES = 1 << 30   # address space first reserved for page tables (see reserve)
 _L1_FIRST_BYTES = 3 << 30     # ... for tables of 2 MiB entries (24 KiB a 1 GiB block)
-_ROOM_PAGES = int(K.RESERVE) << int(K.S2)   # ranges longer than this may need room_for
+_ROOM_PAGES = int(K.RESERVE - 1) << int(K.S2)   # no shorter range spans over RESERVE 1 GiB blocks
 _GC_SLACK = 64                # stored pages beyond twice the live ones before a sweep
 GROUP_MIN = 64               # batches from this size on are applied grouped by block
 _KEYS_KEPT = 1 << 20          # the largest batch whose grouping scratch is kept (8 MiB)

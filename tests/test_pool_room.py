@@ -56,14 +56,23 @@ def test_converting_every_block_in_one_call(small_pools, batched):
     g.fallocate(FALLOC_FL_KEEP_SIZE, 0, BLOCKS * G)
     assert g.direct_map_entries()["1G"] == BLOCKS            # shared: nothing removed yet
     if batched:
-        half = BLOCKS // 2 * G
-        r = g.set_memory_attributes_many(np.array([0, half]), np.array([half, BLOCKS * G - half]),
+        r = g.set_memory_attributes_many(np.array([0, 7 * PS]), np.array([BLOCKS * G, PS]),
                                          KVM_MEMORY_ATTRIBUTE_PRIVATE)
         assert r.errno.tolist() == [0, 0]
     else:
         g.set_memory_attributes(0, BLOCKS * G, KVM_MEMORY_ATTRIBUTE_PRIVATE)
     assert g.private_pages() == BLOCKS * G // PS
     every_entry_broken(g)
+
+
+def test_a_range_just_under_the_bound_spans_at_most_the_reserve():
+    """Ranges shorter than ``_ROOM_PAGES`` skip the count: none spans over RESERVE blocks."""
+    from gmemfast import _kernels as K
+    from gmemfast import _store
+    blocks = lambda p0, p1: ((p1 - 1) >> K.S2) - (p0 >> K.S2) + 1   # noqa: E731
+    for p0 in (0, 1, (1 << K.S2) - 1):
+        assert blocks(p0, p0 + _store._ROOM_PAGES) <= K.RESERVE
+    assert blocks((1 << K.S2) - 1, (1 << K.S2) - 1 + _store._ROOM_PAGES + 2) > K.RESERVE
 
 
 def test_punching_and_allocating_again(small_pools):
@@ -76,10 +85,15 @@ def test_punching_and_allocating_again(small_pools):
     every_entry_broken(g)
 
 
-def test_accepting_every_block_in_one_call(small_pools):
+@pytest.mark.parametrize("batched", [False, True])
+def test_accepting_every_block_in_one_call(small_pools, batched):
     vm = gmemfast.VM("tdx", direct_map="on-conversion")
     g = vm.create_guest_memfd(BLOCKS * G, GUEST_MEMFD_FLAG_MMAP)
     vm.set_user_memory_region(0, 0, BLOCKS * G, g)
-    assert vm.guest_accept(0, BLOCKS * G) == BLOCKS * 512       # one 2 MiB chunk each
+    if batched:
+        r = vm.guest_accept_many([0, 0], [BLOCKS * G, G])
+        assert r.errno.tolist() == [0, 0] and r.value.tolist() == [BLOCKS * 512, 0]
+    else:
+        assert vm.guest_accept(0, BLOCKS * G) == BLOCKS * 512   # one 2 MiB chunk each
     assert g.allocated_pages() == BLOCKS * G // PS
     every_entry_broken(g)
