@@ -2055,28 +2055,28 @@ def check_tree(n2, n1, w0, meta, scratch):
 def check_pools(n2, n1, w0, meta, seen1, seen0):
     """Verify that the page-table pools' free lists hold exactly the tables no entry
     uses, each once, and as many as they count (``M_NFREE1``, ``M_NFREE0``). Returns
-    ``(INV_POOLS, level)`` (1: the 2 MiB entries' tables, 0: the page tables) or
-    ``(0, -1)``. A table that is neither used nor free is lost to the pools for good.
+    ``INV_POOLS`` or 0. A table that is neither used nor free is lost to the pools for
+    good.
     ``seen1``, ``seen0``: zeroed uint8 arrays of ``M_USED1`` and ``M_USED0`` entries."""
     used1 = meta[M_USED1]
     used0 = meta[M_USED0]
     if used1 < 0 or used1 > meta[M_CAP1] or used1 * N1 > n1.shape[0] or seen1.shape[0] != used1:
-        return INV_POOLS, 1
+        return INV_POOLS
     if used0 < 0 or used0 > meta[M_CAP0] or used0 * N1 > w0.shape[0] or seen0.shape[0] != used0:
-        return INV_POOLS, 0
+        return INV_POOLS
     for i in range(n2.shape[0]):
         t = n2[i, F_CHILD]
         if t < 0:
             continue
         if t >= used1 or seen1[t]:
-            return INV_POOLS, 1
+            return INV_POOLS
         seen1[t] = 1
         for j in range(N1):
             u = n1[t * N1 + j, F_CHILD]
             if u < 0:
                 continue
             if u >= used0 or seen0[u]:
-                return INV_POOLS, 0
+                return INV_POOLS
             seen0[u] = 1
     for level in range(2):          # the free list of each pool, followed to its end
         seen = seen0 if level == 0 else seen1
@@ -2085,7 +2085,7 @@ def check_pools(n2, n1, w0, meta, seen1, seen0):
         nfree = I0
         while t >= 0:
             if t >= used or seen[t] or nfree >= used:
-                return INV_POOLS, level
+                return INV_POOLS
             seen[t] = 2
             nfree += 1
             if level == 1:
@@ -2095,11 +2095,11 @@ def check_pools(n2, n1, w0, meta, seen1, seen0):
                 t = (np.int64(w0[base]) | (np.int64(w0[base + 1]) << 16)
                      | (np.int64(w0[base + 2]) << 32) | (np.int64(w0[base + 3]) << 48)) - 1
         if nfree != (meta[M_NFREE0] if level == 0 else meta[M_NFREE1]):
-            return INV_POOLS, level
+            return INV_POOLS
         for u in range(used):
             if seen[u] == 0:
-                return INV_POOLS, level
-    return 0, -1
+                return INV_POOLS
+    return 0
 
 
 def dmap_counts(n2, meta):

@@ -277,9 +277,9 @@ class PageStore:
         if rule:
             return int(rule), int(page)
         m = self._meta
-        rule, _level = K.check_pools(self._n2, self._n1, self._w0, m,
-                                     np.zeros(max(int(m[K.M_USED1]), 0), np.uint8),
-                                     np.zeros(max(int(m[K.M_USED0]), 0), np.uint8))
+        rule = K.check_pools(self._n2, self._n1, self._w0, m,
+                             np.zeros(max(int(m[K.M_USED1]), 0), np.uint8),
+                             np.zeros(max(int(m[K.M_USED0]), 0), np.uint8))
         if rule:
             return int(rule), -1        # about the pools, not a page
         if tuple(K.dmap_entries(self._n2, self._n1, self.nr_pages)) != tuple(K.dmap_counts(self._n2, self._meta)):

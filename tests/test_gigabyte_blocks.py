@@ -119,3 +119,24 @@ def test_page_tables_freed_and_reused_while_the_pools_grow(monkeypatch):
         same_counts(eng, ref, f"round {round_}: half merged")
         eng.check()
     assert_same_state(eng, ref, "at the end")
+
+
+def test_attribute_ranges_across_whole_uniform_blocks():
+    """Whole 1 GiB blocks alternately private and shared, each one uniform entry: every
+    boundary between them starts a new range (worked out by hand), and so does a metadata
+    limit counting them."""
+    eng = gmemfast.GuestMemfd(4 * G, GUEST_MEMFD_FLAG_MMAP)        # private from the start
+    assert eng.attribute_ranges == 1
+    eng.set_memory_attributes(G, G, 0)                             # P S P P
+    assert eng.attribute_ranges == 3
+    eng.set_memory_attributes(3 * G, G, 0)                         # P S P S
+    assert eng.attribute_ranges == 4
+    eng.set_memory_attributes(2 * G, G, 0)                         # P S S S
+    assert eng.attribute_ranges == 2
+    lim = gmemfast.GuestMemfd(4 * G, GUEST_MEMFD_FLAG_MMAP, metadata_limit=2)
+    lim.set_memory_attributes(3 * G, G, 0)                         # P P P S: 2 ranges
+    with pytest.raises(gmemfast.GmemError) as info:
+        lim.set_memory_attributes(G, G, 0)                         # would make 4
+    assert info.value.errno == 12
+    lim.set_memory_attributes(2 * G, G, 0)                         # P P S S: still 2
+    assert lim.attribute_ranges == 2
