@@ -232,3 +232,27 @@ def test_each_conversion_refused_at_a_pin_drains_the_lru_once():
     pin.release()
     g.set_memory_attributes(8 * PS, 4 * PS, PRIVATE)
     assert g.counters["lru_drains"] == 4 and g.private_pages() == 5
+
+
+# ------------------------------------------------------------------ files and VMs refused or large
+def test_a_legacy_coco_vm_refuses_a_shared_file():
+    for vm_type in ("snp", "tdx"):
+        vm = VM(vm_type, in_place=False)
+        for flags, why in ((GUEST_MEMFD_FLAG_MMAP, "cannot mmap guest_memfd"),
+                           (GUEST_MEMFD_FLAG_INIT_SHARED, "cannot create a shared guest_memfd")):
+            with pytest.raises(GmemError) as info:
+                vm.create_guest_memfd(2 * M, flags)
+            assert info.value.errno == errno.EINVAL
+            assert f"legacy (not in-place) mode {why}" in str(info.value), str(info.value)
+
+
+def test_a_file_of_terabytes_takes_its_first_tables():
+    """The first page tables of a 4 TiB file: the pools' first size is bounded, not one
+    table per 2 MiB of the file."""
+    g = GuestMemfd(4 << 40, MMAP_SHARED)
+    for off in (0, (3 << 40) + 5 * PS):
+        g.set_memory_attributes(off, PS, PRIVATE)
+        g.host_write(off + PS, b"x")
+    assert g.private_pages() == 2
+    assert g.host_read((3 << 40) + 6 * PS, 1) == b"x"
+    g.check()
