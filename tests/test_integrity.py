@@ -269,6 +269,24 @@ def test_check_names_a_partial_huge_folio():
     _expect(g, 11)
 
 
+def test_check_names_a_partial_huge_folio_with_exception_pages():
+    """The same for a 2 MiB block of the folio whose entry holds an exception page (one
+    page with stored bytes): the corruption helper keeps that entry's counts, so the rule
+    named is the folio's, not the counts'."""
+    g = gmemfast.GuestMemfd(1 << 30, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_HUGETLB, page_order=18)
+    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 1 << 30)
+    g.set_memory_attributes(5 * PS, PS, 0)
+    g.host_write(5 * PS, b"bytes")
+    g.set_memory_attributes(5 * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    assert g.folio_order(0) == 18
+    n2, n1, _w0, _meta = _tree(g)
+    e = n2[0, K.F_CHILD] * K.N1
+    assert n1[e, K.F_NX] == 1 and n1[e, K.F_CHILD] < 0
+    g.check()
+    _set_word(g, 100, g.store.word(100) & ~(HUGE | GIG))
+    _expect(g, 11)
+
+
 def test_check_names_an_order_in_a_page_table():
     g = _mixed_block(order=9)
     g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 2 << 20)     # one 2 MiB folio
