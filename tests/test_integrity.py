@@ -391,6 +391,9 @@ def test_check_names_a_free_count_that_disagrees():
     g = _freed_tables()
     g.store._meta[K.M_NFREE0] -= 1                       # one freed page table not counted
     _expect(g, 18)
+    with pytest.raises(AssertionError) as info:          # about the pools: no page named
+        g.check()
+    assert str(info.value) == f"page-state invariant 18 ({INVARIANTS[18]}) broken"
 
 
 def test_check_names_a_table_in_use_on_a_free_list():
