@@ -97,3 +97,23 @@ def test_accepting_every_block_in_one_call(small_pools, batched):
         assert vm.guest_accept(0, BLOCKS * G) == BLOCKS * 512   # one 2 MiB chunk each
     assert g.allocated_pages() == BLOCKS * G // PS
     every_entry_broken(g)
+
+
+def test_room_for_counts_the_blocks_a_range_may_need(small_pools):
+    """``room_for`` reserves one table per 1 GiB block without one, for ranges over more
+    blocks than the kernels' reserve (64) only; the counts are worked out by hand."""
+    from gmemfast import _kernels as K
+    g = whole_file()
+    st = g.store
+    blk = 1 << K.S2                                            # pages per 1 GiB block
+    assert st.room_for(0, 64 * blk) == 0                       # 64 blocks: the reserve covers it
+    assert st.room_for(1, 64 * blk + 1) == 65                  # 65 blocks touched
+    assert st.room_for(0, 100 * blk) == 100
+    g.set_memory_attributes(3 * G + 5 * PS, PS, 0)             # block 3 gets a table
+    assert st.room_for(0, 100 * blk) == 99
+    assert st.room_for(4 * blk, 100 * blk) == 96
+    # a batch: every item over more than 64 blocks counts, bounded by the file's bare blocks
+    assert st.room_for(np.array([0, 10 * blk, 0]), np.array([70 * blk, 90 * blk, PS])) == 149
+    assert st.room_for(np.array([0, 0]), np.array([70 * blk, 64 * blk])) == 70
+    assert st.room_for(np.array([0, 5]), np.array([PS, 9])) == 0
+    g.check()
