@@ -209,7 +209,10 @@ class PageStore:
         over more 1 GiB blocks than that can give each block that has none a table of its
         own (a direct-map break under every block), so those are reserved. Returns the
         number reserved (0 for ranges over at most ``RESERVE`` blocks each)."""
-        spans = (np.asarray(p1s) - 1 >> K.S2) - (np.asarray(p0s) >> K.S2) + 1
+        p0s, p1s = np.asarray(p0s), np.asarray(p1s)
+        if p1s.size == 0 or int((p1s - p0s).max()) <= _ROOM_PAGES:
+            return 0            # the usual batch: one pass, no range long enough
+        spans = (p1s - 1 >> K.S2) - (p0s >> K.S2) + 1
         big = spans > K.RESERVE
         if not big.any():
             return 0
