@@ -423,6 +423,17 @@ def test_check_names_a_table_lost_to_the_pools():
     _expect(g, 18)
 
 
+@pytest.mark.parametrize("level", [1, 0])
+def test_check_names_a_pool_count_past_its_arrays(level):
+    """Tables in use counted past what the pool's arrays hold (its capacity claims more)."""
+    g = _freed_tables()
+    n2, n1, w0, meta = _tree(g)
+    rows = (n1 if level == 1 else w0).shape[0] // K.N1
+    meta[K.M_CAP1 if level == 1 else K.M_CAP0] = 10 * rows
+    meta[K.M_USED1 if level == 1 else K.M_USED0] = rows + 1
+    _expect(g, 18)
+
+
 def test_check_names_freed_entry_tables_that_disagree():
     g = _freed_tables()
     g.set_memory_attributes(0, 8 << 20, 0)      # the whole file as it started: uniform
