@@ -117,3 +117,17 @@ def test_room_for_counts_the_blocks_a_range_may_need(small_pools):
     assert st.room_for(np.array([0, 0]), np.array([70 * blk, 64 * blk])) == 70
     assert st.room_for(np.array([0, 5]), np.array([PS, 9])) == 0
     g.check()
+
+
+def test_a_pool_used_to_its_last_table(small_pools):
+    """The small pools start with 128 tables of 2 MiB entries: two calls over 64 blocks
+    each (no more than the reserve, so nothing is reserved ahead) take every one of them,
+    and a pool used to its last table is sound."""
+    from gmemfast import _kernels as K
+    g = gmemfast.GuestMemfd(128 * G, GUEST_MEMFD_FLAG_MMAP, direct_map="on-conversion")
+    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 64 * G)
+    g.fallocate(FALLOC_FL_KEEP_SIZE, 64 * G, 64 * G)
+    meta = g.store._meta
+    assert meta[K.M_USED1] == meta[K.M_CAP1] == 128 and meta[K.M_NFREE1] == 0
+    g.check()
+    assert g.direct_map_entries() == {"1G": 0, "2M": 0, "4K": 128 * G // PS}
