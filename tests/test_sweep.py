@@ -171,7 +171,9 @@ def test_warm_up_runs_on_every_worker_first(cluster):
     assert len(grid) == 3
     last_warm = max(s["stop"] for t in warm for s in t["startstops"] if s["action"] == "compute")
     first_run = min(s["start"] for t in grid for s in t["startstops"] if s["action"] == "compute")
-    assert last_warm <= first_run
+    # the scheduler shifts each worker's times by its estimate of that worker's clock
+    # offset, a few milliseconds; a warm-up still running would overlap by far more
+    assert last_warm <= first_run + 0.05, (last_warm, first_run)
 
 
 def test_progress_reports_done_of_total(cluster):
