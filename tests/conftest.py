@@ -118,3 +118,19 @@ def outcome(fn, *args, **kwargs):
 @pytest.fixture
 def small():
     return SMALL
+
+
+def gigabyte_folio_with_bytes(data: bytes, page: int = 5, cls=None):
+    """A 1 GiB hugetlb file holding one 1 GiB folio, one page of which (``page``) holds
+    ``data``: written while shared, then private again, so the folio merged back and that
+    page is an exception of its 2 MiB entry. ``cls``: the class to build (the engine's
+    ``GuestMemfd`` by default, or the reference's)."""
+    import gmemfast
+    cls = cls or gmemfast.GuestMemfd
+    g = cls(1 << 30, gmemfast.GUEST_MEMFD_FLAG_MMAP | gmemfast.GUEST_MEMFD_FLAG_HUGETLB, page_order=18)
+    g.fallocate(gmemfast.FALLOC_FL_KEEP_SIZE, 0, 1 << 30)
+    g.set_memory_attributes(page * 4096, 4096, 0)
+    g.host_write(page * 4096, data)
+    g.set_memory_attributes(page * 4096, 4096, gmemfast.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    assert g.folio_order(0) == 18
+    return g

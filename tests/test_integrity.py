@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import gmemfast
+from conftest import gigabyte_folio_with_bytes
 from gmemfast import _kernels as K
 from gmemfast import persist
 from gmemfast._layout import (ALLOC, DATA, DMAP_OFF, GIG, HMAP, HUGE, INVARIANTS, PIN, PRIV,
@@ -273,12 +274,7 @@ def test_check_names_a_partial_huge_folio_with_exception_pages():
     """The same for a 2 MiB block of the folio whose entry holds an exception page (one
     page with stored bytes): the corruption helper keeps that entry's counts, so the rule
     named is the folio's, not the counts'."""
-    g = gmemfast.GuestMemfd(1 << 30, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_HUGETLB, page_order=18)
-    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 1 << 30)
-    g.set_memory_attributes(5 * PS, PS, 0)
-    g.host_write(5 * PS, b"bytes")
-    g.set_memory_attributes(5 * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
-    assert g.folio_order(0) == 18
+    g = gigabyte_folio_with_bytes(b"bytes")
     n2, n1, _w0, _meta = _tree(g)
     e = n2[0, K.F_CHILD] * K.N1
     assert n1[e, K.F_NX] == 1 and n1[e, K.F_CHILD] < 0

@@ -11,7 +11,8 @@ import pytest
 
 import gmemfast
 import naive
-from test_page_batches import HUGETLB, KEEP, MMAP, PRIVATE, PS, _batch, _both
+from conftest import gigabyte_folio_with_bytes
+from test_page_batches import MMAP, PRIVATE, PS, _batch, _both
 
 M = 1 << 20
 MMAP_SHARED = MMAP | gmemfast.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -49,14 +50,7 @@ def test_a_gigabyte_block_merges_while_its_entries_differ():
     """A 1 GiB folio whose pages differ in more than shareability (stored bytes on one
     page) keeps a table of 2 MiB entries; converting the split pages back merges it all
     the same."""
-    size = 1 << 30
-    eng, ref = _both(size, MMAP | HUGETLB, page_order=18)
-    for g in (eng, ref):
-        g.fallocate(KEEP, 0, size)
-        g.set_memory_attributes(5 * PS, PS, 0)
-        g.host_write(5 * PS, b"kept")
-        g.set_memory_attributes(5 * PS, PS, PRIVATE)
-    assert eng.folio_order(0) == ref.folio_order(0) == 18
+    eng, ref = (gigabyte_folio_with_bytes(b"kept", cls=cls) for cls in (gmemfast.GuestMemfd, naive.GuestMemfd))
     # one page in each of 100 2 MiB entries: each an exception of its entry, so every item
     # takes the batch's own in-place step, and the last one completes the block
     pages = 17 + 512 * np.arange(1, 101, dtype=np.int64)

@@ -130,13 +130,9 @@ def test_saved_exceptions_carry_their_folio_order(tmp_path):
     """A state file holds every page word complete: a page of a 1 GiB folio that is an
     exception of its 2 MiB entry (it holds bytes) is saved with the folio's order bits,
     and a file of that form loads as the same state."""
+    from conftest import gigabyte_folio_with_bytes
     from gmemfast._layout import GIG, HUGE
-    g = gmemfast.GuestMemfd(1 << 30, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_HUGETLB, page_order=18)
-    g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 1 << 30)
-    g.set_memory_attributes(5 * PS, PS, 0)
-    g.host_write(5 * PS, b"one page with bytes")
-    g.set_memory_attributes(5 * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
-    assert g.folio_order(0) == 18
+    g = gigabyte_folio_with_bytes(b"one page with bytes")
     arrays = _saved_arrays(g, tmp_path)
     t = int(arrays["n2"][0, K.F_CHILD])
     assert t >= 0
