@@ -199,16 +199,21 @@ class PageStore:
             self._w0 = w0
             meta[K.M_CAP0] = cap
 
-    def _tree(self):
-        self.reserve()
+    def _tree(self, p0: int = 0, p1: int = 0, extra1: int = 0):
+        """The arrays a kernel takes, its pools reserved first: ``RESERVE`` free tables,
+        ``extra1`` more of 2 MiB entries, or what a call over ``[p0, p1)`` may take
+        (``room_for``)."""
+        if p1 - p0 > _ROOM_PAGES:
+            extra1 = self.room_for(p0, p1)
+        self.reserve(extra1)
         return self._n2, self._n1, self._w0, self._meta
 
     def room_for(self, p0s, p1s) -> int:
         """Tables of 2 MiB entries that calls over the page ranges ``[p0s, p1s)`` (ints or
         arrays) may take beyond the ``RESERVE`` every kernel call can count on: a range
         over more 1 GiB blocks than that can give each block that has none a table of its
-        own (a direct-map break under every block), so those are reserved. Returns the
-        number reserved (0 for ranges over at most ``RESERVE`` blocks each)."""
+        own (a direct-map break under every block). Returns that number (0 for ranges
+        over at most ``RESERVE`` blocks each), for ``reserve``."""
         p0s, p1s = np.asarray(p0s), np.asarray(p1s)
         if p1s.size == 0 or int((p1s - p0s).max()) <= _ROOM_PAGES:
             return 0            # the usual batch: one pass, no range long enough
@@ -220,9 +225,7 @@ class PageStore:
         if spans.ndim == 0:
             i0 = int(p0s) >> K.S2
             bare = int(np.count_nonzero(self._n2[i0:i0 + int(spans), K.F_CHILD] < 0))
-        extra = min(int(spans[big].sum()), bare)
-        self.reserve(extra)
-        return extra
+        return min(int(spans[big].sum()), bare)
 
     # ---------------------------------------------------------------- reading
     def word(self, p: int) -> int:
@@ -321,15 +324,11 @@ class PageStore:
     def apply(self, p0: int, p1: int, cmask: int, cval: int, clr: int, setb: int) -> int:
         """For pages of ``[p0, p1)`` with ``w & cmask == cval``: ``w = (w & ~clr) | setb``.
         Returns the pages changed."""
-        if p1 - p0 > _ROOM_PAGES:
-            self.room_for(p0, p1)
-        return int(K.walk_apply(*self._tree(), p0, p1, cmask, cval, clr, setb))
+        return int(K.walk_apply(*self._tree(p0, p1), p0, p1, cmask, cval, clr, setb))
 
     def allocate(self, p0: int, p1: int) -> int:
         """Allocate every hole of ``[p0, p1)``, widened to whole backing-order blocks."""
-        if p1 - p0 > _ROOM_PAGES:
-            self.room_for(p0, p1)
-        return int(K.allocate(*self._tree(), p0, p1))
+        return int(K.allocate(*self._tree(p0, p1), p0, p1))
 
     def fault_in(self, p0: int, p1: int, bit: int) -> int:
         """Fault ``[p0, p1)`` into the host (``HMAP``) or guest (``GMAP``) mappings,
@@ -351,21 +350,15 @@ class PageStore:
         returns the chunks that did work. ``map_pages``: the host's mapping level in
         pages (0: the chunk's); ``prefault``: the VMM mapped it beforehand."""
         self.allocate(p0, p1)
-        if p1 - p0 > _ROOM_PAGES:
-            self.room_for(p0, p1)
-        return int(K.accept(*self._tree(), p0, p1, chunk_pages, te_state, map_pages, bool(prefault)))
+        return int(K.accept(*self._tree(p0, p1), p0, p1, chunk_pages, te_state, map_pages, bool(prefault)))
 
     def zap_guest(self, p0: int, p1: int) -> int:
         """Invalidate the guest (stage-2) mappings of ``[p0, p1)``."""
-        if p1 - p0 > _ROOM_PAGES:
-            self.room_for(p0, p1)
-        return int(K.zap_guest(*self._tree(), p0, p1))
+        return int(K.zap_guest(*self._tree(p0, p1), p0, p1))
 
     def punch(self, p0: int, p1: int) -> tuple[int, int]:
         """Punch a hole over ``[p0, p1)``: ``(0, -1)`` or ``(EAGAIN, pinned page)``."""
-        if p1 - p0 > _ROOM_PAGES:
-            self.room_for(p0, p1)
-        err, pg = K.punch(*self._tree(), p0, p1)
+        err, pg = K.punch(*self._tree(p0, p1), p0, p1)
         if not err:
             self.gc_bytes()
         return int(err), int(pg)
@@ -380,7 +373,7 @@ class PageStore:
             err, pg = hot.convert_page(self._n2, self._n1, self._w0, self._meta, p0, to_private, zero)
         if err == _RC_SLOW:
             if p1 - p0 > _ROOM_PAGES:
-                self.room_for(p0, p1)
+                self.reserve(self.room_for(p0, p1))
             err, pg = hot.convert(self._n2, self._n1, self._w0, self._meta, p0, p1, to_private, zero)
         while err == _RC_GROW:
             self.reserve()
@@ -414,8 +407,7 @@ class PageStore:
         x, n = 0, len(args[0])
         extra = self.room_for(args[0], args[1])
         while x < n:
-            self.reserve(extra)
-            x = K.convert_many(*self._tree(), *args, x, out_err, out_page)
+            x = K.convert_many(*self._tree(extra1=extra), *args, x, out_err, out_page)
         if len(self._data) > _GC_SLACK:
             self.gc_bytes()
 
@@ -463,8 +455,7 @@ class PageStore:
         x, n = 0, len(p0s)
         extra = self.room_for(p0s, p1s)
         while x < n:
-            self.reserve(extra)
-            x = K.accept_many(*self._tree(), p0s, p1s, chunk_pages, te_state, map_pages,
+            x = K.accept_many(*self._tree(extra1=extra), p0s, p1s, chunk_pages, te_state, map_pages,
                               bool(prefault), bool(check), x, out_err, out_page, chunks)
         return chunks
 
@@ -474,8 +465,7 @@ class PageStore:
         x, n = 0, len(p0s)
         extra = self.room_for(p0s, p1s)
         while x < n:
-            self.reserve(extra)
-            x = K.fallocate_many(*self._tree(), punch_hole, p0s, p1s, x, out_err, out_page)
+            x = K.fallocate_many(*self._tree(extra1=extra), punch_hole, p0s, p1s, x, out_err, out_page)
         self.gc_bytes()
 
     # ---------------------------------------------------------------- page bytes
