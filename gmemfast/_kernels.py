@@ -260,14 +260,20 @@ def _free_l1(n1, meta, t):
     meta[M_NFREE1] += 1
 
 
+def _free_link0(w0, u):
+    """The next table on the free list after freed page table ``u`` (-1: none), kept +1
+    in its first four words by ``_free_l0``."""
+    base = u * N1
+    return (np.int64(w0[base]) | (np.int64(w0[base + 1]) << 16)
+            | (np.int64(w0[base + 2]) << 32) | (np.int64(w0[base + 3]) << 48)) - 1
+
+
 def _new_l0(w0, meta, w):
     u = meta[M_FREE0]
     base = 0
     if u >= 0:
         base = u * N1
-        nxt = (np.int64(w0[base]) | (np.int64(w0[base + 1]) << 16)
-               | (np.int64(w0[base + 2]) << 32) | (np.int64(w0[base + 3]) << 48))
-        meta[M_FREE0] = nxt - 1
+        meta[M_FREE0] = _free_link0(w0, u)
         meta[M_NFREE0] -= 1
     else:
         u = meta[M_USED0]
@@ -2088,12 +2094,7 @@ def check_pools(n2, n1, w0, meta, seen1, seen0):
                 return INV_POOLS
             seen[t] = 2
             nfree += 1
-            if level == 1:
-                t = np.int64(n1[t * N1, F_CHILD])
-            else:           # stored +1 in the table's first four words (_free_l0)
-                base = t * N1
-                t = (np.int64(w0[base]) | (np.int64(w0[base + 1]) << 16)
-                     | (np.int64(w0[base + 2]) << 32) | (np.int64(w0[base + 3]) << 48)) - 1
+            t = np.int64(n1[t * N1, F_CHILD]) if level == 1 else _free_link0(w0, t)
         if nfree != (meta[M_NFREE0] if level == 0 else meta[M_NFREE1]):
             return INV_POOLS
         for u in range(used):
@@ -2204,7 +2205,7 @@ def order_bits_to_pages(n2, n1, w0, meta, on):
 # the definitions lets mutation testing (README, "Mutation testing") put its variants of
 # each kernel in place under NUMBA_DISABLE_JIT=1, where ``njit`` returns the function.
 _SMALL_STEPS = (  # force-inlined by LLVM into their callers
-    "free_tables", "cnt2", "cnt1", "_get_cnt1", "_add_cnt1", "_xword", "_init_cnt1", "_add_cnt", "_set_xpage",
+    "free_tables", "_free_link0", "cnt2", "cnt1", "_get_cnt1", "_add_cnt1", "_xword", "_init_cnt1", "_add_cnt", "_set_xpage",
     "_fold_l0", "_fold_l1", "get_word", "set_word", "_single_bit", "_match1", "_match2",
     "gcount", "_tlb_flush", "_count_zero", "_count_accept", "_block_allocated", "dmap_counts",
 )
