@@ -209,23 +209,33 @@ class PageStore:
         return self._n2, self._n1, self._w0, self._meta
 
     def room_for(self, p0s, p1s) -> int:
-        """Tables of 2 MiB entries that calls over the page ranges ``[p0s, p1s)`` (ints or
-        arrays) may take beyond the ``RESERVE`` every kernel call can count on: a range
+        """Tables of 2 MiB entries to reserve, beyond the ``RESERVE`` every kernel call can
+        count on, for calls over the page ranges ``[p0s, p1s)`` (ints or arrays): a range
         over more 1 GiB blocks than that can give each block that has none a table of its
-        own (a direct-map break under every block). Returns that number (0 for ranges
-        over at most ``RESERVE`` blocks each), for ``reserve``."""
-        p0s, p1s = np.asarray(p0s), np.asarray(p1s)
+        own (a direct-map break under every block). 0 for ranges over at most ``RESERVE``
+        blocks each, or where the pool already holds a free table for every block they
+        touch; else the blocks without a table among them (counted)."""
+        if not isinstance(p1s, np.ndarray):         # one range: plain ints, no arrays
+            i0 = int(p0s) >> K.S2
+            span = ((int(p1s) - 1) >> K.S2) - i0 + 1
+            if span <= K.RESERVE:
+                return 0
+            if self._free1() >= K.RESERVE + span:
+                return 0
+            return int(np.count_nonzero(self._n2[i0:i0 + span, K.F_CHILD] < 0))
+        p0s = np.asarray(p0s)
         if p1s.size == 0 or int((p1s - p0s).max()) <= _ROOM_PAGES:
             return 0            # the usual batch: one pass, no range long enough
         spans = (p1s - 1 >> K.S2) - (p0s >> K.S2) + 1
-        big = spans > K.RESERVE
-        if not big.any():
+        need = int(spans[spans > K.RESERVE].sum())
+        if need == 0 or self._free1() >= K.RESERVE + need:
             return 0
-        bare = int(np.count_nonzero(self._n2[:, K.F_CHILD] < 0))
-        if spans.ndim == 0:
-            i0 = int(p0s) >> K.S2
-            bare = int(np.count_nonzero(self._n2[i0:i0 + int(spans), K.F_CHILD] < 0))
-        return min(int(spans[big].sum()), bare)
+        return min(need, int(np.count_nonzero(self._n2[:, K.F_CHILD] < 0)))
+
+    def _free1(self) -> int:
+        """Free tables of 2 MiB entries (``K.free_tables``, read here without a kernel call)."""
+        m = self._meta
+        return int(m[K.M_CAP1] - m[K.M_USED1] + m[K.M_NFREE1])
 
     # ---------------------------------------------------------------- reading
     def word(self, p: int) -> int:
@@ -373,7 +383,9 @@ class PageStore:
             err, pg = hot.convert_page(self._n2, self._n1, self._w0, self._meta, p0, to_private, zero)
         if err == _RC_SLOW:
             if p1 - p0 > _ROOM_PAGES:
-                self.reserve(self.room_for(p0, p1))
+                extra = self.room_for(p0, p1)
+                if extra:
+                    self.reserve(extra)
             err, pg = hot.convert(self._n2, self._n1, self._w0, self._meta, p0, p1, to_private, zero)
         while err == _RC_GROW:
             self.reserve()

@@ -131,3 +131,12 @@ def test_a_pool_used_to_its_last_table(small_pools):
     assert meta[K.M_USED1] == meta[K.M_CAP1] == 128 and meta[K.M_NFREE1] == 0
     g.check()
     assert g.direct_map_entries() == {"1G": 0, "2M": 0, "4K": 128 * G // PS}
+
+
+def test_room_for_asks_nothing_when_the_pool_already_holds_a_table_per_block():
+    """At its usual first size the pool holds a table for every 1 GiB block of a file of
+    up to 128 TiB: a call over the whole file needs nothing more."""
+    g = whole_file()
+    blocks = BLOCKS << 18                                       # pages of the file
+    assert g.store.room_for(0, blocks) == 0
+    assert g.store.room_for(np.array([0, 7]), np.array([blocks, 9])) == 0
